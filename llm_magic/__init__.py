@@ -1,0 +1,23 @@
+"""llm_magic: run an open LLM on a free GPU notebook and use it from anywhere.
+
+``import llm_magic`` stays light: the host side (Flask, llama-cpp-python) loads only when used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["ApiHost", "Client", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ApiHost":
+        from .host import ApiHost
+
+        return ApiHost
+    if name == "Client":
+        from .client import Client
+
+        return Client
+    raise AttributeError(f"module 'llm_magic' has no attribute {name!r}")

@@ -1,0 +1,192 @@
+"""The ``llm-magic`` command: ``serve`` a model over HTTP, ``ask`` a host a question."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import LLMMagicError
+
+TOKEN_ENV = "LLM_MAGIC_TOKEN"
+URL_ENV = "LLM_MAGIC_URL"
+TUNNELS = ("cloudflared", "none")
+
+
+def new_token() -> str:
+    """A fresh access token (from ``secrets``: unguessable)."""
+    return secrets.token_urlsafe(24)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` flags of DESIGN §6 (shared with ``%llm_host start``)."""
+    parser.add_argument("--model", metavar="SPEC",
+                        help="a .gguf path, OWNER/REPO:QUANT, OWNER/REPO:FILENAME (glob allowed); "
+                             "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=5000, help="port to bind; 0 picks a free one (default: %(default)s)")
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--token", metavar="T", help=f"access token (default: ${TOKEN_ENV}, else a new random one)")
+    auth.add_argument("--no-token", action="store_true", help="serve without a token (only the default model)")
+    parser.add_argument("--tunnel", choices=TUNNELS, default=None,
+                        help="public tunnel (default: none on the terminal)")
+    parser.add_argument("--ctx", type=int, default=4096, metavar="N", help="context length in tokens (default: %(default)s)")
+    parser.add_argument("--gpu-layers", type=int, default=-1, metavar="N",
+                        help="layers to offload to the GPU; -1 all, 0 CPU only (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: every core)")
+    parser.add_argument("--chat-format", default=None, metavar="NAME",
+                        help="chat template name (default: the template inside the GGUF)")
+    parser.add_argument("--allow-model", action="append", default=[], metavar="PATTERN",
+                        help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
+    parser.add_argument("--max-queue", type=int, default=16, metavar="N",
+                        help="requests that may wait for the model before 503 (default: %(default)s)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-magic", description="Serve an open LLM over HTTP and talk to it.")
+    parser.add_argument("--version", action="version", version=f"llm_magic {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve a GGUF model over HTTP (/api, /v1, /health)",
+                                description="Serve a GGUF model over HTTP until Ctrl-C or SIGTERM.")
+    add_serve_arguments(serve)
+    # Plumbing for ApiHost, which runs this command as its child process.
+    serve.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
+    serve.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
+    serve.add_argument("--model-name", help=argparse.SUPPRESS)
+
+    ask = commands.add_parser("ask", help="ask a host and stream the answer to stdout",
+                              description="Ask a host (or any OpenAI-compatible server) and stream the answer.")
+    ask.add_argument("prompt", nargs="?", help="the question; '-' or nothing reads standard input")
+    ask.add_argument("--url", default=None, help=f"host URL (default: ${URL_ENV}, else http://127.0.0.1:5000)")
+    ask.add_argument("--token", default=None, help=f"access token (default: ${TOKEN_ENV})")
+    ask.add_argument("--model", default=None, metavar="SPEC", help="model to use (default: the host's)")
+    ask.add_argument("--system", default=None, help="system prompt")
+    ask.add_argument("--complete", action="store_true", help="raw text completion instead of chat")
+    ask.add_argument("--max-tokens", type=int, default=None, metavar="N")
+    ask.add_argument("--temperature", type=float, default=None, metavar="T")
+    ask.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return serve(args) if args.command == "serve" else ask(args)
+    except LLMMagicError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from .engine import Engine
+    from .models import ModelPolicy, ModelSpec, model_name, resolve_model
+    from .server import HttpServer, create_app
+    from .snippets import connection_text
+
+    if args.tunnel == "cloudflared":
+        raise LLMMagicError("the cloudflared tunnel is not available in this version yet; use --tunnel none")
+    tunnel_note = "none" if args.tunnel else "none (the terminal default; a public URL needs --tunnel cloudflared)"
+
+    token_from_env = not args.token and not args.no_token and bool(os.environ.get(TOKEN_ENV))
+    token = None if args.no_token else (args.token or os.environ.get(TOKEN_ENV) or new_token())
+
+    spec = ModelSpec.parse(args.model)
+    path = resolve_model(spec)
+    name = args.model_name or (str(spec) if spec.repo_id else model_name(path))
+    engine = Engine(path, default_name=name, ctx_length=args.ctx, gpu_layers=args.gpu_layers,
+                    threads=args.threads, chat_format=args.chat_format, max_queue=args.max_queue,
+                    policy=ModelPolicy(has_token=token is not None, allow_patterns=args.allow_model))
+    app = create_app(engine, token=token)
+    try:
+        server = HttpServer(app, args.host, args.port)
+    except OSError as exc:
+        raise LLMMagicError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): "
+                            "the port is probably in use; choose another with --port") from None
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.exit_with_parent:
+        threading.Thread(target=_watch_parent, args=(args.exit_with_parent, stop), daemon=True).start()
+
+    server.start()
+    try:
+        engine.load_default()  # /health says "loading" meanwhile
+        url = f"http://{_display_host(args.host)}:{server.port}"
+        shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
+        print(connection_text(url, shown_token, name), flush=True)
+        print(f"  Tunnel:     {tunnel_note}\n\nPress Ctrl-C to stop.", flush=True)
+        if args.ready_file:
+            _write_ready_file(args.ready_file, {"url": url, "pid": os.getpid(), "model": name})
+        stop.wait()
+        print("stopping", flush=True)
+    finally:
+        server.stop()
+        engine.close()
+    return 0
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+
+
+def _write_ready_file(path: Path, info: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)  # atomic: the parent never reads half a file
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    """End the server when the process that started it (a notebook kernel) is gone."""
+    while not stop.wait(1.0):
+        if os.getppid() != pid:
+            stop.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# ask
+
+
+def ask(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    prompt = args.prompt
+    if prompt in (None, "-"):
+        if sys.stdin is None or sys.stdin.isatty():
+            raise LLMMagicError("give a prompt: llm-magic ask \"your question\" (or pipe it in)")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise LLMMagicError("the prompt is empty")
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    with Client(args.url, args.token) as client:
+        if args.complete:
+            call = client.complete if args.no_stream else client.complete_stream
+            result = call(prompt, model=args.model, **params)
+        else:
+            call = client.chat if args.no_stream else client.chat_stream
+            result = call(prompt, model=args.model, system=args.system, **params)
+        if args.no_stream:
+            print(result.text)
+            return 0
+        for delta in result:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0

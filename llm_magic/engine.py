@@ -1,0 +1,424 @@
+"""The model engine — the only module that imports ``llama_cpp`` (lazily).
+
+It keeps one resident model (switching waits for running work, unloads, then loads), runs one
+generation at a time through a FIFO turnstile with a bounded wait queue, and turns a
+``GenerationRequest`` into an iterator of events: ``Started``, text deltas, then one
+``Completion``. Streaming and non-streaming, ``/api`` and ``/v1`` all consume that one iterator.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import HostBusy, InvalidRequest, ModelLoadError
+from .models import ModelPolicy, ModelSpec, model_name, resolve_model
+from .protocol import Completion, Event, GenerationRequest, Started
+
+log = logging.getLogger("llm_magic.engine")
+
+DEFAULT_CTX = 4096
+
+
+def best_thread_count() -> int:
+    """Threads for generation: every core this process may use (DESIGN §8: on 2 cores,
+    2 threads give ~1.5x the tokens/s of llama-cpp-python's default of cpu_count // 2)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Turnstile:
+    """One holder at a time, served first in, first out, with at most ``max_queue`` waiting."""
+
+    def __init__(self, max_queue: int = 16, timeout: float = 600.0) -> None:
+        self.max_queue = max_queue
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._busy = False
+        self._queue: collections.deque[object] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._cond:
+            if self._busy or self._queue:
+                if len(self._queue) >= self.max_queue:
+                    raise HostBusy(
+                        f"the host is busy: {len(self._queue)} requests are already waiting "
+                        "(--max-queue); retry in a few seconds", retry_after=5)
+                ticket = object()
+                self._queue.append(ticket)
+                try:
+                    ready = self._cond.wait_for(
+                        lambda: not self._busy and self._queue[0] is ticket, self.timeout)
+                finally:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()  # the head of the line changed
+                if not ready:
+                    raise HostBusy(f"the host stayed busy for {self.timeout:.0f} s; retry later", retry_after=30)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+class _StopScanner:
+    """Cuts generated text at the first stop sequence, holding back any tail that could be the
+    start of one, so that no part of a stop sequence is ever streamed."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
+                if buf.endswith(stop[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass(frozen=True)
+class _ModelKey:
+    path: Path
+    ctx_length: int
+    gpu_layers: int
+
+
+@dataclass
+class _Loaded:
+    key: _ModelKey
+    name: str
+    llm: Any  # llama_cpp.Llama
+    pieces: dict[int, bytes] = field(default_factory=dict)
+    formatters: dict[str | None, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        rate = self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "tokens_per_second": round(rate, 1)}
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModelLoadError(
+            "serving models needs llama-cpp-python: pip install 'llm_magic[host]'") from None
+    return llama_cpp
+
+
+class Engine:
+    """Loads GGUF models with llama.cpp and runs generations one at a time."""
+
+    def __init__(
+        self,
+        default_model: Path,
+        *,
+        default_name: str | None = None,
+        ctx_length: int = DEFAULT_CTX,
+        gpu_layers: int = -1,
+        threads: int | None = None,
+        chat_format: str | None = None,
+        policy: ModelPolicy | None = None,
+        max_queue: int = 16,
+        queue_timeout: float = 600.0,
+    ) -> None:
+        self.default_path = Path(default_model)
+        self.default_name = default_name or model_name(self.default_path)
+        self.ctx_length = ctx_length
+        self.gpu_layers = gpu_layers
+        self.threads = threads or best_thread_count()
+        self.chat_format = chat_format
+        self.policy = policy or ModelPolicy(has_token=False)
+        self.turnstile = Turnstile(max_queue, queue_timeout)
+        self.stats = EngineStats()
+        self.loading = False
+        self._loaded: _Loaded | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def model(self) -> str | None:
+        """Name of the resident model."""
+        return self._loaded.name if self._loaded else None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "status": "loading" if self.loading or self._loaded is None else "ok",
+            "model": self.model or self.default_name,
+            "default_model": self.default_name,
+            "busy": self.turnstile.busy,
+            "queue": self.turnstile.waiting,
+            **self.stats.as_dict(),
+        }
+
+    def load_default(self) -> None:
+        """Load the default model now (at start-up) rather than on the first request."""
+        with self.turnstile.turn():
+            self._ensure_loaded(self._key(self.default_path, None, None), self.default_name)
+
+    def close(self) -> None:
+        """Free the resident model (waits for a running generation)."""
+        with self.turnstile.turn():
+            self._unload()
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+        """Events for ``request``: ``Started``, text deltas, then a ``Completion``.
+
+        Nothing happens until the first ``next()``; model checks, queueing, loading and prompt
+        validation all happen before ``Started`` is yielded, so callers can turn their errors
+        into a proper HTTP status before sending anything. Closing the iterator stops the
+        generation within one token and frees the model for the next request.
+        """
+        spec = ModelSpec.parse(request.model)
+        self.policy.check(spec)
+        if spec.is_default:
+            path, name = self.default_path, self.default_name
+        else:
+            path, name = resolve_model(spec), str(spec)  # downloads outside the turnstile
+        with self.turnstile.turn():
+            loaded = self._ensure_loaded(self._key(path, request.ctx_length, request.use_gpu), name)
+            yield from self._generate(loaded, request)
+
+    def _key(self, path: Path, ctx_length: int | None, use_gpu: bool | None) -> _ModelKey:
+        gpu_layers = self.gpu_layers if use_gpu is None else (0 if not use_gpu else (self.gpu_layers or -1))
+        return _ModelKey(Path(path), ctx_length or self.ctx_length, gpu_layers)
+
+    def _unload(self) -> None:
+        if self._loaded is not None:
+            self._loaded.llm.close()
+            self._loaded = None
+
+    def _ensure_loaded(self, key: _ModelKey, name: str) -> _Loaded:
+        if self._loaded is not None and self._loaded.key == key:
+            return self._loaded
+        llama_cpp = _llama_cpp()
+        self._unload()  # never two models in memory
+        self.loading = True
+        started = time.perf_counter()
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(key.path), n_ctx=key.ctx_length, n_gpu_layers=key.gpu_layers,
+                n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(
+                f"llama.cpp could not load {key.path.name} ({exc}); the file may be corrupt or "
+                "incomplete: delete it (for a hub model, from the Hugging Face cache) and retry") from None
+        finally:
+            self.loading = False
+        log.info("loaded %s (ctx %d, gpu layers %d) in %.2f s", name, key.ctx_length,
+                 key.gpu_layers, time.perf_counter() - started)
+        self._loaded = _Loaded(key, name, llm)
+        return self._loaded
+
+    def _prompt_tokens(self, loaded: _Loaded, request: GenerationRequest) -> tuple[list[int], tuple[str, ...]]:
+        llm = loaded.llm
+        stops = request.sampling.stop
+        if not request.is_chat:
+            return llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), stops
+        formatter = self._formatter(loaded, request.chat_format or self.chat_format)
+        try:
+            result = formatter(messages=[dict(m) for m in request.messages or ()])
+        except Exception as exc:  # jinja2 errors and the template's raise_exception()
+            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from None
+        extra = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        tokens = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        return tokens, tuple(dict.fromkeys([*stops, *extra]))
+
+    def _formatter(self, loaded: _Loaded, chat_format: str | None) -> Any:
+        if chat_format not in loaded.formatters:
+            loaded.formatters[chat_format] = _make_formatter(loaded.llm, chat_format)
+        return loaded.formatters[chat_format]
+
+    def _generate(self, loaded: _Loaded, request: GenerationRequest) -> Iterator[Event]:
+        llama_cpp = _llama_cpp()
+        llm = loaded.llm
+        tokens, stops = self._prompt_tokens(loaded, request)
+        n_ctx = llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise InvalidRequest(
+                f"the prompt is {len(tokens)} tokens but the model's context holds {n_ctx}: "
+                "shorten it, or raise the context (options.ctx_length, or --ctx on the host)")
+        budget = n_ctx - len(tokens)
+        s = request.sampling
+        max_tokens = min(s.max_tokens or budget, budget)
+        seed = random.getrandbits(32) if s.seed is None or s.seed < 0 else s.seed % 2**32
+        llm.set_seed(seed)
+        cached = _common_prefix(llm._input_ids, tokens)
+
+        yield Started(loaded.name, len(tokens))
+
+        vocab = llm._model.vocab
+        is_eog = llama_cpp.llama_vocab_is_eog
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        scanner = _StopScanner(stops)
+        parts: list[str] = []
+        finish, n_generated = "length", 0
+        started = time.perf_counter()
+        first_token_at = None
+        tokens_iter = llm.generate(
+            tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
+            repeat_penalty=s.repeat_penalty, frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty)
+        try:
+            for token in tokens_iter:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                n_generated += 1
+                text, stopped = scanner.feed(decoder.decode(self._piece(loaded, token)))
+                if text:
+                    parts.append(text)
+                    yield text
+                if stopped:
+                    finish = "stop"
+                    break
+                if n_generated >= max_tokens:
+                    break
+        finally:
+            tokens_iter.close()
+        if finish == "length":  # flush what was held back for a possible stop sequence
+            text, _ = scanner.feed(decoder.decode(b"", final=True))
+            text += scanner.flush()
+            if text:
+                parts.append(text)
+                yield text
+        ended = time.perf_counter()
+        first_token_at = first_token_at or ended
+        timings = _timings(len(tokens), cached, n_generated, started, first_token_at, ended)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(tokens)
+        self.stats.completion_tokens += n_generated
+        self.stats.generation_seconds += ended - started
+        yield Completion("".join(parts), loaded.name, finish, len(tokens), n_generated, timings)
+
+    def _piece(self, loaded: _Loaded, token: int) -> bytes:
+        """The raw bytes of one token (cached: the vocabulary is fixed)."""
+        piece = loaded.pieces.get(token)
+        if piece is None:
+            llama_cpp = _llama_cpp()
+            vocab = loaded.llm._model.vocab
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+            piece = loaded.pieces[token] = buf.raw[:n]
+        return piece
+
+
+def _common_prefix(a: Any, b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _timings(prompt_n: int, cached: int, predicted_n: int, started: float, first: float, ended: float) -> dict:
+    prompt_ms = (first - started) * 1000
+    predicted_ms = (ended - first) * 1000
+    return {
+        "prompt_n": prompt_n - cached,
+        "cache_n": cached,
+        "prompt_ms": round(prompt_ms, 2),
+        "prompt_per_second": round((prompt_n - cached) / prompt_ms * 1000, 2) if prompt_ms > 0 else 0.0,
+        "predicted_n": predicted_n,
+        "predicted_ms": round(predicted_ms, 2),
+        # the first token comes with the prompt; the rest are paced by generation
+        "predicted_per_second": round((predicted_n - 1) / predicted_ms * 1000, 2)
+        if predicted_n > 1 and predicted_ms > 0 else 0.0,
+    }
+
+
+def chat_formats() -> list[str]:
+    """Names accepted as ``chat_format`` besides the GGUF's own template (the default)."""
+    from llama_cpp import llama_chat_format
+
+    registry = llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers
+    return sorted(name for name, handler in registry.items() if _formatter_of(handler) is not None)
+
+
+def _formatter_of(handler: Any) -> Any:
+    # llama-cpp-python registers named prompt formats only as completion handlers that close
+    # over their formatter; we need the formatter alone, to run generation through our loop.
+    code = getattr(handler, "__code__", None)
+    if code is None or "chat_formatter" not in code.co_freevars:
+        return None
+    return handler.__closure__[code.co_freevars.index("chat_formatter")].cell_contents
+
+
+def _make_formatter(llm: Any, chat_format: str | None) -> Any:
+    from llama_cpp import llama_chat_format
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if chat_format is None and template:
+        eos, bos = llm.token_eos(), llm.token_bos()
+        text = llm._model.token_get_text
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=text(eos) if eos != -1 else "",
+            bos_token=text(bos) if bos != -1 else "")
+    if chat_format is None:
+        log.warning("the model has no chat template; using chatml")
+        chat_format = "chatml"
+    try:
+        handler = llama_chat_format.get_chat_completion_handler(chat_format)
+    except Exception:  # llama-cpp-python raises its own not-found exception type
+        handler = None
+    formatter = _formatter_of(handler) if handler is not None else None
+    if formatter is None:
+        raise InvalidRequest(
+            f"unknown chat_format '{chat_format}'; leave it out to use the model's own template, "
+            f"or use one of: {', '.join(chat_formats())}")
+    return formatter
+

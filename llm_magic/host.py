@@ -1,0 +1,227 @@
+"""``ApiHost``: the server process's life — spawn, wait until ready, status, logs, stop.
+
+The server runs as ``python -m llm_magic serve ...`` in its own process: the notebook kernel
+stays responsive, a llama.cpp abort cannot kill it, and stopping frees all GPU memory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import requests
+
+from .errors import HostError
+
+TOKEN_ENV = "LLM_MAGIC_TOKEN"
+
+
+class HostState(str, enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class ApiHost:
+    """A model server in a child process, as in the seed: ``ApiHost().run()``.
+
+    >>> host = ApiHost(use_token=False, port=0).start()   # returns once /health answers
+    >>> host.url
+    'http://127.0.0.1:43127'
+    >>> host.stop()
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        use_token: bool = True,
+        token: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 5000,
+        tunnel: str = "none",
+        ctx_length: int | None = None,
+        gpu_layers: int | None = None,
+        allow_models: Sequence[str] = (),
+        max_queue: int | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 600.0,
+    ) -> None:
+        from .cli import new_token
+
+        self.model = model
+        self.token = (token or os.environ.get(TOKEN_ENV) or new_token()) if use_token else None
+        self.host, self.port, self.tunnel = host, port, tunnel
+        self.startup_timeout = startup_timeout
+        self._args = self._serve_args(ctx_length, gpu_layers, allow_models, max_queue, extra_args)
+        self.state = HostState.STOPPED
+        self.url: str | None = None
+        self.public_url: str | None = None
+        self.model_name: str | None = None
+        self._process: subprocess.Popen | None = None
+        self._run_dir = Path(tempfile.mkdtemp(prefix="llm-magic-"))
+        self.log_path = self._run_dir / "server.log"
+        self._started_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<ApiHost {self.state.value} {self.url or ''}>".replace(" >", ">")
+
+    def __enter__(self) -> "ApiHost":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _serve_args(self, ctx_length: int | None, gpu_layers: int | None, allow_models: Sequence[str],
+                    max_queue: int | None, extra: Sequence[str]) -> list[str]:
+        args = ["--host", self.host, "--port", str(self.port), "--tunnel", self.tunnel]
+        args += ["--no-token"] if self.token is None else []
+        for flag, value in (("--ctx", ctx_length), ("--gpu-layers", gpu_layers), ("--max-queue", max_queue)):
+            if value is not None:
+                args += [flag, str(value)]
+        for pattern in allow_models:
+            args += ["--allow-model", pattern]
+        return args + list(extra)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> "ApiHost":
+        """Start the server in the background; return once it answers ``/health``."""
+        if self.state in (HostState.STARTING, HostState.RUNNING) and self.running:
+            raise HostError(f"the host is already running at {self.url}; stop it first")
+        model_args = self._prepare_model()
+        ready_file = self._run_dir / "ready.json"
+        ready_file.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "llm_magic", "serve", *self._args, *model_args,
+                   "--ready-file", str(ready_file), "--exit-with-parent", str(os.getpid())]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop(TOKEN_ENV, None)
+        if self.token:
+            env[TOKEN_ENV] = self.token  # not on the command line, where `ps` would show it
+        self.state = HostState.STARTING
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=env)
+        atexit.register(self.stop)
+        try:
+            self._wait_ready(ready_file)
+        except BaseException:
+            self.stop()
+            self.state = HostState.FAILED
+            raise
+        self.state = HostState.RUNNING
+        self._started_at = time.time()
+        return self
+
+    def _prepare_model(self) -> list[str]:
+        """Download a hub model here, in the caller's process, so its progress bar shows in the
+        notebook; the server then loads the cached file."""
+        if not self.model:
+            return []
+        from .models import ModelSpec, resolve_model
+
+        spec = ModelSpec.parse(self.model)
+        if not spec.repo_id:
+            return ["--model", self.model]
+        return ["--model", str(resolve_model(spec)), "--model-name", str(spec)]
+
+    def _wait_ready(self, ready_file: Path) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise HostError(f"the server stopped during start-up: {self._failure_reason()}")
+            if ready_file.exists():
+                info = json.loads(ready_file.read_text())
+                self.url, self.model_name = info["url"], info["model"]
+                if self._health(timeout=2).get("status") == "ok":
+                    return
+            time.sleep(0.05)
+        raise HostError(f"the server did not become ready within {self.startup_timeout:.0f} s; "
+                        f"see its log: {self.log_path}")
+
+    def _failure_reason(self) -> str:
+        lines = [line.strip() for line in self.logs(200).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        return (errors or lines or ["no output; see " + str(self.log_path)])[-1]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s). Safe to call twice."""
+        process, self._process = self._process, None
+        atexit.unregister(self.stop)
+        if process is None:
+            self.state = HostState.STOPPED
+            return
+        self.state = HostState.STOPPING
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.state = HostState.STOPPED
+        self._started_at = None
+
+    def run(self) -> None:
+        """Start, print the connection details, and block until Ctrl-C (the seed's call)."""
+        from .snippets import connection_text
+
+        self.start()
+        print(connection_text(self.url or "", self.token, self.model_name or "", self.public_url), flush=True)
+        try:
+            while self.running:
+                time.sleep(0.5)
+            print(f"the server stopped: {self._failure_reason()}", file=sys.stderr)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    # -- inspection --------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def _health(self, timeout: float = 5.0) -> dict[str, Any]:
+        try:
+            response = requests.get(f"{self.url}/health", timeout=timeout)
+            return response.json() if response.ok else {}
+        except (requests.RequestException, ValueError):
+            return {}
+
+    def status(self) -> dict[str, Any]:
+        """State, URLs, model, uptime, and the server's own counters when it answers."""
+        if self.state == HostState.RUNNING and not self.running:
+            self.state = HostState.FAILED
+        info: dict[str, Any] = {"state": self.state.value, "url": self.url, "public_url": self.public_url,
+                                "model": self.model_name, "pid": self.pid}
+        if self._started_at and self.running:
+            info["uptime_s"] = round(time.time() - self._started_at, 1)
+            health = self._health()
+            info.update({k: v for k, v in health.items() if k not in info or info[k] is None})
+        return info
+
+    def logs(self, n: int = 50) -> str:
+        """The last ``n`` lines the server wrote."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        return "\n".join(lines[-n:])
+

@@ -1,0 +1,479 @@
+"""Wire formats: validate seed ``/api`` and OpenAI bodies into one ``GenerationRequest``, and
+render engine results back into each format. No Flask and no llama_cpp here."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Union
+
+from .errors import InvalidRequest
+
+VALID_TASKS = ("text_generation",)
+MAX_MESSAGES = 4096
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+MAX_TOKENS_LIMIT = 1 << 20  # far beyond any context; the engine clamps to the real one
+SEED_LIMIT = 2**64
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters, with the defaults llama.cpp's own server uses."""
+
+    max_tokens: int | None = None  # None: until the context is full
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, whatever wire format it came in."""
+
+    prompt: str | None = None  # text completion
+    messages: tuple[dict, ...] | None = None  # chat: ({"role", "content"}, ...)
+    model: str | None = None  # model spec (DESIGN §4); None: the host's default model
+    sampling: Sampling = field(default_factory=Sampling)
+    ctx_length: int | None = None  # None: the host's setting
+    use_gpu: bool | None = None  # None: the host's setting
+    chat_format: str | None = None  # None: the template inside the GGUF
+    stream: bool = False
+    include_usage: bool = False  # OpenAI stream_options.include_usage
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass
+class Completion:
+    """The engine's final result for one generation."""
+
+    text: str
+    model: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Started:
+    """The engine's first event: the request passed every check and generation begins."""
+
+    model: str
+    prompt_tokens: int
+
+
+# What the engine yields: Started, text deltas, then one Completion.
+Event = Union[Started, str, Completion]
+
+
+# ---------------------------------------------------------------------------------------------
+# Field validation
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+class _Fields:
+    """Typed, range-checked access to one JSON object; errors name the field by its path."""
+
+    def __init__(self, obj: Any, path: str = "") -> None:
+        if not isinstance(obj, dict):
+            where = f"'{path.rstrip('.')}'" if path else "the request body"
+            raise InvalidRequest(f"{where} must be a JSON object, not {_type_name(obj)}")
+        self.obj = obj
+        self.path = path
+
+    def name(self, key: str) -> str:
+        return f"'{self.path}{key}'"
+
+    def reject_unknown(self, allowed: Iterable[str], hint: str = "") -> None:
+        unknown = sorted(set(self.obj) - set(allowed))
+        if unknown:
+            names = ", ".join(f"'{self.path}{k}'" for k in unknown)
+            valid = ", ".join(sorted(allowed))
+            raise InvalidRequest(f"unknown field {names}; valid fields here: {valid}{hint}")
+
+    def present(self, key: str) -> bool:
+        return self.obj.get(key) is not None
+
+    def integer(self, key: str, lo: int, hi: int, default: Any = None) -> Any:
+        value = self.obj.get(key)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequest(f"{self.name(key)} must be an integer, not {_type_name(value)}")
+        if not lo <= value <= hi:
+            raise InvalidRequest(f"{self.name(key)} must be between {lo} and {hi}, got {value}")
+        return value
+
+    def number(self, key: str, lo: float, hi: float, default: Any = None) -> Any:
+        value = self.obj.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidRequest(f"{self.name(key)} must be a number, not {_type_name(value)}")
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise InvalidRequest(f"{self.name(key)} must be between {lo} and {hi}, got {value}")
+        return float(value)
+
+    def boolean(self, key: str, default: Any = None) -> Any:
+        value = self.obj.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"{self.name(key)} must be true or false, not {_type_name(value)}")
+        return value
+
+    def string(self, key: str, default: Any = None, max_length: int = 1000) -> Any:
+        value = self.obj.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{self.name(key)} must be a string, not {_type_name(value)}")
+        if not value.strip():
+            raise InvalidRequest(f"{self.name(key)} must not be empty")
+        if len(value) > max_length:
+            raise InvalidRequest(f"{self.name(key)} is longer than {max_length} characters")
+        return value
+
+    def stop(self, key: str) -> tuple[str, ...]:
+        value = self.obj.get(key)
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise InvalidRequest(f"{self.name(key)} must be a string or a list of strings")
+        if len(items) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(f"{self.name(key)} holds more than {MAX_STOP_SEQUENCES} sequences")
+        for s in items:
+            if not s or len(s) > MAX_STOP_LENGTH:
+                raise InvalidRequest(
+                    f"{self.name(key)}: each stop sequence must have 1 to {MAX_STOP_LENGTH} characters"
+                )
+        return tuple(dict.fromkeys(items))
+
+
+def _sampling(f: _Fields, max_tokens_keys: tuple[str, ...], default_max_tokens: int | None) -> Sampling:
+    """The sampling fields shared by /api ``parameters`` and the OpenAI bodies."""
+    max_tokens = default_max_tokens
+    for key in max_tokens_keys:
+        if f.present(key):
+            max_tokens = f.integer(key, 1, MAX_TOKENS_LIMIT)
+    d = Sampling()
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=f.number("temperature", 0.0, 5.0, d.temperature),
+        top_p=f.number("top_p", 0.0, 1.0, d.top_p),
+        top_k=f.integer("top_k", 0, 1_000_000, d.top_k),
+        min_p=f.number("min_p", 0.0, 1.0, d.min_p),
+        repeat_penalty=f.number("repeat_penalty", 0.0, 10.0, d.repeat_penalty),
+        presence_penalty=f.number("presence_penalty", -2.0, 2.0, d.presence_penalty),
+        frequency_penalty=f.number("frequency_penalty", -2.0, 2.0, d.frequency_penalty),
+        stop=f.stop("stop"),
+        seed=f.integer("seed", -1, SEED_LIMIT - 1),
+    )
+
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                   "presence_penalty", "frequency_penalty", "stop", "seed")
+
+
+def _message_content(value: Any, where: str, allow_parts: bool) -> str:
+    if isinstance(value, str):
+        return value
+    if allow_parts and isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(
+                    f"{where}.content[{i}] must be {{\"type\": \"text\", \"text\": \"...\"}}; "
+                    "this host handles text only"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequest(f"{where}.content must be a string, not {_type_name(value)}")
+
+
+def _messages(value: Any, field_name: str, strict_order: bool) -> tuple[dict, ...]:
+    """Validate a chat history. ``strict_order``: the seed's rule — optional leading system,
+    then user/assistant alternating, ending with user."""
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'{field_name}' must be a list of messages, not {_type_name(value)}")
+    if not value:
+        raise InvalidRequest(f"'{field_name}' must hold at least one message")
+    if len(value) > MAX_MESSAGES:
+        raise InvalidRequest(f"'{field_name}' holds more than {MAX_MESSAGES} messages")
+    roles = ("system", "user", "assistant") if strict_order else ("system", "developer", "user", "assistant")
+    messages = []
+    for i, item in enumerate(value):
+        where = f"'{field_name}[{i}]'"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where} must be an object with 'role' and 'content', not {_type_name(item)}")
+        extra = set(item) - {"role", "content", "name"}
+        if extra:
+            raise InvalidRequest(f"{where} has unknown field(s) {', '.join(sorted(extra))}; "
+                                 "a message has 'role' and 'content'")
+        role = item.get("role")
+        if role not in roles:
+            raise InvalidRequest(f"{where}.role must be one of {', '.join(roles)}, got {json.dumps(role)}")
+        content = _message_content(item.get("content"), f"{field_name}[{i}]", allow_parts=not strict_order)
+        messages.append({"role": "system" if role == "developer" else role, "content": content})
+    if strict_order:
+        _check_seed_order(messages, field_name)
+    elif messages[-1]["role"] == "system":
+        raise InvalidRequest(f"'{field_name}' must not end with a system message")
+    return tuple(messages)
+
+
+def _check_seed_order(messages: list[dict], field_name: str) -> None:
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, message in enumerate(messages[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise InvalidRequest(
+                f"'{field_name}[{i}]' has role '{message['role']}' but '{expected}' was expected: "
+                "an optional leading system message, then user and assistant alternating"
+            )
+    if messages[-1]["role"] != "user":
+        raise InvalidRequest(f"'{field_name}' must end with a user message")
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed /api
+
+
+API_FIELDS = ("token", "task", "repo_id", "file_name", "inputs", "parameters", "options")
+API_OPTIONS = ("use_gpu", "ctx_length", "ctx_lenght", "chat_format", "stream")
+API_DEFAULT_MAX_TOKENS = 512
+
+
+def parse_api_request(body: Any) -> GenerationRequest:
+    """Validate a seed-format ``POST /api`` body."""
+    f = _Fields(body)
+    f.reject_unknown(API_FIELDS)
+    task = body.get("task", "text_generation")
+    if task not in VALID_TASKS:
+        raise InvalidRequest(f"unknown task {json.dumps(task)}; valid tasks: {', '.join(VALID_TASKS)}")
+
+    repo_id = f.string("repo_id", max_length=200)
+    file_name = f.string("file_name", max_length=500)
+    if file_name and not repo_id:
+        raise InvalidRequest("'file_name' needs a 'repo_id' to say which hub repository holds it")
+    model = f"{repo_id}:{file_name}" if file_name else repo_id
+
+    inputs = body.get("inputs")
+    prompt, messages = None, None
+    if isinstance(inputs, str):
+        prompt = inputs
+    elif isinstance(inputs, list):
+        messages = _messages(inputs, "inputs", strict_order=True)
+    else:
+        raise InvalidRequest(
+            f"'inputs' must be a string (text completion) or a list of {{role, content}} messages (chat), "
+            f"not {_type_name(inputs)}"
+        )
+
+    params = _Fields(body.get("parameters") or {}, "parameters.")
+    params.reject_unknown(SAMPLING_FIELDS)
+    options = _Fields(body.get("options") or {}, "options.")
+    options.reject_unknown(API_OPTIONS)
+    if options.present("ctx_length") and options.present("ctx_lenght"):
+        raise InvalidRequest("give 'options.ctx_length' or its old spelling 'options.ctx_lenght', not both")
+    ctx_key = "ctx_lenght" if options.present("ctx_lenght") else "ctx_length"
+    return GenerationRequest(
+        prompt=prompt,
+        messages=messages,
+        model=model,
+        sampling=_sampling(params, ("max_tokens",), API_DEFAULT_MAX_TOKENS),
+        ctx_length=options.integer(ctx_key, 16, 1 << 20),
+        use_gpu=options.boolean("use_gpu"),
+        chat_format=options.string("chat_format", max_length=100),
+        stream=options.boolean("stream", False),
+    )
+
+
+def api_answer(result: Completion) -> dict:
+    """The seed's 200 answer, for chat and completion alike."""
+    return {
+        "answer": {"role": "assistant", "content": result.text},
+        "model": result.model,
+        "finish_reason": result.finish_reason,
+        "usage": result.usage,
+        "timings": result.timings,
+    }
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying JSON (or the literal ``[DONE]``)."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def api_stream(events: Iterable[Event]) -> Iterator[str]:
+    """``/api`` streaming: ``{"delta"}`` events, the full answer, then ``[DONE]``."""
+    for event in events:
+        if isinstance(event, str):
+            yield sse({"delta": event})
+        elif isinstance(event, Completion):
+            yield sse(api_answer(event))
+    yield SSE_DONE
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible /v1
+
+DEFAULT_MODEL_ALIASES = ("default",)
+# Accepted for compatibility; they do not change what this host does.
+_OPENAI_IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
+_OPENAI_COMMON = ("model", "stream", "stream_options", "n", "logit_bias", "logprobs",
+                  *SAMPLING_FIELDS, *_OPENAI_IGNORED)
+OPENAI_CHAT_FIELDS = (*_OPENAI_COMMON, "messages", "max_completion_tokens", "response_format",
+                      "top_logprobs", "tools", "tool_choice", "functions", "function_call")
+OPENAI_COMPLETION_FIELDS = (*_OPENAI_COMMON, "prompt", "echo", "suffix", "best_of")
+OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
+
+
+def _openai_common(f: _Fields, model_ids: Iterable[str]) -> dict:
+    f.integer("n", 1, 1)  # one choice per request
+    if f.obj.get("logit_bias"):
+        raise InvalidRequest("'logit_bias' is not supported by this host")
+    if f.obj.get("logprobs") not in (None, False, 0):
+        raise InvalidRequest("'logprobs' is not supported by this host")
+    model = f.string("model", max_length=700)
+    if model is None or model in DEFAULT_MODEL_ALIASES or model in set(model_ids):
+        model = None
+    stream = f.boolean("stream", False)
+    options = _Fields(f.obj.get("stream_options") or {}, "stream_options.")
+    options.reject_unknown(("include_usage",))
+    return {"model": model, "stream": stream, "include_usage": bool(options.boolean("include_usage", False))}
+
+
+def parse_openai_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
+    """Validate a ``POST /v1/chat/completions`` body. ``model_ids``: names of the default model."""
+    f = _Fields(body)
+    f.reject_unknown(OPENAI_CHAT_FIELDS)
+    for key in ("tools", "tool_choice", "functions", "function_call"):
+        if f.obj.get(key):
+            raise InvalidRequest(f"'{key}': tool and function calling are not supported by this host")
+    response_format = f.obj.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise InvalidRequest("'response_format': only {\"type\": \"text\"} is supported by this host")
+    if "messages" not in body:
+        raise InvalidRequest("'messages' is required: a list of {role, content} messages")
+    messages = _messages(body["messages"], "messages", strict_order=False)
+    return GenerationRequest(
+        messages=messages,
+        sampling=_sampling(f, ("max_tokens", "max_completion_tokens"), None),
+        **_openai_common(f, model_ids),
+    )
+
+
+def parse_openai_completion(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
+    """Validate a ``POST /v1/completions`` body."""
+    f = _Fields(body)
+    f.reject_unknown(OPENAI_COMPLETION_FIELDS)
+    if f.obj.get("echo"):
+        raise InvalidRequest("'echo' is not supported by this host")
+    if f.obj.get("suffix") is not None:
+        raise InvalidRequest("'suffix' is not supported by this host")
+    f.integer("best_of", 1, 1)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' is required and must be a string (one prompt per request)")
+    return GenerationRequest(
+        prompt=prompt,
+        sampling=_sampling(f, ("max_tokens",), OPENAI_COMPLETION_DEFAULT_MAX_TOKENS),
+        **_openai_common(f, model_ids),
+    )
+
+
+@dataclass
+class OpenAIRenderer:
+    """Renders one generation in the OpenAI wire format (whole or as SSE chunks)."""
+
+    chat: bool
+    model: str = ""
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def _object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def _envelope(self, obj: str, choices: list, model: str) -> dict:
+        prefix = "chatcmpl-" if self.chat else "cmpl-"
+        return {"id": prefix + self.id, "object": obj, "created": self.created, "model": model,
+                "choices": choices}
+
+    def answer(self, result: Completion) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                      "logprobs": None, "finish_reason": result.finish_reason}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None,
+                      "finish_reason": result.finish_reason}
+        body = self._envelope(self._object, [choice], result.model)
+        body["usage"] = result.usage
+        body["timings"] = result.timings
+        return body
+
+    def _chunk(self, delta: str | None, finish_reason: str | None, model: str, first: bool = False) -> dict:
+        if self.chat:
+            d: dict = {"role": "assistant", "content": ""} if first else {}
+            if delta is not None:
+                d["content"] = delta
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
+            return self._envelope("chat.completion.chunk", [choice], model)
+        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
+        return self._envelope("text_completion", [choice], model)
+
+    def stream(self, events: Iterable[Event]) -> Iterator[str]:
+        if self.chat:
+            yield sse(self._chunk(None, None, self.model, first=True))
+        for event in events:
+            if isinstance(event, str):
+                yield sse(self._chunk(event, None, self.model))
+                continue
+            if not isinstance(event, Completion):
+                continue
+            yield sse(self._chunk(None, event.finish_reason, event.model))
+            if self.include_usage:
+                usage_chunk = self._envelope(self._object + (".chunk" if self.chat else ""), [], event.model)
+                usage_chunk["usage"] = event.usage
+                usage_chunk["timings"] = event.timings
+                yield sse(usage_chunk)
+        yield SSE_DONE
+

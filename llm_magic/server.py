@@ -1,0 +1,229 @@
+"""The HTTP service — the only module that imports Flask (and its werkzeug).
+
+``create_app(engine, token=...)`` builds the app: the seed's ``POST /api``, the OpenAI-compatible
+``/v1`` routes and ``GET /health``. Every failure on every route is JSON, never HTML.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from . import __version__
+from .engine import Engine
+from .errors import AuthenticationError, HostBusy, InvalidRequest, LLMMagicError
+from .protocol import (
+    Completion, Event, GenerationRequest, OpenAIRenderer, Started, api_answer, api_stream,
+    parse_api_request, parse_openai_chat, parse_openai_completion, sse,
+)
+
+log = logging.getLogger("llm_magic.server")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+ROUTES = "POST /api, POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health"
+
+
+def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_BODY_BYTES) -> Flask:
+    """The llm_magic Flask app around ``engine``; ``token=None`` serves without a token."""
+    app = Flask("llm_magic")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    app.extensions["llm_magic"] = {"engine": engine, "token": token, "started": int(time.time())}
+
+    @app.get("/health")
+    def health() -> Any:
+        status = engine.status()
+        status.update(version=__version__, auth=token is not None)
+        return status
+
+    @app.post("/api")
+    def api() -> Any:
+        body = _json_body()
+        _authorize(token, body)
+        gen_request = parse_api_request(body)
+        _, events = _start(engine, gen_request)
+        if gen_request.stream:
+            return _sse_response(api_stream(events))
+        return api_answer(_collect(events))
+
+    @app.post("/v1/chat/completions")
+    def chat_completions() -> Any:
+        return _openai(parse_openai_chat, chat=True)
+
+    @app.post("/v1/completions")
+    def completions() -> Any:
+        return _openai(parse_openai_completion, chat=False)
+
+    def _openai(parse: Callable[..., GenerationRequest], chat: bool) -> Any:
+        body = _json_body()
+        _authorize(token, body, body_token=False)
+        gen_request = parse(body, model_ids=(engine.default_name,))
+        started, events = _start(engine, gen_request)
+        renderer = OpenAIRenderer(chat=chat, model=started.model, include_usage=gen_request.include_usage)
+        if gen_request.stream:
+            return _sse_response(renderer.stream(events))
+        return renderer.answer(_collect(events))
+
+    @app.get("/v1/models")
+    def models() -> Any:
+        _authorize(token, None, body_token=False)
+        created = app.extensions["llm_magic"]["started"]
+        names = dict.fromkeys([engine.default_name, engine.model or engine.default_name])
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "llm_magic"} for name in names]}
+
+    @app.errorhandler(LLMMagicError)
+    def handle_error(exc: LLMMagicError) -> Any:
+        return _error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def handle_http(exc: HTTPException) -> Any:
+        messages = {
+            404: f"no route {request.method} {request.path}; routes: {ROUTES}",
+            405: f"{request.method} is not allowed on {request.path}; routes: {ROUTES}",
+            413: f"the request body is larger than {max_body} bytes",
+        }
+        message = messages.get(exc.code or 500, exc.description or exc.name)
+        err = LLMMagicError(message)
+        err.status, err.type = exc.code or 500, "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
+        return _error_response(err)
+
+    @app.errorhandler(Exception)
+    def handle_bug(exc: Exception) -> Any:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _error_response(LLMMagicError(f"internal error ({type(exc).__name__}); see the host's log"))
+
+    return app
+
+
+def _error_response(exc: LLMMagicError) -> Response:
+    response = Response(json.dumps(exc.to_dict()), status=exc.status, mimetype="application/json")
+    if isinstance(exc, HostBusy):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"the request body holds {name}, which is not valid JSON")
+
+
+def _json_body() -> Any:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not UTF-8 text") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON ({str(exc)[:200]})") from None
+
+
+def _authorize(token: str | None, body: Any, body_token: bool = True) -> None:
+    """Check the token from the JSON body (seed style) or the ``Authorization: Bearer`` header."""
+    supplied = None
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        supplied = header[7:].strip()
+    elif body_token and isinstance(body, dict) and "token" in body:
+        supplied = body["token"]
+    if token is None:
+        return
+    if supplied is None or supplied == "":
+        raise AuthenticationError(
+            "this host needs its access token: send it as 'token' in the JSON body or as the "
+            "header 'Authorization: Bearer <token>'")
+    if not isinstance(supplied, str) or not hmac.compare_digest(supplied.encode(), token.encode()):
+        raise AuthenticationError("wrong token: copy it again from the host's output")
+
+
+def _start(engine: Engine, gen_request: GenerationRequest) -> tuple[Started, Iterator[Event]]:
+    """Run the engine up to its ``Started`` event, so that every refusal (model not allowed,
+    busy, prompt too long) becomes an HTTP error before any byte of the answer is sent."""
+    events = engine.generate(gen_request)
+    try:
+        started = next(events)
+    except BaseException:
+        events.close()
+        raise
+    assert isinstance(started, Started)
+    return started, _closing(events)
+
+
+def _closing(events: Iterator[Event]) -> Iterator[Event]:
+    try:
+        yield from events
+    finally:
+        events.close()  # a client that leaves frees the model at once
+
+
+def _collect(events: Iterable[Event]) -> Completion:
+    result = None
+    for event in events:
+        if isinstance(event, Completion):
+            result = event
+    assert result is not None, "the engine ended without a Completion"
+    return result
+
+
+def _sse_response(chunks: Iterator[str]) -> Response:
+    def guarded() -> Iterator[str]:
+        try:
+            yield from chunks
+        except LLMMagicError as exc:  # after the 200 went out, errors travel as an event
+            yield sse(exc.to_dict())
+        except Exception as exc:
+            log.exception("internal error while streaming")
+            yield sse(LLMMagicError(f"internal error ({type(exc).__name__}); see the host's log").to_dict())
+        finally:
+            close = getattr(chunks, "close", None)
+            if close:
+                close()
+
+    return Response(guarded(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """werkzeug's handler, logging one line per request through ``logging`` (no bodies)."""
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        log.info("%s %s %s", self.command, self.path.split("?")[0], code)
+
+    def log(self, type: str, message: str, *args: Any) -> None:
+        getattr(log, type if type in ("info", "warning", "error") else "info")(message, *args)
+
+
+class HttpServer:
+    """The app served by werkzeug's threaded server in a background thread."""
+
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 5000) -> None:
+        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="llm-magic-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    def start(self) -> "HttpServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
