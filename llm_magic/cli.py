@@ -116,9 +116,8 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(engine, token=token)
     try:
         server = HttpServer(app, args.host, args.port)
-    except OSError as exc:
-        raise LLMMagicError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): "
-                            "the port is probably in use; choose another with --port") from None
+    except OSError as exc:  # werkzeug itself explains a port in use; this covers the rest
+        raise LLMMagicError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -281,7 +281,9 @@ class Engine:
         llama_cpp = _llama_cpp()
         llm = loaded.llm
         tokens, stops = self._prompt_tokens(loaded, request)
-        n_ctx = llm.n_ctx()
+        # llama.cpp may pad the context (to 256) beyond the token buffer llama-cpp-python
+        # allocated for the requested size; writing past that buffer crashes, so use the smaller.
+        n_ctx = min(llm.n_ctx(), len(llm.input_ids))
         if len(tokens) >= n_ctx:
             raise InvalidRequest(
                 f"the prompt is {len(tokens)} tokens but the model's context holds {n_ctx}: "

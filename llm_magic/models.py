@@ -58,7 +58,7 @@ class ModelSpec:
             )
         if not rest:
             return cls(repo_id=repo_id)
-        if rest.lower().endswith(".gguf") or "/" in rest or _GLOB_CHARS & set(rest):
+        if "." in rest or "/" in rest or _GLOB_CHARS & set(rest):  # quant names have no dots
             return cls(repo_id=repo_id, filename=rest)
         return cls(repo_id=repo_id, quant=rest)
 
@@ -156,16 +156,16 @@ def _hub_download(repo_id: str, filename: str) -> Path:
         return Path(hub.hf_hub_download(repo_id, filename))
     except errors.RepositoryNotFoundError:
         raise _repo_not_found(repo_id) from None
-    except (errors.EntryNotFoundError, errors.RemoteEntryNotFoundError):
-        raise ModelNotFound(f"{repo_id} has no file named {filename}") from None
-    except errors.LocalEntryNotFoundError as exc:
+    except errors.LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
         raise ModelDownloadError(
             f"cannot download {filename} from {repo_id} and it is not in the local cache: {_first_line(exc)}"
         ) from None
-    except OSError as exc:  # disk full, permissions
-        raise ModelDownloadError(f"download of {filename} from {repo_id} failed: {exc}") from None
-    except errors.HfHubHTTPError as exc:
-        raise ModelDownloadError(f"download of {filename} from {repo_id} failed: {_first_line(exc)}") from None
+    except errors.RemoteEntryNotFoundError:
+        raise ModelNotFound(f"{repo_id} has no file named {filename}") from None
+    except Exception as exc:  # disk full, HTTP errors, a connection cut for good (transport types vary)
+        raise ModelDownloadError(
+            f"download of {filename} from {repo_id} failed ({type(exc).__name__}: {_first_line(exc)}); "
+            "check the disk space and the connection, then retry: the download resumes") from None
 
 
 def _repo_not_found(repo_id: str) -> ModelNotFound:
@@ -184,7 +184,7 @@ def _list_gguf_files(repo_id: str) -> list[str]:
     hub = _hub()
     errors = _hub_errors()
     try:
-        files = hub.list_repo_files(repo_id)
+        files = hub.HfApi().list_repo_files(repo_id)  # a fresh HfApi reads the current endpoint
     except errors.RepositoryNotFoundError:
         raise _repo_not_found(repo_id) from None
     except Exception as exc:  # offline, hub down, HTTP error: the transport's errors vary by version
@@ -221,17 +221,17 @@ def _pick_files(repo_id: str, gguf_files: list[str], spec: ModelSpec) -> list[st
     if spec.filename:
         matched = [f for f in candidates if fnmatch.fnmatch(f, spec.filename)
                    or fnmatch.fnmatch(f.rsplit("/", 1)[-1], spec.filename)]
-        wanted = f"files matching '{spec.filename}'"
+        wanted = spec.filename
     else:
         quant = spec.quant or DEFAULT_QUANT
         matched = [f for f in candidates if _matches_quant(f, quant)]
-        wanted = f"a {quant} file"
+        wanted = quant
         if not matched and not spec.quant and len(candidates) == 1:
             matched = candidates
     groups = _group_shards(matched)
     available = ", ".join(gguf_files[:30]) + (" ..." if len(gguf_files) > 30 else "")
     if not groups:
-        raise ModelNotFound(f"{repo_id} has no {wanted}; its GGUF files: {available}")
+        raise ModelNotFound(f"no file in {repo_id} matches '{wanted}'; its GGUF files: {available}")
     if len(groups) > 1:
         names = ", ".join(g[0] for g in groups)
         raise InvalidRequest(

@@ -180,6 +180,11 @@ class _Fields:
         return tuple(dict.fromkeys(items))
 
 
+def _object_or_empty(body: dict, key: str) -> Any:
+    value = body.get(key)
+    return {} if value is None else value
+
+
 def _sampling(f: _Fields, max_tokens_keys: tuple[str, ...], default_max_tokens: int | None) -> Sampling:
     """The sampling fields shared by /api ``parameters`` and the OpenAI bodies."""
     max_tokens = default_max_tokens
@@ -300,9 +305,9 @@ def parse_api_request(body: Any) -> GenerationRequest:
             f"not {_type_name(inputs)}"
         )
 
-    params = _Fields(body.get("parameters") or {}, "parameters.")
+    params = _Fields(_object_or_empty(body, "parameters"), "parameters.")
     params.reject_unknown(SAMPLING_FIELDS)
-    options = _Fields(body.get("options") or {}, "options.")
+    options = _Fields(_object_or_empty(body, "options"), "options.")
     options.reject_unknown(API_OPTIONS)
     if options.present("ctx_length") and options.present("ctx_lenght"):
         raise InvalidRequest("give 'options.ctx_length' or its old spelling 'options.ctx_lenght', not both")
@@ -373,7 +378,7 @@ def _openai_common(f: _Fields, model_ids: Iterable[str]) -> dict:
     if model is None or model in DEFAULT_MODEL_ALIASES or model in set(model_ids):
         model = None
     stream = f.boolean("stream", False)
-    options = _Fields(f.obj.get("stream_options") or {}, "stream_options.")
+    options = _Fields(_object_or_empty(f.obj, "stream_options"), "stream_options.")
     options.reject_unknown(("include_usage",))
     return {"model": model, "stream": stream, "include_usage": bool(options.boolean("include_usage", False))}
 

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from llm_magic.host import ApiHost
+from llm_magic.models import embedded_model_path
+
+from .fakehub import FakeHub
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test sees the developer's tokens, URLs or Hugging Face cache."""
+    for name in list(os.environ):
+        if name.startswith("LLM_MAGIC_") or name in ("HF_TOKEN", "HF_ENDPOINT"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def host() -> Iterator[ApiHost]:
+    """A real server process with a token, on the embedded model."""
+    h = ApiHost(port=0, token="test-token-" + "x" * 20).start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="session")
+def open_host() -> Iterator[ApiHost]:
+    """A real server process without a token."""
+    h = ApiHost(use_token=False, port=0).start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_path: Path) -> Iterator[FakeHub]:
+    """A local hub holding real GGUF files; huggingface_hub in this process and in child
+    processes is pointed at it, with an empty cache."""
+    import huggingface_hub.constants as constants
+
+    gguf = model_path
+    repos = {
+        "test-org/SmolLM2-GGUF": {
+            "SmolLM2.Q4_1.gguf": gguf,
+            "SmolLM2.Q8_0.gguf": gguf,
+            "mmproj-SmolLM2.Q4_1.gguf": b"GGUF-projector",
+            "README.md": b"# a model card",
+        },
+        "test-org/split-GGUF": {
+            "big-Q4_K_M-00001-of-00002.gguf": b"GGUF" + b"\0" * 64,
+            "big-Q4_K_M-00002-of-00002.gguf": b"GGUF" + b"\1" * 64,
+        },
+        "test-org/not-gguf": {"model.bin": b"PK\3\4 not a gguf", "fake.gguf": b"PK\3\4 not a gguf"},
+        "test-org/empty": {"README.md": b"nothing here"},
+    }
+    cache = tmp_path / "hub-cache"
+    with FakeHub(repos) as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}")
+        yield fake
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path, model_path: Path) -> Path:
+    """The embedded model under another path: a second, distinct local model."""
+    return Path(shutil.copy(model_path, tmp_path / "copy.Q4_1.gguf"))

@@ -1,0 +1,110 @@
+"""ApiHost: the server process's life as the seed's Python API exposes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from llm_magic import ApiHost
+from llm_magic.errors import HostError
+
+
+def gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_start_status_logs_stop() -> None:
+    host = ApiHost(port=0)
+    assert host.status()["state"] == "stopped"
+    host.start()
+    try:
+        status = host.status()
+        assert status["state"] == "running" and status["status"] == "ok"
+        assert status["model"] == "SmolLM2-135M-Instruct.Q4_1" and status["uptime_s"] >= 0
+        assert requests.post(f"{host.url}/api", json={"token": host.token, "inputs": "x",
+                                                      "parameters": {"max_tokens": 2}}, timeout=30).ok
+        assert host.status()["requests"] == 1 and host.status()["completion_tokens"] == 2
+        assert "POST /api 200" in host.logs()
+        with pytest.raises(HostError, match="already running"):
+            host.start()
+    finally:
+        pid = host.pid
+        host.stop()
+    assert host.status()["state"] == "stopped" and gone(pid)
+    host.stop()  # twice is fine
+
+
+def test_token_is_never_written_to_the_log_or_command_line() -> None:
+    with ApiHost(port=0) as host:
+        requests.post(f"{host.url}/api", json={"token": host.token, "inputs": "x", "parameters": {"max_tokens": 1}}, timeout=30)
+        requests.post(f"{host.url}/api", json={"token": "wrong-" + host.token, "inputs": "x"}, timeout=30)
+        cmdline = Path(f"/proc/{host.pid}/cmdline").read_bytes().decode()
+        log = host.logs(1000)
+    assert host.token not in log and host.token not in cmdline
+    assert "POST /api 401" in log
+
+
+def test_start_failure_reports_the_servers_own_error(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF but truncated")
+    host = ApiHost(model=str(bad), port=0)
+    with pytest.raises(HostError, match="stopped during start-up: error: llama.cpp could not load broken.gguf"):
+        host.start()
+    assert host.status()["state"] == "failed" and not host.running
+
+
+def test_run_blocks_like_the_seed_until_interrupted() -> None:
+    code = "from llm_magic import ApiHost; ApiHost(use_token=False, port=0).run()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "Local URL:" not in line:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+        url = line.split()[-1]
+        health = requests.get(url + "/health", timeout=10).json()
+        assert health["status"] == "ok" and health["auth"] is False
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url + "/health", timeout=5)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_server_ends_when_its_parent_dies() -> None:
+    code = ("import sys; from llm_magic import ApiHost; h = ApiHost(use_token=False, port=0).start(); "
+            "print(h.pid, flush=True); sys.stdin.read()")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(parent.stdout.readline())
+        parent.kill()  # like a kernel that crashes: no atexit, no cleanup
+        parent.wait()
+        assert gone(server_pid)
+    finally:
+        parent.stdin.close()
+        parent.stdout.close()
+
+
+def test_import_stays_light() -> None:
+    code = ("import sys, llm_magic; from llm_magic import Client; "
+            "print(sorted(m for m in ('flask', 'llama_cpp', 'huggingface_hub', 'werkzeug') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
+    assert out.strip() == "[]"
