@@ -95,9 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    try:
+        from .server import HttpServer, create_app
+    except ImportError as exc:
+        raise LLMMagicError(f"serving needs the host extra ({exc.name} is missing): "
+                            "pip install 'llm_magic[host]'") from None
     from .engine import Engine
     from .models import ModelPolicy, ModelSpec, model_name, resolve_model
-    from .server import HttpServer, create_app
     from .snippets import connection_text
 
     if args.tunnel == "cloudflared":

@@ -87,9 +87,25 @@ def _sse_data(response: requests.Response) -> Iterator[str]:
             yield line[5:].strip().decode("utf-8")
 
 
+_KNOWN_REASONS = {
+    "Connection refused": "connection refused",
+    "Name or service not known": "unknown host name",
+    "nodename nor servname": "unknown host name",
+    "Temporary failure in name resolution": "unknown host name",
+    "timed out": "timed out",
+    "Connection reset": "connection reset",
+    "RemoteDisconnected": "the host closed the connection",
+    "CERTIFICATE_VERIFY_FAILED": "TLS certificate not trusted",
+}
+
+
 def _reason(exc: BaseException) -> str:
+    """The gist of a requests/urllib3 error, whose own text nests several layers deep."""
     text = str(exc)
-    return text if len(text) < 200 else text[:200] + "..."
+    for needle, reason in _KNOWN_REASONS.items():
+        if needle in text:
+            return reason
+    return text if len(text) < 160 else text[:160] + "..."
 
 
 def _error_from_body(status: int, body: Any, url: str) -> LLMMagicError:

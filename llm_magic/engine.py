@@ -328,6 +328,11 @@ class Engine:
                     break
         finally:
             tokens_iter.close()
+            # counted here so that generations cut short by a leaving client count too
+            self.stats.requests += 1
+            self.stats.prompt_tokens += len(tokens)
+            self.stats.completion_tokens += n_generated
+            self.stats.generation_seconds += time.perf_counter() - started
         if finish == "length":  # flush what was held back for a possible stop sequence
             text, _ = scanner.feed(decoder.decode(b"", final=True))
             text += scanner.flush()
@@ -337,10 +342,6 @@ class Engine:
         ended = time.perf_counter()
         first_token_at = first_token_at or ended
         timings = _timings(len(tokens), cached, n_generated, started, first_token_at, ended)
-        self.stats.requests += 1
-        self.stats.prompt_tokens += len(tokens)
-        self.stats.completion_tokens += n_generated
-        self.stats.generation_seconds += ended - started
         yield Completion("".join(parts), loaded.name, finish, len(tokens), n_generated, timings)
 
     def _piece(self, loaded: _Loaded, token: int) -> bytes:

@@ -103,6 +103,18 @@ def test_server_ends_when_its_parent_dies() -> None:
         parent.stdout.close()
 
 
+def test_base_install_has_a_clear_word_for_host_commands(tmp_path: Path) -> None:
+    # Hide the host extra's packages, as on a machine with only `pip install llm_magic`.
+    for name in ("flask", "werkzeug", "llama_cpp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('not installed', name=__name__)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "llm_magic", "serve", "--port", "0"], capture_output=True,
+                            text=True, timeout=30, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "serving needs the host extra" in result.stderr and "pip install 'llm_magic[host]'" in result.stderr
+
+
 def test_import_stays_light() -> None:
     code = ("import sys, llm_magic; from llm_magic import Client; "
             "print(sorted(m for m in ('flask', 'llama_cpp', 'huggingface_hub', 'werkzeug') if m in sys.modules))")

@@ -52,6 +52,23 @@ def test_bad_requests_to_the_process_are_json_4xx_and_it_keeps_serving(host: Api
     assert requests.get(f"{host.url}/health", timeout=30).json()["status"] == "ok"
 
 
+def test_client_leaving_mid_stream_frees_the_model_at_once(open_host: ApiHost) -> None:
+    before = requests.get(f"{open_host.url}/health", timeout=10).json()["completion_tokens"]
+    r = requests.post(f"{open_host.url}/v1/completions", stream=True, timeout=60,
+                      json={"prompt": "Write a long essay about the sea.", "max_tokens": 3000, "stream": True})
+    chunks = 0
+    for line in r.iter_lines():
+        chunks += line.startswith(b"data:")
+        if chunks == 10:
+            break
+    r.close()
+    started = time.monotonic()
+    answer = requests.post(f"{open_host.url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=60)
+    assert answer.status_code == 200 and time.monotonic() - started < 5
+    spent = requests.get(f"{open_host.url}/health", timeout=10).json()["completion_tokens"] - before
+    assert 10 <= spent < 60  # the abandoned stream stopped within a few tokens, not at 3000
+
+
 def test_openai_sdk_chats_streams_and_completes(host: ApiHost) -> None:
     from openai import OpenAI
 
@@ -107,7 +124,7 @@ def test_client_errors_say_what_to_do(host: ApiHost, open_host: ApiHost) -> None
         Client(open_host.url).chat("x", model="org/other-GGUF:Q4_K_M")
     with pytest.raises(InvalidRequest, match="'temperature' must be between"):
         Client(open_host.url).chat("x", temperature=9)
-    with pytest.raises(HostUnreachable, match="cannot reach .* is the host running"):
+    with pytest.raises(HostUnreachable, match=r"cannot reach .* is the host running and the URL right\? \(connection refused\)"):
         Client(f"http://127.0.0.1:{free_port()}", retries=0).chat("x")
 
 
