@@ -11,6 +11,19 @@ __version__ = "0.1.0"
 __all__ = ["ApiHost", "Client", "__version__"]
 
 
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext llm_magic``: register ``%llm_host``, ``%llm`` and ``%%llm``."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
 def __getattr__(name: str) -> Any:
     if name == "ApiHost":
         from .host import ApiHost

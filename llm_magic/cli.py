@@ -105,8 +105,12 @@ def serve(args: argparse.Namespace) -> int:
     from .snippets import connection_text
 
     if args.tunnel == "cloudflared":
-        raise LLMMagicError("the cloudflared tunnel is not available in this version yet; use --tunnel none")
-    tunnel_note = "none" if args.tunnel else "none (the terminal default; a public URL needs --tunnel cloudflared)"
+        # A tunnel that cannot start never stops the host: it keeps serving locally.
+        tunnel_note = "none: the cloudflared tunnel is not available in this version yet; serving locally only"
+    elif args.tunnel == "none":
+        tunnel_note = "none"
+    else:
+        tunnel_note = "none (the terminal default; a public URL needs --tunnel cloudflared)"
 
     token_from_env = not args.token and not args.no_token and bool(os.environ.get(TOKEN_ENV))
     token = None if args.no_token else (args.token or os.environ.get(TOKEN_ENV) or new_token())
@@ -134,10 +138,11 @@ def serve(args: argparse.Namespace) -> int:
         engine.load_default()  # /health says "loading" meanwhile
         url = f"http://{_display_host(args.host)}:{server.port}"
         shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
-        print(connection_text(url, shown_token, name), flush=True)
-        print(f"  Tunnel:     {tunnel_note}\n\nPress Ctrl-C to stop.", flush=True)
+        print(connection_text(url, shown_token, name, tunnel=tunnel_note), flush=True)
+        print("\nPress Ctrl-C to stop.", flush=True)
         if args.ready_file:
-            _write_ready_file(args.ready_file, {"url": url, "pid": os.getpid(), "model": name})
+            _write_ready_file(args.ready_file, {"url": url, "pid": os.getpid(), "model": name,
+                                                "public_url": None, "tunnel": tunnel_note})
         stop.wait()
         print("stopping", flush=True)
     finally:

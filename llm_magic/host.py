@@ -68,6 +68,7 @@ class ApiHost:
         self.url: str | None = None
         self.public_url: str | None = None
         self.model_name: str | None = None
+        self.tunnel_note: str | None = None  # what the server says of its tunnel
         self._process: subprocess.Popen | None = None
         self._run_dir = Path(tempfile.mkdtemp(prefix="llm-magic-"))
         self.log_path = self._run_dir / "server.log"
@@ -144,6 +145,7 @@ class ApiHost:
             if ready_file.exists():
                 info = json.loads(ready_file.read_text())
                 self.url, self.model_name = info["url"], info["model"]
+                self.public_url, self.tunnel_note = info.get("public_url"), info.get("tunnel")
                 if self._health(timeout=2).get("status") == "ok":
                     return
             time.sleep(0.05)
@@ -178,7 +180,8 @@ class ApiHost:
         from .snippets import connection_text
 
         self.start()
-        print(connection_text(self.url or "", self.token, self.model_name or "", self.public_url), flush=True)
+        print(connection_text(self.url or "", self.token, self.model_name or "", self.public_url, self.tunnel_note),
+              flush=True)
         try:
             while self.running:
                 time.sleep(0.5)
@@ -210,7 +213,7 @@ class ApiHost:
         if self.state == HostState.RUNNING and not self.running:
             self.state = HostState.FAILED
         info: dict[str, Any] = {"state": self.state.value, "url": self.url, "public_url": self.public_url,
-                                "model": self.model_name, "pid": self.pid}
+                                "tunnel": self.tunnel_note, "model": self.model_name, "pid": self.pid}
         if self._started_at and self.running:
             info["uptime_s"] = round(time.time() - self._started_at, 1)
             health = self._health()

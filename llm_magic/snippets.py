@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 
-def connection_text(url: str, token: str | None, model: str, public_url: str | None = None) -> str:
+def connection_text(url: str, token: str | None, model: str, public_url: str | None = None,
+                    tunnel: str | None = None) -> str:
     """The block a host prints once it is ready: where it is, the token, how to use it."""
     target = public_url or url
     lines = [f"llm_magic is serving {model}", f"  Local URL:  {url}"]
     if public_url:
         lines.append(f"  Public URL: {public_url}")
+    elif tunnel:
+        lines.append(f"  Tunnel:     {tunnel}")
     lines.append(f"  Token:      {token}" if token else "  Token:      none (anyone who can reach the URL may use it)")
     lines += ["", "Use it from:", *("  " + line for line in client_snippets(target, token).splitlines())]
     return "\n".join(lines)

@@ -99,7 +99,7 @@ def test_next_chat_turn_reuses_the_kv_cache(engine: Engine) -> None:
 
 
 def test_closing_a_generation_frees_the_model_at_once(engine: Engine) -> None:
-    events = engine.generate(GenerationRequest(prompt="Write a long essay.", sampling=Sampling(max_tokens=2000)))
+    events = engine.generate(GenerationRequest(prompt="word " * 100, sampling=Sampling(max_tokens=2000, temperature=0)))
     next(events), next(events)
     assert engine.turnstile.busy
     events.close()
