@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .errors import LLMMagicError
@@ -48,6 +48,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
                         help="requests that may wait for the model before 503 (default: %(default)s)")
+    parser.add_argument("--keepalive", type=float, default=15.0, metavar="S",
+                        help="while the model is busy, send a keep-alive every S seconds so that "
+                             "proxies and tunnels do not cut the answer (default: %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,13 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     from .models import ModelPolicy, ModelSpec, model_name, resolve_model
     from .snippets import connection_text
 
-    if args.tunnel == "cloudflared":
-        # A tunnel that cannot start never stops the host: it keeps serving locally.
-        tunnel_note = "none: the cloudflared tunnel is not available in this version yet; serving locally only"
-    elif args.tunnel == "none":
-        tunnel_note = "none"
-    else:
-        tunnel_note = "none (the terminal default; a public URL needs --tunnel cloudflared)"
+    tunnel_note = "none" if args.tunnel else "none (the terminal default; a public URL needs --tunnel cloudflared)"
 
     token_from_env = not args.token and not args.no_token and bool(os.environ.get(TOKEN_ENV))
     token = None if args.no_token else (args.token or os.environ.get(TOKEN_ENV) or new_token())
@@ -121,7 +118,9 @@ def serve(args: argparse.Namespace) -> int:
     engine = Engine(path, default_name=name, ctx_length=args.ctx, gpu_layers=args.gpu_layers,
                     threads=args.threads, chat_format=args.chat_format, max_queue=args.max_queue,
                     policy=ModelPolicy(has_token=token is not None, allow_patterns=args.allow_model))
-    app = create_app(engine, token=token)
+    tunnel = None
+    app = create_app(engine, token=token, keepalive=args.keepalive,
+                     extra_status=lambda: {"tunnel": tunnel.status() if tunnel else None})
     try:
         server = HttpServer(app, args.host, args.port)
     except OSError as exc:  # werkzeug itself explains a port in use; this covers the rest
@@ -137,18 +136,42 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine.load_default()  # /health says "loading" meanwhile
         url = f"http://{_display_host(args.host)}:{server.port}"
+        public_url = None
+        if args.tunnel == "cloudflared":
+            tunnel, public_url, tunnel_note = _open_tunnel(server.port)
         shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
-        print(connection_text(url, shown_token, name, tunnel=tunnel_note), flush=True)
+        print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note), flush=True)
         print("\nPress Ctrl-C to stop.", flush=True)
         if args.ready_file:
             _write_ready_file(args.ready_file, {"url": url, "pid": os.getpid(), "model": name,
-                                                "public_url": None, "tunnel": tunnel_note})
+                                                "public_url": public_url, "tunnel": tunnel_note})
         stop.wait()
         print("stopping", flush=True)
     finally:
+        if tunnel is not None:
+            tunnel.stop()
         server.stop()
         engine.close()
     return 0
+
+
+def _open_tunnel(port: int) -> tuple[Any, str | None, str]:
+    """Start cloudflared; a tunnel that cannot start never stops the host, which keeps serving
+    locally. Returns the tunnel, its public URL and a line saying how it is."""
+    from .tunnel import Tunnel, TunnelError
+
+    def announce(new_url: str) -> None:
+        if tunnel.restarts:  # the first URL is in the banner
+            print(f"The tunnel restarted; new public URL: {new_url}", flush=True)
+
+    tunnel = Tunnel(port, on_change=announce)
+    try:
+        public_url = tunnel.start()
+    except TunnelError as exc:
+        return None, None, f"none: {exc.message}; serving locally only"
+    if tunnel.state == "unverified":
+        return tunnel, public_url, "cloudflared (not answering yet: Cloudflare may need a moment)"
+    return tunnel, public_url, "cloudflared (verified)"
 
 
 def _display_host(host: str) -> str:

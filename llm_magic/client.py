@@ -206,6 +206,18 @@ class Client:
             err.retry_after = int(response.headers.get("Retry-After", err.retry_after) or err.retry_after)
         return err
 
+    def _json(self, response: requests.Response) -> dict:
+        """The JSON answer; an error that arrived after a keep-alive began (so with status 200)
+        is raised like any other."""
+        try:
+            data = response.json()
+        except ValueError:
+            raise ServerError(f"{self.url} sent an answer that is not JSON") from None
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            raise _error_from_body(int(error.get("code") or 500), data, self.url)
+        return data
+
     @staticmethod
     def _params(model: str | None, params: dict[str, Any]) -> dict[str, Any]:
         body = {k: v for k, v in params.items() if v is not None}
@@ -226,7 +238,7 @@ class Client:
              **params: Any) -> Answer:
         """The assistant's answer to ``messages`` (a string is one user message)."""
         body = {"messages": self._messages(messages, system), **self._params(model, params)}
-        data = self._request("POST", "/v1/chat/completions", body).json()
+        data = self._json(self._request("POST", "/v1/chat/completions", body))
         choice = data["choices"][0]
         return Answer(choice["message"].get("content") or "", data.get("model", ""), choice.get("finish_reason"),
                       data.get("usage") or {}, data.get("timings") or {})
@@ -234,7 +246,7 @@ class Client:
     def complete(self, prompt: str, *, model: str | None = None, **params: Any) -> Answer:
         """A raw text completion of ``prompt``."""
         body = {"prompt": prompt, **self._params(model, params)}
-        data = self._request("POST", "/v1/completions", body).json()
+        data = self._json(self._request("POST", "/v1/completions", body))
         choice = data["choices"][0]
         return Answer(choice.get("text") or "", data.get("model", ""), choice.get("finish_reason"),
                       data.get("usage") or {}, data.get("timings") or {})

@@ -49,7 +49,7 @@ class ApiHost:
         token: str | None = None,
         host: str = "127.0.0.1",
         port: int = 5000,
-        tunnel: str = "none",
+        tunnel: str | None = None,
         ctx_length: int | None = None,
         gpu_layers: int | None = None,
         allow_models: Sequence[str] = (),
@@ -61,7 +61,9 @@ class ApiHost:
 
         self.model = model
         self.token = (token or os.environ.get(TOKEN_ENV) or new_token()) if use_token else None
-        self.host, self.port, self.tunnel = host, port, tunnel
+        # DESIGN §6: a notebook host opens the public tunnel by default, a terminal one does not.
+        self.tunnel = tunnel or ("cloudflared" if "ipykernel" in sys.modules else "none")
+        self.host, self.port = host, port
         self.startup_timeout = startup_timeout
         self._args = self._serve_args(ctx_length, gpu_layers, allow_models, max_queue, extra_args)
         self.state = HostState.STOPPED
@@ -217,6 +219,10 @@ class ApiHost:
         if self._started_at and self.running:
             info["uptime_s"] = round(time.time() - self._started_at, 1)
             health = self._health()
+            tunnel = health.get("tunnel") or {}
+            if tunnel.get("public_url"):  # cloudflared may have restarted with a new URL
+                self.public_url = info["public_url"] = tunnel["public_url"]
+                info["tunnel"] = f"cloudflared ({tunnel.get('state')}, {tunnel.get('restarts', 0)} restarts)"
             info.update({k: v for k, v in health.items() if k not in info or info[k] is None})
         return info
 

@@ -182,8 +182,7 @@ class LLMMagics(Magics):
         host.start()
         self.host, self._host_argv = host, argv
         self.client = Client(host.url, host.token)
-        url = host.url or ""
-        text = connection_text(url, host.token, host.model_name or "", host.public_url, host.tunnel_note)
+        text = connection_text(host.url or "", host.token, host.model_name or "", host.public_url, host.tunnel_note)
         display({"text/plain": text + "\n\nThis notebook is connected: write a %%llm cell."}, raw=True)
 
     def _require_host(self) -> ApiHost:

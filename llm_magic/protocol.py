@@ -83,8 +83,15 @@ class Started:
     prompt_tokens: int
 
 
-# What the engine yields: Started, text deltas, then one Completion.
-Event = Union[Started, str, Completion]
+class KeepAlive:
+    """Not from the engine: the server's tick while the model is busy, so proxies that cut idle
+    connections (Cloudflare: about 100 s) keep the line open."""
+
+
+KEEPALIVE = KeepAlive()
+
+# What the engine yields: Started, text deltas, then one Completion (plus the server's ticks).
+Event = Union[Started, str, Completion, KeepAlive]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +349,7 @@ def sse(data: Any) -> str:
 
 
 SSE_DONE = sse("[DONE]")
+SSE_KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: every client ignores it
 
 
 def api_stream(events: Iterable[Event]) -> Iterator[str]:
@@ -351,6 +359,8 @@ def api_stream(events: Iterable[Event]) -> Iterator[str]:
             yield sse({"delta": event})
         elif isinstance(event, Completion):
             yield sse(api_answer(event))
+        elif isinstance(event, KeepAlive):
+            yield SSE_KEEPALIVE
     yield SSE_DONE
 
 
@@ -472,7 +482,11 @@ class OpenAIRenderer:
             if isinstance(event, str):
                 yield sse(self._chunk(event, None, self.model))
                 continue
-            if not isinstance(event, Completion):
+            if isinstance(event, KeepAlive):
+                yield SSE_KEEPALIVE
+                continue
+            if isinstance(event, Started):
+                self.model = event.model
                 continue
             yield sse(self._chunk(None, event.finish_reason, event.model))
             if self.include_usage:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import queue
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -21,18 +22,30 @@ from . import __version__
 from .engine import Engine
 from .errors import AuthenticationError, HostBusy, InvalidRequest, LLMMagicError
 from .protocol import (
-    Completion, Event, GenerationRequest, OpenAIRenderer, Started, api_answer, api_stream,
-    parse_api_request, parse_openai_chat, parse_openai_completion, sse,
+    KEEPALIVE, Completion, Event, GenerationRequest, OpenAIRenderer, Started, api_answer,
+    api_stream, parse_api_request, parse_openai_chat, parse_openai_completion, sse,
 )
 
 log = logging.getLogger("llm_magic.server")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
 ROUTES = "POST /api, POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health"
 
 
-def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_BODY_BYTES) -> Flask:
-    """The llm_magic Flask app around ``engine``; ``token=None`` serves without a token."""
+def create_app(
+    engine: Engine,
+    *,
+    token: str | None = None,
+    max_body: int = MAX_BODY_BYTES,
+    keepalive: float = KEEPALIVE_SECONDS,
+    extra_status: Callable[[], dict] | None = None,
+) -> Flask:
+    """The llm_magic Flask app around ``engine``; ``token=None`` serves without a token.
+
+    ``keepalive``: seconds of silence after which a busy response sends a keep-alive (an SSE
+    comment, or leading whitespace before a JSON body). ``extra_status``: more for ``/health``.
+    """
     app = Flask("llm_magic")
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.extensions["llm_magic"] = {"engine": engine, "token": token, "started": int(time.time())}
@@ -41,6 +54,8 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
     def health() -> Any:
         status = engine.status()
         status.update(version=__version__, auth=token is not None)
+        if extra_status is not None:
+            status.update(extra_status())
         return status
 
     @app.post("/api")
@@ -48,10 +63,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
         body = _json_body()
         _authorize(token, body)
         gen_request = parse_api_request(body)
-        _, events = _start(engine, gen_request)
+        _, events = _start(engine, gen_request, keepalive)
         if gen_request.stream:
             return _sse_response(api_stream(events))
-        return api_answer(_collect(events))
+        return _json_response(events, api_answer, keepalive)
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Any:
@@ -65,11 +80,12 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = MAX_
         body = _json_body()
         _authorize(token, body, body_token=False)
         gen_request = parse(body, model_ids=(engine.default_name,))
-        started, events = _start(engine, gen_request)
-        renderer = OpenAIRenderer(chat=chat, model=started.model, include_usage=gen_request.include_usage)
+        started, events = _start(engine, gen_request, keepalive)
+        model = started.model if started else engine.default_name
+        renderer = OpenAIRenderer(chat=chat, model=model, include_usage=gen_request.include_usage)
         if gen_request.stream:
             return _sse_response(renderer.stream(events))
-        return renderer.answer(_collect(events))
+        return _json_response(events, renderer.answer, keepalive)
 
     @app.get("/v1/models")
     def models() -> Any:
@@ -146,33 +162,105 @@ def _authorize(token: str | None, body: Any, body_token: bool = True) -> None:
         raise AuthenticationError("wrong token: copy it again from the host's output")
 
 
-def _start(engine: Engine, gen_request: GenerationRequest) -> tuple[Started, Iterator[Event]]:
-    """Run the engine up to its ``Started`` event, so that every refusal (model not allowed,
-    busy, prompt too long) becomes an HTTP error before any byte of the answer is sent."""
-    events = engine.generate(gen_request)
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_END = object()
+
+
+class _Pump:
+    """Runs one generation in a worker thread, so that the response can send keep-alives while
+    llama.cpp is busy (waiting in the queue, loading, evaluating a long prompt). Closing it
+    stops the generation after the current token and frees the model."""
+
+    def __init__(self, events: Iterator[Event]) -> None:
+        self._events = events
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llm-magic-generation", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self._events:
+                self._queue.put(event)
+                if self._cancel.is_set():
+                    break
+        except BaseException as exc:  # handed to the request thread, which answers with it
+            self._queue.put(_Failure(exc))
+        finally:
+            self._events.close()
+            self._queue.put(_END)
+
+    def get(self, timeout: float) -> Event | None:
+        """The next event, ``KEEPALIVE`` after ``timeout`` s of silence, ``None`` at the end."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return KEEPALIVE
+        if item is _END:
+            return None
+        if isinstance(item, _Failure):
+            raise item.exc
+        return item
+
+    def events(self, keepalive: float, first: Event | None = None) -> Iterator[Event]:
+        try:
+            if first is not None:
+                yield first
+            while (event := self.get(keepalive)) is not None:
+                yield event
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._thread.join(timeout=1.0)  # it ends after the current token either way
+
+
+def _start(engine: Engine, gen_request: GenerationRequest, keepalive: float) -> tuple[Started | None, Iterator[Event]]:
+    """Start a generation and wait up to ``keepalive`` s for its ``Started`` event, so that
+    every refusal (model not allowed, busy, prompt too long) becomes an HTTP error status. If the
+    model is still busy by then, answer 200 and keep the line alive; later errors then travel in
+    the body (an SSE error event, or a JSON error object)."""
+    pump = _Pump(engine.generate(gen_request))
     try:
-        started = next(events)
+        first = pump.get(keepalive)
     except BaseException:
-        events.close()
+        pump.close()
         raise
-    assert isinstance(started, Started)
-    return started, _closing(events)
+    if isinstance(first, Started):
+        return first, pump.events(keepalive)
+    return None, pump.events(keepalive, first)
 
 
-def _closing(events: Iterator[Event]) -> Iterator[Event]:
-    try:
-        yield from events
-    finally:
-        events.close()  # a client that leaves frees the model at once
+def _json_response(events: Iterator[Event], render: Callable[[Completion], dict], keepalive: float) -> Response:
+    """A non-streaming answer, sent as the generation ends; until then a space every
+    ``keepalive`` seconds keeps proxies from cutting the connection (leading whitespace is
+    valid JSON) and tells a closed connection apart, which stops the generation."""
 
+    def body() -> Iterator[str]:
+        last_sent = time.monotonic()
+        try:
+            for event in events:
+                if isinstance(event, Completion):
+                    yield json.dumps(render(event), ensure_ascii=False)
+                elif time.monotonic() - last_sent >= keepalive:  # tokens flow, but nothing is sent
+                    last_sent = time.monotonic()
+                    yield " "
+        except LLMMagicError as exc:
+            yield json.dumps(exc.to_dict())
+        except Exception as exc:
+            log.exception("internal error while generating")
+            yield json.dumps(LLMMagicError(f"internal error ({type(exc).__name__}); see the host's log").to_dict())
+        finally:
+            close = getattr(events, "close", None)
+            if close:
+                close()
 
-def _collect(events: Iterable[Event]) -> Completion:
-    result = None
-    for event in events:
-        if isinstance(event, Completion):
-            result = event
-    assert result is not None, "the engine ended without a Completion"
-    return result
+    return Response(body(), mimetype="application/json")
 
 
 def _sse_response(chunks: Iterator[str]) -> Response:

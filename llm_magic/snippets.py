@@ -10,7 +10,7 @@ def connection_text(url: str, token: str | None, model: str, public_url: str | N
     lines = [f"llm_magic is serving {model}", f"  Local URL:  {url}"]
     if public_url:
         lines.append(f"  Public URL: {public_url}")
-    elif tunnel:
+    if tunnel:
         lines.append(f"  Tunnel:     {tunnel}")
     lines.append(f"  Token:      {token}" if token else "  Token:      none (anyone who can reach the URL may use it)")
     lines += ["", "Use it from:", *("  " + line for line in client_snippets(target, token).splitlines())]

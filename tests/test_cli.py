@@ -81,15 +81,6 @@ def test_serve_prints_url_and_a_working_token_and_stops_on_sigterm(served: Serve
     assert served.stop() == 0
 
 
-def test_unavailable_tunnel_says_so_and_the_host_keeps_serving_locally() -> None:
-    s = Serve("--tunnel", "cloudflared", "--no-token")
-    try:
-        assert "cloudflared tunnel is not available in this version yet; serving locally only" in s.output
-        assert requests.get(s.url + "/health", timeout=10).json()["status"] == "ok"
-    finally:
-        assert s.stop() == 0
-
-
 def test_token_from_environment_is_used_and_not_printed() -> None:
     s = Serve(env={"LLM_MAGIC_TOKEN": "env-token-abcdefghijklmnop"})
     try:

@@ -1,0 +1,244 @@
+"""A cloudflared quick tunnel to the server's port: started with retries, its URL read from
+cloudflared's metrics page, verified by asking the public URL for ``/health``, watched, and
+restarted with a new URL when cloudflared dies."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+from .errors import LLMMagicError
+
+log = logging.getLogger("llm_magic.tunnel")
+
+BINARY_ENV = "LLM_MAGIC_CLOUDFLARED"
+_HOSTNAME = re.compile(r'userHostname="(https?://[^"]+)"')
+_STDERR_URL = re.compile(r"(https://[-a-z0-9]+\.trycloudflare\.com)")
+
+
+class TunnelError(LLMMagicError):
+    """cloudflared could not open a tunnel."""
+
+    status = 502
+    type = "tunnel_error"
+
+
+def find_cloudflared() -> str:
+    """The cloudflared to run: ``$LLM_MAGIC_CLOUDFLARED``, one on PATH, else flask-cloudflared's
+    download of the official binary."""
+    named = os.environ.get(BINARY_ENV)
+    if named:
+        if not os.access(named, os.X_OK):
+            raise TunnelError(f"{BINARY_ENV}={named} is not an executable file")
+        return named
+    on_path = shutil.which("cloudflared")
+    if on_path:
+        return on_path
+    try:
+        import flask_cloudflared as fc
+    except ImportError:
+        raise TunnelError("the tunnel needs flask-cloudflared: pip install 'llm_magic[host]'") from None
+    system, machine = platform.system(), platform.machine()
+    folder = Path(tempfile.gettempdir())
+    try:
+        command = fc._get_command(system, machine)
+        if system == "Darwin":
+            archive = f"cloudflared-darwin-{'arm64' if machine == 'arm64' else 'amd64'}.tgz"
+            fc._download_cloudflared(str(folder), archive)
+            fc._extract_tarball(str(folder), archive)
+        else:
+            fc._download_cloudflared(str(folder), command)
+    except Exception as exc:  # no network, unsupported platform: flask-cloudflared raises plain Exception
+        raise TunnelError(f"cannot get cloudflared ({exc}); install it, or name one with {BINARY_ENV}") from None
+    binary = folder / command
+    binary.chmod(0o755)
+    return str(binary)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Tunnel:
+    """cloudflared in front of ``http://127.0.0.1:{port}``. ``on_change(url)`` is called with
+    each new public URL (after a restart too)."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        on_change: Callable[[str], None] | None = None,
+        attempts: int = 3,
+        url_timeout: float = 30.0,
+        verify_timeout: float = 30.0,
+        max_restarts: int = 10,
+    ) -> None:
+        self.port = port
+        self.on_change = on_change
+        self.attempts = attempts
+        self.url_timeout = url_timeout
+        self.verify_timeout = verify_timeout
+        self.max_restarts = max_restarts
+        self.state = "stopped"  # starting, ready, unverified, restarting, failed, stopped
+        self.public_url: str | None = None
+        self.restarts = 0
+        self._binary: str | None = None
+        self._process: subprocess.Popen | None = None
+        self._output: collections.deque[str] = collections.deque(maxlen=40)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def status(self) -> dict:
+        return {"state": self.state, "public_url": self.public_url, "restarts": self.restarts}
+
+    def start(self) -> str:
+        """Open the tunnel; return its public URL (verified, or with a warning logged)."""
+        self._binary = self._binary or find_cloudflared()
+        self.state = "starting"
+        url = self._open()
+        self._watcher = threading.Thread(target=self._watch, name="llm-magic-tunnel", daemon=True)
+        self._watcher.start()
+        return url
+
+    def _open(self) -> str:
+        last_error = "no output"
+        for attempt in range(1, self.attempts + 1):
+            try:
+                url = self._launch()
+            except TunnelError as exc:
+                last_error = exc.message
+                log.warning("cloudflared attempt %d of %d failed: %s", attempt, self.attempts, last_error)
+                self._kill()
+                if attempt < self.attempts and self._stopping.wait(min(2.0 * attempt, 5.0)):
+                    break
+                continue
+            self.public_url = url
+            self.state = "ready" if self._verify(url) else "unverified"
+            if self.state == "unverified":
+                log.warning("%s does not answer yet; Cloudflare may need a moment", url)
+            if self.on_change:
+                self.on_change(url)
+            return url
+        self.state = "failed"
+        raise TunnelError(f"cloudflared could not open a tunnel after {self.attempts} attempts: {last_error}")
+
+    def _launch(self) -> str:
+        metrics = f"127.0.0.1:{_free_port()}"
+        command = [self._binary or "cloudflared", "tunnel", "--no-autoupdate", "--metrics", metrics,
+                   "--url", f"http://127.0.0.1:{self.port}"]
+        self._output.clear()
+        with self._lock:
+            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True, errors="replace")
+        process = self._process
+        threading.Thread(target=self._drain, args=(process,), daemon=True).start()
+        deadline = time.monotonic() + self.url_timeout
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if process.poll() is not None:
+                raise TunnelError(f"cloudflared exited ({process.returncode}): {self._last_output()}")
+            url = self._url_from_metrics(metrics) or self._url_from_output()
+            if url:
+                return url
+            time.sleep(0.2)
+        raise TunnelError(f"cloudflared showed no URL within {self.url_timeout:.0f} s: {self._last_output()}")
+
+    def _drain(self, process: subprocess.Popen) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            self._output.append(line.rstrip())
+        process.stderr.close()
+
+    def _last_output(self) -> str:
+        lines = [line for line in self._output if line.strip()]
+        errors = [line for line in lines if "ERR" in line or "error" in line.lower()]
+        return (errors or lines or ["no output"])[-1][-300:]
+
+    @staticmethod
+    def _url_from_metrics(metrics: str) -> str | None:
+        try:
+            text = requests.get(f"http://{metrics}/metrics", timeout=2).text
+        except requests.RequestException:
+            return None
+        match = _HOSTNAME.search(text)
+        return match.group(1) if match else None
+
+    def _url_from_output(self) -> str | None:
+        for line in list(self._output):
+            match = _STDERR_URL.search(line)
+            if match:
+                return match.group(1)
+        return None
+
+    def _verify(self, url: str) -> bool:
+        """Whether ``url/health`` answers through the tunnel (DNS and routing take a moment)."""
+        deadline = time.monotonic() + self.verify_timeout
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            try:
+                if requests.get(f"{url}/health", timeout=5).ok:
+                    return True
+            except requests.RequestException:
+                pass
+            self._stopping.wait(1.0)
+        return False
+
+    def _watch(self) -> None:
+        """Restart cloudflared whenever it dies, until stopped."""
+        while not self._stopping.is_set():
+            process = self._process
+            if process is not None and process.poll() is None:
+                self._stopping.wait(1.0)
+                continue
+            if self._stopping.is_set():
+                return
+            if self.restarts >= self.max_restarts:
+                self.state = "failed"
+                log.error("cloudflared died %d times; giving up — the host still serves locally", self.restarts)
+                return
+            self.restarts += 1
+            self.state = "restarting"
+            code = process.returncode if process is not None else None
+            log.warning("cloudflared exited (%s): %s; restarting", code, self._last_output())
+            try:
+                self._open()
+            except TunnelError as exc:
+                log.error("%s; retrying in 10 s — the host still serves locally", exc.message)
+                self._stopping.wait(10.0)
+
+    def _kill(self) -> None:
+        with self._lock:
+            process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+    def stop(self) -> None:
+        """End cloudflared and the watcher."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(15)
+        self._kill()
+        self.state = "stopped"

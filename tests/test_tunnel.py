@@ -1,0 +1,239 @@
+"""The public tunnel with a fake cloudflared (DESIGN §7), and long answers through a proxy that
+cuts idle connections the way Cloudflare's edge does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from llm_magic import ApiHost, Client
+from llm_magic.errors import HostUnreachable
+from llm_magic.tunnel import Tunnel, TunnelError
+
+from .test_cli import Serve
+from .test_host import gone
+
+FAKE = Path(__file__).parent / "fake_cloudflared.py"
+
+
+class FakeCloudflared:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.log = tmp_path / "cloudflared.log"
+        self.monkeypatch = monkeypatch
+        wrapper = tmp_path / "cloudflared"
+        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+        wrapper.chmod(0o755)
+        monkeypatch.setenv("LLM_MAGIC_CLOUDFLARED", str(wrapper))
+        monkeypatch.setenv("FAKE_CLOUDFLARED_LOG", str(self.log))
+        self.mode("proxy")
+
+    def mode(self, mode: str, idle: float = 100) -> None:
+        self.monkeypatch.setenv("FAKE_CLOUDFLARED_MODE", mode)
+        self.monkeypatch.setenv("FAKE_CLOUDFLARED_IDLE", str(idle))
+
+    def starts(self) -> list[tuple[int, str]]:
+        if not self.log.exists():
+            return []
+        return [(int(pid), url) for pid, url in (line.split() for line in self.log.read_text().splitlines())]
+
+    def wait_starts(self, n: int, within: float = 30) -> list[tuple[int, str]]:
+        deadline = time.monotonic() + within
+        while len(self.starts()) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(self.starts()) >= n, self.starts()
+        return self.starts()
+
+
+@pytest.fixture
+def cloudflared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCloudflared:
+    return FakeCloudflared(tmp_path, monkeypatch)
+
+
+def test_tunnel_url_points_at_the_right_port_and_is_verified(cloudflared, open_host: ApiHost) -> None:
+    port = int(open_host.url.rsplit(":", 1)[1])
+    tunnel = Tunnel(port)
+    try:
+        url = tunnel.start()
+        assert tunnel.state == "ready" and url == cloudflared.starts()[0][1]
+        assert requests.get(url + "/health", timeout=10).json()["model"] == open_host.model_name
+    finally:
+        tunnel.stop()
+    assert tunnel.state == "stopped" and gone(cloudflared.starts()[0][0])
+
+
+def test_a_url_that_does_not_answer_yet_is_shown_with_a_warning(cloudflared, open_host: ApiHost, caplog) -> None:
+    cloudflared.mode("named")
+    tunnel = Tunnel(int(open_host.url.rsplit(":", 1)[1]), verify_timeout=1)
+    try:
+        url = tunnel.start()
+        assert re.fullmatch(r"https://[0-9a-f]{8}-fake-tunnel\.trycloudflare\.com", url)
+        assert tunnel.state == "unverified"
+        assert "Cloudflare may need a moment" in caplog.text
+    finally:
+        tunnel.stop()
+
+
+def test_a_tunnel_that_cannot_start_is_retried_then_reported(cloudflared) -> None:
+    cloudflared.mode("fail")
+    tunnel = Tunnel(9, attempts=2)
+    with pytest.raises(TunnelError, match=r"after 2 attempts: cloudflared exited \(1\): ERR failed to request quick Tunnel"):
+        tunnel.start()
+    assert tunnel.state == "failed" and tunnel.public_url is None
+    cloudflared.mode("silent")
+    with pytest.raises(TunnelError, match="showed no URL within 1 s"):
+        Tunnel(9, attempts=1, url_timeout=1).start()
+
+
+def test_serve_shows_the_public_url_survives_a_killed_cloudflared_and_leaves_nothing(cloudflared) -> None:
+    s = Serve("--tunnel", "cloudflared", "--no-token")
+    try:
+        (pid, url), = cloudflared.starts()
+        assert f"Public URL: {url}" in s.output and "cloudflared (verified)" in s.output
+        os.kill(pid, signal.SIGKILL)
+        (_, _), (new_pid, new_url) = cloudflared.wait_starts(2)
+        assert new_url != url
+        line = s.proc.stdout.readline()
+        assert line.strip() == f"The tunnel restarted; new public URL: {new_url}"
+        deadline = time.monotonic() + 20
+        while requests.get(s.url + "/health", timeout=5).json()["tunnel"]["public_url"] != new_url:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        tunnel = requests.get(new_url + "/health", timeout=10).json()["tunnel"]
+        assert tunnel == {"state": "ready", "public_url": new_url, "restarts": 1}
+    finally:
+        assert s.stop() == 0
+    assert all(gone(pid) for pid, _ in cloudflared.starts())
+
+
+def test_serve_keeps_serving_locally_when_the_tunnel_fails(cloudflared) -> None:
+    cloudflared.mode("fail")
+    s = Serve("--tunnel", "cloudflared", "--no-token")
+    try:
+        assert "Tunnel:     none: cloudflared could not open a tunnel after 3 attempts" in s.output
+        assert "serving locally only" in s.output
+        assert requests.get(s.url + "/health", timeout=10).json()["status"] == "ok"
+    finally:
+        assert s.stop() == 0
+
+
+def test_notebook_host_defaults_to_the_tunnel_and_stops_it(cloudflared, capsys) -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from llm_magic.magics import LLMMagics
+
+    sh = InteractiveShell.instance()
+    magics = LLMMagics(shell=sh)
+    sh.register_magics(magics)
+    try:
+        assert sh.run_cell("%llm_host start --port 0").success
+        (pid, url), = cloudflared.starts()
+        out = capsys.readouterr().out
+        assert f"Public URL: {url}" in out and f"%llm connect {url} --token" in out
+        assert magics.client.url == magics.host.url  # the notebook itself talks locally
+        sh.run_cell("%llm_host status")
+        assert re.search(rf"public url\s+{re.escape(url)}", capsys.readouterr().out)
+        assert sh.run_cell("%llm_host stop").success
+        assert gone(pid)
+    finally:
+        if magics.host is not None:
+            magics.host.stop()
+        sh.register_magics(sh.magics_manager.registry["LLMMagics"])
+
+
+# -- long answers through an edge that cuts idle connections ------------------------------------
+
+
+@pytest.fixture
+def edge(cloudflared) -> Iterator:
+    """Start serve behind a fake Cloudflare edge that cuts after 1 s of silence."""
+    started: list[Serve] = []
+
+    def start(keepalive: float) -> str:
+        cloudflared.mode("proxy", idle=1.0)
+        s = Serve("--tunnel", "cloudflared", "--no-token", "--keepalive", str(keepalive))
+        started.append(s)
+        return cloudflared.starts()[-1][1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def test_without_keepalive_a_long_answer_is_cut_by_the_edge(edge) -> None:
+    url = edge(keepalive=100)
+    r = requests.post(url + "/v1/completions", timeout=60,
+                      json={"prompt": "word " * 100, "max_tokens": 600, "temperature": 0})
+    assert r.status_code == 524  # what Cloudflare answers: the reason for the keep-alive
+
+
+def test_long_non_streaming_answer_completes_through_the_edge(edge) -> None:
+    url = edge(keepalive=0.3)
+    started = time.monotonic()
+    r = requests.post(url + "/v1/completions", timeout=60,
+                      json={"prompt": "word " * 100, "max_tokens": 600, "temperature": 0})
+    assert time.monotonic() - started > 2  # several times the edge's idle limit
+    assert r.status_code == 200 and r.text.startswith(" ")
+    assert json.loads(r.text)["usage"]["completion_tokens"] == 600
+    answer = Client(url).complete("word " * 100, max_tokens=600, temperature=0)
+    assert answer.usage["completion_tokens"] == 600
+
+
+def test_stream_with_a_long_silent_prompt_survives_through_the_edge(edge) -> None:
+    url = edge(keepalive=0.3)
+    r = requests.post(url + "/api", stream=True, timeout=60, json={
+        "inputs": "word " * 2500, "parameters": {"max_tokens": 3}, "options": {"stream": True}})
+    lines = [line for line in r.iter_lines() if line]
+    assert b": keep-alive" in lines  # sent while the 2,500-token prompt was evaluated
+    assert lines[-1] == b"data: [DONE]"
+    assert json.loads(lines[-2][len(b"data: "):])["usage"]["completion_tokens"] == 3
+
+
+# -- the client against what tunnels answer ------------------------------------------------------
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    failures = 0
+    statuses: list[int] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status = self.statuses.pop(0) if self.statuses else 200
+        body = (b"error code: %d" % status if status != 200 else json.dumps({
+            "model": "m", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": {}}).encode())
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def flaky() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_client_retries_edge_errors_then_says_the_host_is_gone(flaky: str) -> None:
+    _Flaky.statuses = [530, 502]
+    assert Client(flaky, retries=2).chat("x").text == "hi"
+    _Flaky.statuses = [530, 530, 530]
+    with pytest.raises(HostUnreachable, match="HTTP 530: the host behind the tunnel is gone or restarting"):
+        Client(flaky, retries=2).chat("x")
