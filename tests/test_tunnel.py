@@ -237,3 +237,21 @@ def test_client_retries_edge_errors_then_says_the_host_is_gone(flaky: str) -> No
     _Flaky.statuses = [530, 530, 530]
     with pytest.raises(HostUnreachable, match="HTTP 530: the host behind the tunnel is gone or restarting"):
         Client(flaky, retries=2).chat("x")
+
+
+def test_kernel_death_leaves_neither_server_nor_cloudflared(cloudflared) -> None:
+    import subprocess
+
+    code = ("import sys; from llm_magic import ApiHost; "
+            "h = ApiHost(use_token=False, port=0, tunnel='cloudflared').start(); "
+            "print(h.pid, flush=True); sys.stdin.read()")
+    kernel = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(kernel.stdout.readline())
+        (tunnel_pid, _), = cloudflared.starts()
+        kernel.kill()  # no atexit, no cleanup: like a kernel restart
+        kernel.wait()
+        assert gone(server_pid) and gone(tunnel_pid)
+    finally:
+        kernel.stdin.close()
+        kernel.stdout.close()
