@@ -177,7 +177,7 @@ class Engine:
         self.policy = policy or ModelPolicy(has_token=False)
         self.turnstile = Turnstile(max_queue, queue_timeout)
         self.stats = EngineStats()
-        self.loading = False
+        self.loading = True  # until the first load: /health says "loading"
         self._loaded: _Loaded | None = None
 
     # -- state ---------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         return {
-            "status": "loading" if self.loading or self._loaded is None else "ok",
+            "status": "loading" if self.loading else "ok",
             "model": self.model or self.default_name,
             "default_model": self.default_name,
             "busy": self.turnstile.busy,

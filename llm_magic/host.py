@@ -77,7 +77,8 @@ class ApiHost:
         self._started_at: float | None = None
 
     def __repr__(self) -> str:
-        return f"<ApiHost {self.state.value} {self.url or ''}>".replace(" >", ">")
+        where = f" {self.url}" if self.url else ""
+        return f"<ApiHost {self.state.value}{where}>"
 
     def __enter__(self) -> "ApiHost":
         return self.start()

@@ -65,7 +65,7 @@ def create_app(
         gen_request = parse_api_request(body)
         _, events = _start(engine, gen_request, keepalive)
         if gen_request.stream:
-            return _sse_response(api_stream(events))
+            return _sse_response(api_stream(events), events)
         return _json_response(events, api_answer, keepalive)
 
     @app.post("/v1/chat/completions")
@@ -84,7 +84,7 @@ def create_app(
         model = started.model if started else engine.default_name
         renderer = OpenAIRenderer(chat=chat, model=model, include_usage=gen_request.include_usage)
         if gen_request.stream:
-            return _sse_response(renderer.stream(events))
+            return _sse_response(renderer.stream(events), events)
         return _json_response(events, renderer.answer, keepalive)
 
     @app.get("/v1/models")
@@ -263,7 +263,10 @@ def _json_response(events: Iterator[Event], render: Callable[[Completion], dict]
     return Response(body(), mimetype="application/json")
 
 
-def _sse_response(chunks: Iterator[str]) -> Response:
+def _sse_response(chunks: Iterator[str], events: Iterator[Event]) -> Response:
+    """A streaming answer; ``events`` (what ``chunks`` renders) is closed with it, so that a
+    client that leaves stops the generation."""
+
     def guarded() -> Iterator[str]:
         try:
             yield from chunks
@@ -273,9 +276,10 @@ def _sse_response(chunks: Iterator[str]) -> Response:
             log.exception("internal error while streaming")
             yield sse(LLMMagicError(f"internal error ({type(exc).__name__}); see the host's log").to_dict())
         finally:
-            close = getattr(chunks, "close", None)
-            if close:
-                close()
+            for iterator in (chunks, events):
+                close = getattr(iterator, "close", None)
+                if close:
+                    close()
 
     return Response(guarded(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
