@@ -1,0 +1,390 @@
+"""llm_magic benchmarks, side by side in one run (DESIGN §8).
+
+    python benchmarks/run.py [--rounds 5] [--out benchmarks/results]
+
+Measures, on the embedded SmolLM2-135M model with greedy sampling, interleaving the variants
+round by round so that machine drift hits each alike:
+
+- generation tokens/s: llama.cpp in-process (``Llama.create_completion`` at its best thread
+  count: the limit), our ``/api``, our ``/v1/completions`` streaming, ``llama_cpp.server``;
+- per-request overhead (``max_tokens=1``) and time to the first streamed token;
+- a long chat (~1,500 tokens of history): next turn's time to first token, KV cache warm vs cold;
+- 1, 4 and 16 concurrent clients: aggregate tokens/s, p50/p95 latency, errors;
+- ``llm-magic serve`` start-up time to a healthy ``/health``.
+
+Prints a table, writes ``latest.json`` and ``concurrency.png`` into ``--out``. Every comparison
+is a ratio of figures measured in this run, on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from llm_magic import ApiHost
+from llm_magic.engine import best_thread_count
+from llm_magic.models import embedded_model_path
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived an old clockmaker who"
+GEN_TOKENS = 128
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, path: str = "/health", timeout: float = 120) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        try:
+            if requests.get(url + path, timeout=2).ok:
+                return time.perf_counter() - started
+        except requests.RequestException:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{url} did not become healthy")
+
+
+class LlamaCppServer:
+    """llama-cpp-python's own OpenAI-compatible server, same model and threads."""
+
+    def __init__(self, model: Path, threads: int) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+             "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads),
+             "--n_threads_batch", str(threads)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_healthy(self.url, "/v1/models")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# -- one measurement of each kind ---------------------------------------------------------------
+
+
+def inprocess_completion(llm, max_tokens: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    out = llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0)
+    return time.perf_counter() - started, out["usage"]["completion_tokens"]
+
+
+def inprocess_ttft(llm) -> float:
+    started = time.perf_counter()
+    stream = llm.create_completion(PROMPT, max_tokens=8, temperature=0.0, stream=True)
+    next(iter(stream))
+    elapsed = time.perf_counter() - started
+    for _ in stream:
+        pass
+    return elapsed
+
+
+def api_completion(session: requests.Session, url: str, max_tokens: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    r = session.post(url + "/api", json={"inputs": PROMPT, "parameters": {"max_tokens": max_tokens, "temperature": 0}},
+                     timeout=300)
+    elapsed = time.perf_counter() - started
+    r.raise_for_status()
+    return elapsed, r.json()["usage"]["completion_tokens"]
+
+
+def v1_completion(session: requests.Session, url: str, max_tokens: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    r = session.post(url + "/v1/completions", timeout=300,
+                     json={"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+    elapsed = time.perf_counter() - started
+    r.raise_for_status()
+    return elapsed, r.json()["usage"]["completion_tokens"]
+
+
+def v1_stream(session: requests.Session, url: str, body: dict, path: str = "/v1/completions") -> tuple[float, float, int]:
+    """(time to first token, total time, completion tokens) of one streamed request."""
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    with session.post(url + path, json={**body, "stream": True}, stream=True, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines(chunk_size=None):
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choice = (chunk.get("choices") or [{}])[0]
+            text = choice.get("text") or (choice.get("delta") or {}).get("content")
+            if text:
+                tokens += 1  # one chunk per token from both servers
+                if first is None:
+                    first = time.perf_counter() - started
+    return first or 0.0, time.perf_counter() - started, tokens
+
+
+# -- the benchmark sections ------------------------------------------------------------------------
+
+
+def rotated(variants: dict, i: int) -> list:
+    """The variants in an order that shifts every round. ggml's threads spin for a while after
+    in-process work, slowing whatever runs next; rotating spreads that over every variant."""
+    items = list(variants.items())
+    shift = i % len(items)
+    return items[shift:] + items[:shift]
+
+
+def throughput(llm, ours: str, theirs: str, rounds: int) -> dict:
+    s_ours, s_theirs = requests.Session(), requests.Session()
+    variants = {
+        "in-process": lambda: inprocess_completion(llm, GEN_TOKENS),
+        "/api": lambda: api_completion(s_ours, ours, GEN_TOKENS),
+        "/v1 stream": lambda: v1_stream(s_ours, ours, {"prompt": PROMPT, "max_tokens": GEN_TOKENS, "temperature": 0})[1:],
+        "llama_cpp.server": lambda: v1_completion(s_theirs, theirs, GEN_TOKENS),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(rounds):
+        for name, run in rotated(variants, i):
+            elapsed, tokens = run()
+            rates[name].append(tokens / elapsed)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def overhead(llm, ours: str, theirs: str, n: int) -> dict:
+    s_ours, s_theirs = requests.Session(), requests.Session()
+    variants = {
+        "in-process": lambda: inprocess_completion(llm, 1)[0],
+        "/api": lambda: api_completion(s_ours, ours, 1)[0],
+        "/v1": lambda: v1_completion(s_ours, ours, 1)[0],
+        "llama_cpp.server": lambda: v1_completion(s_theirs, theirs, 1)[0],
+    }
+    stream_body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    ttft_variants = {  # name: (the 1-token request that sets the state, the timed stream)
+        "in-process": (variants["in-process"], lambda: inprocess_ttft(llm)),
+        "/v1 stream": (variants["/v1"], lambda: v1_stream(s_ours, ours, stream_body)[0]),
+        "llama_cpp.server stream": (variants["llama_cpp.server"], lambda: v1_stream(s_theirs, theirs, stream_body)[0]),
+    }
+    one_token = {name: [] for name in variants}
+    ttft = {name: [] for name in ttft_variants}
+    # Each timed call follows an identical one, so every variant starts from the same state (the
+    # prompt exactly in the KV cache, nothing to evaluate): what is left is per-request overhead.
+    for i in range(n):
+        for name, run in rotated(variants, i):
+            run()
+            one_token[name].append(run() * 1000)
+        for name, (prime, run) in rotated(ttft_variants, i):
+            prime()
+            ttft[name].append(run() * 1000)
+    return {"one_token_ms": {k: statistics.median(v) for k, v in one_token.items()},
+            "ttft_ms": {k: statistics.median(v) for k, v in ttft.items()}}
+
+
+def long_chat(ours: str, rounds: int) -> dict:
+    session = requests.Session()
+    facts = [f"Fact {i}: the lighthouse keeper's {i}th notebook describes a ship with {i % 7 + 2} masts, "
+             f"painted {['red', 'blue', 'green', 'white'][i % 4]}, that arrived on a {['calm', 'stormy'][i % 2]} night."
+             for i in range(40)]
+    history = [{"role": "system", "content": "You are a careful archivist."}]
+    for i in range(0, 40, 4):
+        history.append({"role": "user", "content": " ".join(facts[i:i + 4])})
+        history.append({"role": "assistant", "content": f"Noted facts {i} to {i + 3}."})
+    history.append({"role": "user", "content": "How many masts did the ship in fact 12 have?"})
+    body = {"messages": history, "max_tokens": 16, "temperature": 0}
+    warm, cold, prompt_tokens = [], [], 0
+    for _ in range(rounds):
+        # warm: the previous request was this same conversation, so its prefix is in the KV cache
+        v1_stream(session, ours, body, "/v1/chat/completions")
+        history_turn = {**body, "messages": history + [{"role": "assistant", "content": "Four."},
+                                                         {"role": "user", "content": "And fact 13?"}]}
+        warm.append(v1_stream(session, ours, history_turn, "/v1/chat/completions")[0] * 1000)
+        # cold: another conversation in between evicts it
+        v1_stream(session, ours, {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2},
+                  "/v1/chat/completions")
+        cold.append(v1_stream(session, ours, history_turn, "/v1/chat/completions")[0] * 1000)
+        info = session.post(ours + "/v1/chat/completions", json={**history_turn, "max_tokens": 1}, timeout=300).json()
+        prompt_tokens = info["usage"]["prompt_tokens"]
+    return {"prompt_tokens": prompt_tokens, "warm_ttft_ms": statistics.median(warm),
+            "cold_ttft_ms": statistics.median(cold)}
+
+
+def concurrency(ours: str, clients: int, per_client: int = 3, max_tokens: int = 32) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    tokens = 0
+
+    def client() -> None:
+        nonlocal errors, tokens
+        session = requests.Session()
+        for _ in range(per_client):
+            started = time.perf_counter()
+            r = session.post(ours + "/v1/completions", timeout=600,
+                             json={"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+            latencies.append((time.perf_counter() - started) * 1000)
+            if r.ok:
+                tokens += r.json()["usage"]["completion_tokens"]
+            else:
+                errors += 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {"clients": clients, "requests": clients * per_client, "errors": errors,
+            "tokens_per_s": tokens / wall, "p50_ms": statistics.median(latencies),
+            "p95_ms": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
+
+
+def startup_seconds(runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        port = free_port()
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "llm_magic", "serve", "--no-token", "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            while True:
+                try:
+                    if requests.get(url + "/health", timeout=2).json().get("status") == "ok":
+                        break
+                except requests.RequestException:
+                    pass
+                time.sleep(0.02)
+            times.append(time.perf_counter() - started)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return statistics.median(times)
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import llama_cpp
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": best_thread_count(), "python": platform.python_version(),
+            "llama_cpp_python": llama_cpp.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [r["clients"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(clients, [r["tokens_per_s"] for r in rows], "o-")
+    left.set(title="Aggregate throughput", xlabel="concurrent clients", ylabel="tokens/s", xscale="log", ylim=(0, None))
+    right.plot(clients, [r["p50_ms"] for r in rows], "o-", label="p50")
+    right.plot(clients, [r["p95_ms"] for r in rows], "s--", label="p95")
+    right.set(title="Request latency (32 tokens)", xlabel="concurrent clients", ylabel="ms", xscale="log")
+    for ax in (left, right):
+        ax.set_xticks(clients, [str(c) for c in clients])
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per comparison")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    import llama_cpp
+
+    model = embedded_model_path()
+    threads = best_thread_count()
+    llm = llama_cpp.Llama(str(model), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    host = ApiHost(use_token=False, port=0, tunnel="none").start()
+    theirs = LlamaCppServer(model, threads)
+    try:
+        ours = host.url or ""
+        for warmup in (lambda: inprocess_completion(llm, 8), lambda: api_completion(requests.Session(), ours, 8),
+                       lambda: v1_completion(requests.Session(), theirs.url, 8)):
+            warmup()
+        results = {
+            "machine": machine(),
+            "model": model.name,
+            "threads": threads,
+            "throughput_tokens_per_s": throughput(llm, ours, theirs.url, args.rounds),
+            **overhead(llm, ours, theirs.url, n=20 * args.rounds),
+            "long_chat": long_chat(ours, max(2, args.rounds // 2)),
+            "concurrency": [concurrency(ours, n) for n in (1, 4, 16)],
+        }
+    finally:
+        theirs.stop()
+        host.stop()
+        llm.close()
+    results["startup_s"] = startup_seconds()
+
+    t = results["throughput_tokens_per_s"]
+    o, f = results["one_token_ms"], results["ttft_ms"]
+    chat = results["long_chat"]
+    c1 = results["concurrency"][0]["tokens_per_s"]
+    results["ratios"] = {
+        "api_vs_inprocess": t["/api"] / t["in-process"],
+        "v1_stream_vs_inprocess": t["/v1 stream"] / t["in-process"],
+        "llama_cpp_server_vs_inprocess": t["llama_cpp.server"] / t["in-process"],
+        "api_overhead_ms": o["/api"] - o["in-process"],
+        "v1_overhead_ms": o["/v1"] - o["in-process"],
+        "llama_cpp_server_overhead_ms": o["llama_cpp.server"] - o["in-process"],
+        "kv_cache_speedup": chat["cold_ttft_ms"] / chat["warm_ttft_ms"],
+        "concurrency_16_vs_1": results["concurrency"][-1]["tokens_per_s"] / c1,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results["concurrency"], args.out / "concurrency.png")
+    print(report(results))
+    return 0
+
+
+def report(r: dict) -> str:
+    t, o, f, chat, ratios = r["throughput_tokens_per_s"], r["one_token_ms"], r["ttft_ms"], r["long_chat"], r["ratios"]
+    m = r["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, llama-cpp-python {m['llama_cpp_python']}, "
+             f"{m['date']}; model {r['model']}, {r['threads']} threads, greedy", "",
+             f"{'generation, ' + str(GEN_TOKENS) + ' tokens':<34}{'tokens/s':>10}{'vs in-process':>16}"]
+    for name, rate in t.items():
+        lines.append(f"  {name:<32}{rate:>10.1f}{rate / t['in-process']:>16.3f}")
+    lines += ["", f"{'max_tokens=1 request':<34}{'ms':>10}{'overhead ms':>16}"]
+    for name, ms in o.items():
+        lines.append(f"  {name:<32}{ms:>10.1f}{ms - o['in-process']:>16.1f}")
+    lines += ["", f"{'time to first streamed token':<34}{'ms':>10}"]
+    lines += [f"  {name:<32}{ms:>10.1f}" for name, ms in f.items()]
+    lines += ["", f"long chat ({chat['prompt_tokens']} prompt tokens), next turn's first token: "
+              f"warm {chat['warm_ttft_ms']:.0f} ms, cold {chat['cold_ttft_ms']:.0f} ms, "
+              f"{ratios['kv_cache_speedup']:.1f}x faster with the KV cache", "",
+              f"{'concurrent clients':<20}{'requests':>9}{'errors':>8}{'tokens/s':>10}{'p50 ms':>9}{'p95 ms':>9}"]
+    for c in r["concurrency"]:
+        lines.append(f"  {c['clients']:<18}{c['requests']:>9}{c['errors']:>8}{c['tokens_per_s']:>10.1f}"
+                     f"{c['p50_ms']:>9.0f}{c['p95_ms']:>9.0f}")
+    lines += ["", f"llm-magic serve to healthy: {r['startup_s']:.2f} s"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
