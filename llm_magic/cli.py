@@ -89,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except _Stop:  # a signal between start-up steps: serve() has already cleaned up
+        return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,18 +129,21 @@ def serve(args: argparse.Namespace) -> int:
         raise LLMMagicError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     if args.exit_with_parent:
         threading.Thread(target=_watch_parent, args=(args.exit_with_parent, stop), daemon=True).start()
 
     server.start()
+    # The handler raises rather than calling stop.set(): it runs in the main thread, which may
+    # be inside stop.wait() holding the event's lock, and set() would then deadlock.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
     try:
         engine.load_default()  # /health says "loading" meanwhile
         url = f"http://{_display_host(args.host)}:{server.port}"
         public_url = None
         if args.tunnel == "cloudflared":
-            tunnel, public_url, tunnel_note = _open_tunnel(server.port)
+            tunnel = _new_tunnel(server.port)
+            public_url, tunnel_note = _open_tunnel(tunnel)
         shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
         print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note), flush=True)
         print("\nPress Ctrl-C to stop.", flush=True)
@@ -146,8 +151,10 @@ def serve(args: argparse.Namespace) -> int:
             _write_ready_file(args.ready_file, {"url": url, "pid": os.getpid(), "model": name,
                                                 "public_url": public_url, "tunnel": tunnel_note})
         stop.wait()
-        print("stopping", flush=True)
+    except _Stop:
+        pass
     finally:
+        print("stopping", flush=True)
         if tunnel is not None:
             tunnel.stop()
         server.stop()
@@ -155,23 +162,37 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_tunnel(port: int) -> tuple[Any, str | None, str]:
-    """Start cloudflared; a tunnel that cannot start never stops the host, which keeps serving
-    locally. Returns the tunnel, its public URL and a line saying how it is."""
-    from .tunnel import Tunnel, TunnelError
+def _new_tunnel(port: int) -> Any:
+    from .tunnel import Tunnel
 
     def announce(new_url: str) -> None:
         if tunnel.restarts:  # the first URL is in the banner
             print(f"The tunnel restarted; new public URL: {new_url}", flush=True)
 
     tunnel = Tunnel(port, on_change=announce)
+    return tunnel
+
+
+def _open_tunnel(tunnel: Any) -> tuple[str | None, str]:
+    """Start cloudflared; a tunnel that cannot start never stops the host, which keeps serving
+    locally. Returns the public URL and a line saying how the tunnel is."""
+    from .tunnel import TunnelError
+
     try:
         public_url = tunnel.start()
     except TunnelError as exc:
-        return None, None, f"none: {exc.message}; serving locally only"
+        return None, f"none: {exc.message}; serving locally only"
     if tunnel.state == "unverified":
-        return tunnel, public_url, "cloudflared (not answering yet: Cloudflare may need a moment)"
-    return tunnel, public_url, "cloudflared (verified)"
+        return public_url, "cloudflared (not answering yet: Cloudflare may need a moment)"
+    return public_url, "cloudflared (verified)"
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM: stop serving."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop()
 
 
 def _display_host(host: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import HostBusy, InvalidRequest, ModelLoadError
+from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError
 from .models import ModelPolicy, ModelSpec, model_name, resolve_model
 from .protocol import Completion, Event, GenerationRequest, Started
 
@@ -58,7 +58,8 @@ class Turnstile:
         return self._busy
 
     @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
+    def turn(self, cancel: threading.Event | None = None) -> Iterator[None]:
+        """Hold the turnstile; wait in line first if needed. Setting ``cancel`` leaves the line."""
         with self._cond:
             if self._busy or self._queue:
                 if len(self._queue) >= self.max_queue:
@@ -68,13 +69,10 @@ class Turnstile:
                 ticket = object()
                 self._queue.append(ticket)
                 try:
-                    ready = self._cond.wait_for(
-                        lambda: not self._busy and self._queue[0] is ticket, self.timeout)
+                    self._wait_for_head(ticket, cancel)
                 finally:
                     self._queue.remove(ticket)
                     self._cond.notify_all()  # the head of the line changed
-                if not ready:
-                    raise HostBusy(f"the host stayed busy for {self.timeout:.0f} s; retry later", retry_after=30)
             self._busy = True
         try:
             yield
@@ -82,6 +80,17 @@ class Turnstile:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+
+
+    def _wait_for_head(self, ticket: object, cancel: threading.Event | None) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self._busy or self._queue[0] is not ticket:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the request was withdrawn while it waited")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HostBusy(f"the host stayed busy for {self.timeout:.0f} s; retry later", retry_after=30)
+            self._cond.wait(min(remaining, 0.1))  # wakes on every release, and to look at cancel
 
 
 class _StopScanner:
@@ -209,13 +218,14 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Event]:
         """Events for ``request``: ``Started``, text deltas, then a ``Completion``.
 
         Nothing happens until the first ``next()``; model checks, queueing, loading and prompt
         validation all happen before ``Started`` is yielded, so callers can turn their errors
         into a proper HTTP status before sending anything. Closing the iterator stops the
-        generation within one token and frees the model for the next request.
+        generation within one token and frees the model for the next request; setting
+        ``cancel`` takes a request that still waits in line out of it.
         """
         spec = ModelSpec.parse(request.model)
         self.policy.check(spec)
@@ -223,7 +233,7 @@ class Engine:
             path, name = self.default_path, self.default_name
         else:
             path, name = resolve_model(spec), str(spec)  # downloads outside the turnstile
-        with self.turnstile.turn():
+        with self.turnstile.turn(cancel):
             loaded = self._ensure_loaded(self._key(path, request.ctx_length, request.use_gpu), name)
             yield from self._generate(loaded, request)
 
@@ -281,6 +291,10 @@ class Engine:
         llama_cpp = _llama_cpp()
         llm = loaded.llm
         tokens, stops = self._prompt_tokens(loaded, request)
+        if not tokens:  # an empty prompt: generate from the start-of-text token, as llama.cpp does
+            if llm.token_bos() == -1:
+                raise InvalidRequest("the prompt is empty and this model has no start token: send some text")
+            tokens = [llm.token_bos()]
         # llama.cpp may pad the context (to 256) beyond the token buffer llama-cpp-python
         # allocated for the requested size; writing past that buffer crashes, so use the smaller.
         n_ctx = min(llm.n_ctx(), len(llm.input_ids))

@@ -71,10 +71,17 @@ class HostBusy(LLMMagicError):
         self.retry_after = retry_after
 
 
-class ModelLoadError(LLMMagicError):
-    """A model file exists but llama.cpp could not load it."""
+class Cancelled(LLMMagicError):
+    """The request was withdrawn (its client left) before it ran."""
 
-    status = 500
+    status = 499
+    type = "cancelled"
+
+
+class ModelLoadError(LLMMagicError):
+    """A model file exists but llama.cpp could not load it (the host's problem, not a bug)."""
+
+    status = 502
     type = "model_load_error"
 
 

@@ -24,6 +24,18 @@ from .errors import HostError
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
 
 
+def _colab_secret(name: str) -> str | None:
+    """A secret from Colab's key panel, when running in Colab and the notebook may read it."""
+    if "google.colab" not in sys.modules:
+        return None
+    try:
+        from google.colab import userdata
+
+        return userdata.get(name) or None
+    except Exception:  # not granted, not set: Colab raises its own error types for each
+        return None
+
+
 class HostState(str, enum.Enum):
     STOPPED = "stopped"
     STARTING = "starting"
@@ -60,7 +72,7 @@ class ApiHost:
         from .cli import new_token
 
         self.model = model
-        self.token = (token or os.environ.get(TOKEN_ENV) or new_token()) if use_token else None
+        self.token = (token or os.environ.get(TOKEN_ENV) or _colab_secret(TOKEN_ENV) or new_token()) if use_token else None
         # DESIGN §6: a notebook host opens the public tunnel by default, a terminal one does not.
         self.tunnel = tunnel or ("cloudflared" if "ipykernel" in sys.modules else "none")
         self.host, self.port = host, port

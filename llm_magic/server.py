@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import queue
+import select
 import socket
 import threading
 import time
@@ -100,6 +101,10 @@ def create_app(
     def handle_error(exc: LLMMagicError) -> Any:
         return _error_response(exc)
 
+    @app.errorhandler(_ClientGone)
+    def handle_gone(exc: _ClientGone) -> Any:
+        return Response(status=499)  # nginx's "client closed request": nobody reads it, the log does
+
     @app.errorhandler(HTTPException)
     def handle_http(exc: HTTPException) -> Any:
         messages = {
@@ -169,6 +174,8 @@ class _Failure:
 
 
 _END = object()
+_QUIET = object()  # no event within the wait
+CHECK_SECONDS = 0.1  # how often a waiting response checks whether its client left
 
 
 class _Pump:
@@ -176,10 +183,10 @@ class _Pump:
     llama.cpp is busy (waiting in the queue, loading, evaluating a long prompt). Closing it
     stops the generation after the current token and frees the model."""
 
-    def __init__(self, events: Iterator[Event]) -> None:
-        self._events = events
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, engine: Engine, gen_request: GenerationRequest) -> None:
         self._cancel = threading.Event()
+        self._events = engine.generate(gen_request, self._cancel)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="llm-magic-generation", daemon=True)
         self._thread.start()
 
@@ -195,24 +202,42 @@ class _Pump:
             self._events.close()
             self._queue.put(_END)
 
-    def get(self, timeout: float) -> Event | None:
-        """The next event, ``KEEPALIVE`` after ``timeout`` s of silence, ``None`` at the end."""
+    def get(self, timeout: float) -> Event | object | None:
+        """The next event, ``_QUIET`` after ``timeout`` s without one, ``None`` at the end."""
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
-            return KEEPALIVE
+            return _QUIET
         if item is _END:
             return None
         if isinstance(item, _Failure):
             raise item.exc
         return item
 
-    def events(self, keepalive: float, first: Event | None = None) -> Iterator[Event]:
+    def events(self, keepalive: float, gone: Callable[[], bool], first: Event | None = None) -> Iterator[Event]:
+        """The events, with ``KEEPALIVE`` after each ``keepalive`` s of silence; ends early when
+        ``gone()`` says the client left (checked every ``CHECK_SECONDS``)."""
         try:
             if first is not None:
                 yield first
-            while (event := self.get(keepalive)) is not None:
-                yield event
+            quiet_since = checked = time.monotonic()
+            while True:
+                event = self.get(CHECK_SECONDS)
+                now = time.monotonic()
+                if now - checked >= CHECK_SECONDS:
+                    checked = now
+                    if gone():
+                        log.info("the client left; generation stopped")
+                        return
+                if event is None:
+                    return
+                if event is _QUIET:
+                    if now - quiet_since >= keepalive:
+                        quiet_since = now
+                        yield KEEPALIVE
+                    continue
+                quiet_since = now
+                yield event  # type: ignore[misc]
         finally:
             self.close()
 
@@ -226,15 +251,40 @@ def _start(engine: Engine, gen_request: GenerationRequest, keepalive: float) -> 
     every refusal (model not allowed, busy, prompt too long) becomes an HTTP error status. If the
     model is still busy by then, answer 200 and keep the line alive; later errors then travel in
     the body (an SSE error event, or a JSON error object)."""
-    pump = _Pump(engine.generate(gen_request))
+    pump = _Pump(engine, gen_request)
+    gone = _client_gone_check()
+    deadline = time.monotonic() + keepalive
     try:
-        first = pump.get(keepalive)
+        while (first := pump.get(CHECK_SECONDS)) is _QUIET and time.monotonic() < deadline:
+            if gone():  # it left while waiting in the queue: never run it
+                raise _ClientGone()
     except BaseException:
         pump.close()
         raise
     if isinstance(first, Started):
-        return first, pump.events(keepalive)
-    return None, pump.events(keepalive, first)
+        return first, pump.events(keepalive, gone)
+    return None, pump.events(keepalive, gone, KEEPALIVE)
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before its answer began."""
+
+
+def _client_gone_check() -> Callable[[], bool]:
+    """A check of whether this request's client has closed its connection: its socket reads
+    as end-of-file (an HTTP client sends nothing more while it waits for its answer)."""
+    sock = request.environ.get("werkzeug.socket")
+
+    def gone() -> bool:
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    return gone
 
 
 def _json_response(events: Iterator[Event], render: Callable[[Completion], dict], keepalive: float) -> Response:

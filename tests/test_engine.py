@@ -69,6 +69,11 @@ def test_stop_sequence_ends_the_answer_and_is_never_streamed(engine: Engine) -> 
     assert "".join(deltas) == result.text
 
 
+def test_empty_prompt_generates_from_the_start_token(engine: Engine) -> None:
+    _, result = run(engine, prompt="", sampling=Sampling(max_tokens=3, temperature=0.0))
+    assert result.prompt_tokens == 1 and result.completion_tokens == 3
+
+
 def test_max_tokens_is_exact(engine: Engine) -> None:
     _, result = run(engine, prompt="Once upon a time", sampling=Sampling(max_tokens=7, temperature=0.0))
     assert result.completion_tokens == 7 and result.finish_reason == "length"
@@ -183,3 +188,27 @@ def test_turnstile_wait_has_a_timeout() -> None:
         t.start()
         t.join(5)
     assert errors and gate.waiting == 0
+
+
+def test_turnstile_wait_can_be_cancelled() -> None:
+    from llm_magic.errors import Cancelled
+
+    gate = Turnstile(max_queue=4, timeout=30)
+    cancel = threading.Event()
+    errors: list[Exception] = []
+
+    def wait_turn() -> None:
+        try:
+            with gate.turn(cancel):
+                pass
+        except Cancelled as exc:
+            errors.append(exc)
+
+    with gate.turn():
+        t = threading.Thread(target=wait_turn)
+        t.start()
+        while gate.waiting < 1:
+            time.sleep(0.01)
+        cancel.set()
+        t.join(5)
+        assert errors and gate.waiting == 0 and gate.busy  # left the line; the holder kept its turn

@@ -120,3 +120,20 @@ def test_import_stays_light() -> None:
             "print(sorted(m for m in ('flask', 'llama_cpp', 'huggingface_hub', 'werkzeug') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
     assert out.strip() == "[]"
+
+
+def test_token_from_colab_secrets(monkeypatch) -> None:
+    import types
+
+    colab = types.ModuleType("google.colab")
+    colab.userdata = types.SimpleNamespace(get=lambda name: "colab-secret-token" if name == "LLM_MAGIC_TOKEN" else None)
+    google = types.ModuleType("google")
+    google.colab = colab
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    assert ApiHost().token == "colab-secret-token"
+    monkeypatch.setenv("LLM_MAGIC_TOKEN", "env-wins")
+    assert ApiHost().token == "env-wins"
+    colab.userdata = types.SimpleNamespace(get=lambda name: (_ for _ in ()).throw(RuntimeError("not granted")))
+    monkeypatch.delenv("LLM_MAGIC_TOKEN")
+    assert len(ApiHost().token) >= 24  # falls back to a new random token

@@ -185,8 +185,9 @@ def test_busy_host_is_one_clear_line(shell, magics, capsys) -> None:
         assert run(shell, f"%llm connect {host.url}", capsys)[1] == ""
         long = requests.post(f"{host.url}/v1/completions", stream=True, timeout=60,
                              json={"prompt": "word " * 100, "max_tokens": 3000, "stream": True, "temperature": 0})
+        lines = long.iter_lines()  # kept: a dropped iterator closes the connection when collected
         try:
-            next(long.iter_lines())  # the host is now generating
+            next(lines)  # the host is now generating
             _, err = run(shell, "%%llm\nhi", capsys)
             assert "the host is busy" in err, (err, host.logs(), host.status())
         finally:
