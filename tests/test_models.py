@@ -170,3 +170,25 @@ def test_hub_that_cannot_be_reached_is_a_download_error(monkeypatch: pytest.Monk
         resolve_model(ModelSpec.parse("org/repo:Q4_K_M"))
     with pytest.raises(ModelDownloadError, match="not in the local cache"):
         resolve_model(ModelSpec.parse("org/repo:model.gguf"))
+
+
+def test_a_download_that_fills_the_disk_is_a_clear_error(hub, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A real write failure part-way: the child may write files of at most 1 MiB (the 98 MB
+    # model cannot fit), as on a full disk.
+    code = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+from llm_magic.models import ModelSpec, resolve_model
+from llm_magic.errors import LLMMagicError
+try:
+    resolve_model(ModelSpec.parse("test-org/SmolLM2-GGUF:SmolLM2.Q8_0.gguf"))
+except LLMMagicError as exc:
+    print(type(exc).__name__, exc.message)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("ModelDownloadError download of SmolLM2.Q8_0.gguf from test-org/SmolLM2-GGUF failed")
+    assert "File too large" in out and "check the disk space" in out
