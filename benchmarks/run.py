@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -352,6 +351,7 @@ def main() -> int:
         "api_overhead_ms": o["/api"] - o["in-process"],
         "v1_overhead_ms": o["/v1"] - o["in-process"],
         "llama_cpp_server_overhead_ms": o["llama_cpp.server"] - o["in-process"],
+        "ttft_ms_over_llama_cpp_server": f["/v1 stream"] - f["llama_cpp.server stream"],
         "kv_cache_speedup": chat["cold_ttft_ms"] / chat["warm_ttft_ms"],
         "concurrency_16_vs_1": results["concurrency"][-1]["tokens_per_s"] / c1,
     }
