@@ -35,6 +35,9 @@ from llm_magic.engine import best_thread_count
 from llm_magic.models import embedded_model_path
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old clockmaker who"
+# ggml's worker threads spin for about 10 ms after in-process work; each timed measurement
+# waits this long first, so that every variant starts from an idle machine.
+SETTLE_SECONDS = 0.03
 GEN_TOKENS = 128
 
 
@@ -137,8 +140,8 @@ def v1_stream(session: requests.Session, url: str, body: dict, path: str = "/v1/
 
 
 def rotated(variants: dict, i: int) -> list:
-    """The variants in an order that shifts every round. ggml's threads spin for a while after
-    in-process work, slowing whatever runs next; rotating spreads that over every variant."""
+    """The variants in an order that shifts every round, so that drift and any after-effect of
+    one variant on the next fall on every variant alike."""
     items = list(variants.items())
     shift = i % len(items)
     return items[shift:] + items[:shift]
@@ -155,6 +158,7 @@ def throughput(llm, ours: str, theirs: str, rounds: int) -> dict:
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(rounds):
         for name, run in rotated(variants, i):
+            time.sleep(SETTLE_SECONDS)
             elapsed, tokens = run()
             rates[name].append(tokens / elapsed)
     return {name: statistics.median(values) for name, values in rates.items()}
@@ -181,9 +185,11 @@ def overhead(llm, ours: str, theirs: str, n: int) -> dict:
     for i in range(n):
         for name, run in rotated(variants, i):
             run()
+            time.sleep(SETTLE_SECONDS)
             one_token[name].append(run() * 1000)
         for name, (prime, run) in rotated(ttft_variants, i):
             prime()
+            time.sleep(SETTLE_SECONDS)
             ttft[name].append(run() * 1000)
     return {"one_token_ms": {k: statistics.median(v) for k, v in one_token.items()},
             "ttft_ms": {k: statistics.median(v) for k, v in ttft.items()}}
