@@ -88,3 +88,23 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_path: Path) -> It
 def model_copy(tmp_path: Path, model_path: Path) -> Path:
     """The embedded model under another path: a second, distinct local model."""
     return Path(shutil.copy(model_path, tmp_path / "copy.Q4_1.gguf"))
+
+
+@pytest.fixture
+def fresh_magics():
+    """A new LLMMagics registered on IPython's shell for one test; the instance registered
+    before is put back afterwards, and the new one's host is stopped."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from llm_magic.magics import LLMMagics
+
+    shell = InteractiveShell.instance()
+    before = shell.magics_manager.registry.get("LLMMagics")
+    magics = LLMMagics(shell=shell)
+    shell.register_magics(magics)
+    yield shell, magics
+    if magics.host is not None:
+        magics.host.stop()
+    if before is not None:
+        shell.register_magics(before)
+

@@ -207,24 +207,19 @@ def test_host_down_after_stop(shell, magics, capsys) -> None:
         magics.client = saved
 
 
-def test_stop_without_host_port_in_use_and_bad_model(tmp_path: Path, capsys) -> None:
-    sh = InteractiveShell.instance()
-    fresh = LLMMagics(shell=sh)
-    sh.register_magics(fresh)
-    try:
-        _, err = run(sh, "%llm_host stop", capsys)
-        assert "no host was started in this notebook" in err
-        with socket.socket() as busy:
-            busy.bind(("127.0.0.1", 0))
-            busy.listen()
-            _, err = run(sh, f"%llm_host start --tunnel none --port {busy.getsockname()[1]}", capsys)
-        assert "is in use by another program" in err
-        broken = tmp_path / "broken.gguf"
-        broken.write_bytes(b"GGUF and nothing else")
-        _, err = run(sh, f"%llm_host start --tunnel none --port 0 --model {broken}", capsys)
-        assert "could not load broken.gguf" in err
-    finally:
-        sh.register_magics(sh.magics_manager.registry["LLMMagics"])  # the module's instance again
+def test_stop_without_host_port_in_use_and_bad_model(fresh_magics, tmp_path: Path, capsys) -> None:
+    sh, _ = fresh_magics
+    _, err = run(sh, "%llm_host stop", capsys)
+    assert "no host was started in this notebook" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        _, err = run(sh, f"%llm_host start --tunnel none --port {busy.getsockname()[1]}", capsys)
+    assert "is in use by another program" in err
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF and nothing else")
+    _, err = run(sh, f"%llm_host start --tunnel none --port 0 --model {broken}", capsys)
+    assert "could not load broken.gguf" in err
 
 
 def test_base_install_loads_the_extension(tmp_path: Path) -> None:
@@ -252,18 +247,11 @@ print('host modules:', sorted(m for m in ('flask', 'llama_cpp', 'huggingface_hub
     assert "host modules: []" in out
 
 
-def test_start_with_a_hub_model_downloads_in_the_notebook_process(hub, capsys) -> None:
-    sh = InteractiveShell.instance()
-    fresh = LLMMagics(shell=sh)
-    sh.register_magics(fresh)
-    try:
-        out, err = run(sh, "%llm_host start --tunnel none --port 0 --model test-org/SmolLM2-GGUF:Q4_1", capsys)
-        assert not err and "serving test-org/SmolLM2-GGUF:Q4_1" in out
-        # the file came down in this process (so its progress bar shows in the notebook)
-        assert ("GET", "/test-org/SmolLM2-GGUF/resolve/main/SmolLM2.Q4_1.gguf", None) in hub.requests
-        out, err = run(sh, "%%llm --max-tokens 3\nhi", capsys)
-        assert not err and "test-org/SmolLM2-GGUF:Q4_1 · 3 tokens" in out
-    finally:
-        if fresh.host is not None:
-            fresh.host.stop()
-        sh.register_magics(sh.magics_manager.registry["LLMMagics"])
+def test_start_with_a_hub_model_downloads_in_the_notebook_process(hub, fresh_magics, capsys) -> None:
+    sh, _ = fresh_magics
+    out, err = run(sh, "%llm_host start --tunnel none --port 0 --model test-org/SmolLM2-GGUF:Q4_1", capsys)
+    assert not err and "serving test-org/SmolLM2-GGUF:Q4_1" in out
+    # the file came down in this process (so its progress bar shows in the notebook)
+    assert ("GET", "/test-org/SmolLM2-GGUF/resolve/main/SmolLM2.Q4_1.gguf", None) in hub.requests
+    out, err = run(sh, "%%llm --max-tokens 3\nhi", capsys)
+    assert not err and "test-org/SmolLM2-GGUF:Q4_1 · 3 tokens" in out

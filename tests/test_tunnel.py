@@ -127,28 +127,17 @@ def test_serve_keeps_serving_locally_when_the_tunnel_fails(cloudflared) -> None:
         assert s.stop() == 0
 
 
-def test_notebook_host_defaults_to_the_tunnel_and_stops_it(cloudflared, capsys) -> None:
-    from IPython.core.interactiveshell import InteractiveShell
-
-    from llm_magic.magics import LLMMagics
-
-    sh = InteractiveShell.instance()
-    magics = LLMMagics(shell=sh)
-    sh.register_magics(magics)
-    try:
-        assert sh.run_cell("%llm_host start --port 0").success
-        (pid, url), = cloudflared.starts()
-        out = capsys.readouterr().out
-        assert f"Public URL: {url}" in out and f"%llm connect {url} --token" in out
-        assert magics.client.url == magics.host.url  # the notebook itself talks locally
-        sh.run_cell("%llm_host status")
-        assert re.search(rf"public url\s+{re.escape(url)}", capsys.readouterr().out)
-        assert sh.run_cell("%llm_host stop").success
-        assert gone(pid)
-    finally:
-        if magics.host is not None:
-            magics.host.stop()
-        sh.register_magics(sh.magics_manager.registry["LLMMagics"])
+def test_notebook_host_defaults_to_the_tunnel_and_stops_it(cloudflared, fresh_magics, capsys) -> None:
+    sh, magics = fresh_magics
+    assert sh.run_cell("%llm_host start --port 0").success
+    (pid, url), = cloudflared.starts()
+    out = capsys.readouterr().out
+    assert f"Public URL: {url}" in out and f"%llm connect {url} --token" in out
+    assert magics.client.url == magics.host.url  # the notebook itself talks locally
+    sh.run_cell("%llm_host status")
+    assert re.search(rf"public url\s+{re.escape(url)}", capsys.readouterr().out)
+    assert sh.run_cell("%llm_host stop").success
+    assert gone(pid)
 
 
 # -- long answers through an edge that cuts idle connections ------------------------------------
