@@ -177,7 +177,8 @@ class LLMMagics(Magics):
             args.model, use_token=not args.no_token, token=token, host=args.host, port=args.port,
             tunnel=args.tunnel or self.tunnel, ctx_length=args.ctx, gpu_layers=args.gpu_layers,
             allow_models=args.allow_model, max_queue=args.max_queue,
-            extra_args=[*(["--threads", str(args.threads)] if args.threads else []),
+            extra_args=["--keepalive", str(args.keepalive),
+                        *(["--threads", str(args.threads)] if args.threads else []),
                         *(["--chat-format", args.chat_format] if args.chat_format else [])])
         host.start()
         self.host, self._host_argv = host, argv
