@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -15,42 +14,9 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import LLMMagicError
+from .host import TOKEN_ENV, add_serve_arguments, new_token
 
-TOKEN_ENV = "LLM_MAGIC_TOKEN"
 URL_ENV = "LLM_MAGIC_URL"
-TUNNELS = ("cloudflared", "none")
-
-
-def new_token() -> str:
-    """A fresh access token (from ``secrets``: unguessable)."""
-    return secrets.token_urlsafe(24)
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``serve`` flags of DESIGN §6 (shared with ``%llm_host start``)."""
-    parser.add_argument("--model", metavar="SPEC",
-                        help="a .gguf path, OWNER/REPO:QUANT, OWNER/REPO:FILENAME (glob allowed); "
-                             "default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=5000, help="port to bind; 0 picks a free one (default: %(default)s)")
-    auth = parser.add_mutually_exclusive_group()
-    auth.add_argument("--token", metavar="T", help=f"access token (default: ${TOKEN_ENV}, else a new random one)")
-    auth.add_argument("--no-token", action="store_true", help="serve without a token (only the default model)")
-    parser.add_argument("--tunnel", choices=TUNNELS, default=None,
-                        help="public tunnel (default: none on the terminal)")
-    parser.add_argument("--ctx", type=int, default=4096, metavar="N", help="context length in tokens (default: %(default)s)")
-    parser.add_argument("--gpu-layers", type=int, default=-1, metavar="N",
-                        help="layers to offload to the GPU; -1 all, 0 CPU only (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: every core)")
-    parser.add_argument("--chat-format", default=None, metavar="NAME",
-                        help="chat template name (default: the template inside the GGUF)")
-    parser.add_argument("--allow-model", action="append", default=[], metavar="PATTERN",
-                        help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
-    parser.add_argument("--max-queue", type=int, default=16, metavar="N",
-                        help="requests that may wait for the model before 503 (default: %(default)s)")
-    parser.add_argument("--keepalive", type=float, default=15.0, metavar="S",
-                        help="while the model is busy, send a keep-alive every S seconds so that "
-                             "proxies and tunnels do not cut the answer (default: %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:

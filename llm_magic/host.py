@@ -6,10 +6,12 @@ stays responsive, a llama.cpp abort cannot kill it, and stopping frees all GPU m
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import enum
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,39 @@ import requests
 from .errors import HostError
 
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
+TUNNELS = ("cloudflared", "none")
+
+
+def new_token() -> str:
+    """A fresh access token (from ``secrets``: unguessable)."""
+    return secrets.token_urlsafe(24)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` flags of DESIGN §6 (shared with ``%llm_host start``)."""
+    parser.add_argument("--model", metavar="SPEC",
+                        help="a .gguf path, OWNER/REPO:QUANT, OWNER/REPO:FILENAME (glob allowed); "
+                             "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=5000, help="port to bind; 0 picks a free one (default: %(default)s)")
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--token", metavar="T", help=f"access token (default: ${TOKEN_ENV}, else a new random one)")
+    auth.add_argument("--no-token", action="store_true", help="serve without a token (only the default model)")
+    parser.add_argument("--tunnel", choices=TUNNELS, default=None,
+                        help="public tunnel (default: none on the terminal)")
+    parser.add_argument("--ctx", type=int, default=4096, metavar="N", help="context length in tokens (default: %(default)s)")
+    parser.add_argument("--gpu-layers", type=int, default=-1, metavar="N",
+                        help="layers to offload to the GPU; -1 all, 0 CPU only (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: every core)")
+    parser.add_argument("--chat-format", default=None, metavar="NAME",
+                        help="chat template name (default: the template inside the GGUF)")
+    parser.add_argument("--allow-model", action="append", default=[], metavar="PATTERN",
+                        help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
+    parser.add_argument("--max-queue", type=int, default=16, metavar="N",
+                        help="requests that may wait for the model before 503 (default: %(default)s)")
+    parser.add_argument("--keepalive", type=float, default=15.0, metavar="S",
+                        help="while the model is busy, send a keep-alive every S seconds so that "
+                             "proxies and tunnels do not cut the answer (default: %(default)s)")
 
 
 def _colab_secret(name: str) -> str | None:
@@ -69,8 +104,6 @@ class ApiHost:
         extra_args: Sequence[str] = (),
         startup_timeout: float = 600.0,
     ) -> None:
-        from .cli import new_token
-
         self.model = model
         self.token = (token or os.environ.get(TOKEN_ENV) or _colab_secret(TOKEN_ENV) or new_token()) if use_token else None
         # DESIGN §6: a notebook host opens the public tunnel by default, a terminal one does not.

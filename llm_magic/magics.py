@@ -18,10 +18,9 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import display
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
-from .cli import add_serve_arguments
 from .client import Answer, Client, Stream
 from .errors import LLMMagicError
-from .host import ApiHost
+from .host import ApiHost, add_serve_arguments
 from .snippets import connection_text
 
 UPDATE_INTERVAL = 0.05  # seconds between in-place updates of a streaming answer
