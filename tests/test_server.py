@@ -203,3 +203,31 @@ def test_errors_in_openai_bodies_are_400(client) -> None:
     r = client.post("/v1/chat/completions", json={"messages": CHAT, "temperature": "hot"},
                     headers={"Authorization": f"Bearer {TOKEN}"})
     assert_error(r, 400, "'temperature' must be a number, not a string")
+
+
+def test_generation_pauses_until_its_first_text_has_gone_out() -> None:
+    """The next token's decode would compete for the cores with sending the first one, so the
+    generation waits for the response to pass its first text on (later ones do not wait)."""
+    import time
+
+    from llm_magic.protocol import Completion, Started
+    from llm_magic.server import _Pump
+
+    log: list[str] = []
+
+    class ScriptedEngine:  # stands in for Engine.generate: only the hand-over is under test
+        def generate(self, request: object, cancel: threading.Event) -> Iterator[object]:
+            yield Started("scripted", 1)
+            for piece in ("a", "b", "c"):
+                log.append(f"made {piece}")
+                yield piece
+            yield Completion("abc", "scripted", "length", 1, 3, {})
+
+    pump = _Pump(ScriptedEngine(), None)  # type: ignore[arg-type]
+    assert isinstance(pump.get(5), Started)
+    for event in pump.events(keepalive=60, gone=lambda: False):
+        if isinstance(event, str):
+            time.sleep(0.05)  # sending takes a while; a generation that did not wait runs ahead
+            log.append(f"sent {event}")
+    assert log.index("sent a") < log.index("made b")
+    assert log.index("made c") < log.index("sent b")  # after the first, tokens flow unhindered
