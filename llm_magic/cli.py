@@ -90,8 +90,8 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(engine, token=token, keepalive=args.keepalive,
                      extra_status=lambda: {"tunnel": tunnel.status() if tunnel else None})
     try:
-        server = HttpServer(app, args.host, args.port)
-    except OSError as exc:  # werkzeug itself explains a port in use; this covers the rest
+        server = HttpServer(app, args.host, args.port, threads=args.max_queue + 8)
+    except OSError as exc:  # a port in use, an address not on this machine
         raise LLMMagicError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
     stop = threading.Event()

@@ -1,4 +1,4 @@
-"""The HTTP service — the only module that imports Flask (and its werkzeug).
+"""The HTTP service — the only module that imports Flask (and its werkzeug) and cheroot.
 
 ``create_app(engine, token=...)`` builds the app: the seed's ``POST /api``, the OpenAI-compatible
 ``/v1`` routes and ``GET /health``. Every failure on every route is JSON, never HTML.
@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
+import os
 import queue
 import select
 import socket
@@ -16,9 +18,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from cheroot import wsgi as cheroot_wsgi
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from . import __version__
 from .engine import Engine
@@ -32,6 +34,7 @@ log = logging.getLogger("llm_magic.server")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
+SOCKET_KEY = "llm_magic.socket"  # the WSGI environ key under which our server passes the socket
 ROUTES = "POST /api, POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health"
 
 
@@ -51,6 +54,11 @@ def create_app(
     app = Flask("llm_magic")
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.extensions["llm_magic"] = {"engine": engine, "token": token, "started": int(time.time())}
+
+    @app.after_request
+    def log_request(response: Response) -> Response:  # one line per request, never a body
+        log.info("%s %s %s", request.method, request.path, response.status_code)
+        return response
 
     @app.get("/health")
     def health() -> Any:
@@ -281,13 +289,13 @@ def _start(engine: Engine, gen_request: GenerationRequest, keepalive: float) -> 
 
 
 class _ClientGone(Exception):
-    """The client closed its connection before its answer began."""
+    """The client closed its connection before its answer began to be sent."""
 
 
 def _client_gone_check() -> Callable[[], bool]:
     """A check of whether this request's client has closed its connection: its socket reads
     as end-of-file (an HTTP client sends nothing more while it waits for its answer)."""
-    sock = request.environ.get("werkzeug.socket")
+    sock = request.environ.get(SOCKET_KEY)
 
     def gone() -> bool:
         if sock is None:
@@ -313,6 +321,8 @@ def _json_response(events: Iterator[Event], render: Callable[[Completion], dict]
                 return Response(json.dumps(render(event), ensure_ascii=False), mimetype="application/json")
             if time.monotonic() >= deadline:
                 break
+        else:  # the events ended without an answer: the client left
+            raise _ClientGone()
     except BaseException:
         getattr(events, "close", lambda: None)()
         raise
@@ -366,43 +376,54 @@ def _sse_response(chunks: Iterator[str], events: Iterator[Event]) -> Response:
 # Serving
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """werkzeug's handler, logging one line per request through ``logging`` (no bodies)."""
+class _Gateway(cheroot_wsgi.Gateway_10):
+    """cheroot's WSGI gateway, also handing the app its connection's socket (to notice a
+    client that left while its answer was being made)."""
 
-    # Buffered writes: werkzeug writes a chunk as four pieces and flushes once, so each chunk
-    # leaves in one send instead of four small packets.
-    wbufsize = 64 * 1024
+    def get_environ(self) -> dict:
+        environ = super().get_environ()
+        environ[SOCKET_KEY] = self.req.conn.socket
+        return environ
 
-    def setup(self) -> None:
-        super().setup()
-        # werkzeug writes each streamed chunk as several small writes; with Nagle's algorithm
-        # the later ones wait for the client's delayed ACK, adding ~10-40 ms per token event.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        log.info("%s %s %s", self.command, self.path.split("?")[0], code)
+class _Server(cheroot_wsgi.Server):
+    """cheroot's threaded WSGI server: keep-alive connections (one TCP connection for many
+    requests), each chunk of a stream written straight to its socket, TCP_NODELAY."""
 
-    def log(self, type: str, message: str, *args: Any) -> None:
-        getattr(log, type if type in ("info", "warning", "error") else "info")(message, *args)
+    request_queue_size = 128  # the listen backlog: a burst of clients must not wait for SYN retries
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gateway = _Gateway
+
+    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
+        log.log(level, "%s", msg.strip(), exc_info=traceback)
 
 
 class HttpServer:
-    """The app served by werkzeug's threaded server in a background thread."""
+    """The app served by cheroot in a background thread. ``threads`` bounds the requests in
+    flight: one generating, the ones waiting in line (``--max-queue``), and room to spare so that
+    ``/health`` and refusals still answer when the line is full."""
 
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 5000) -> None:
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="llm-magic-http", daemon=True)
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 5000, threads: int = 24) -> None:
+        self._server = _Server((host, port), app, numthreads=threads, server_name="llm_magic")
+        try:
+            self._server.prepare()  # binds now: a port in use fails here, and port 0 gets its number
+        except OSError as exc:  # cheroot keeps only the message of the bind error
+            if os.strerror(errno.EADDRINUSE) in str(exc):
+                raise OSError(errno.EADDRINUSE, f"Port {port} is in use by another program: stop it, "
+                                                "or choose another port") from None
+            raise
+        self._thread = threading.Thread(target=self._server.serve, name="llm-magic-http", daemon=True)
 
     @property
     def port(self) -> int:
-        return self._server.server_port
+        return self._server.bind_addr[1]
 
     def start(self) -> "HttpServer":
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
         self._thread.join(timeout=10)

@@ -178,3 +178,39 @@ def test_client_works_against_llama_cpp_server(llama_cpp_server: str) -> None:
         assert "".join(stream).strip() == stream.answer.text.strip()
         assert client.complete("1, 2, 3,", max_tokens=3, temperature=0).text
         assert client.health()["status"] == "ok"
+
+
+def test_one_connection_carries_many_requests(open_host: ApiHost) -> None:
+    """Keep-alive: answers, a stream, an error and a 413 on one TCP connection, each complete,
+    so clients (and cloudflared) do not pay for a new connection per request."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    conn = http.client.HTTPConnection(urlsplit(open_host.url).netloc, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    sockets = []  # the connection's socket after each answer (None once the server closed it)
+
+    def call(method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        sockets.append(conn.sock)
+        return response.status, data
+
+    try:
+        status, body = call("GET", "/health")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        status, body = call("POST", "/v1/completions", b'{"prompt": "Hi", "max_tokens": 3, "stream": true}')
+        assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+        status, body = call("POST", "/api", b'{"inputs": "Hi", "parameters": {"max_tokens": 2}}')
+        assert status == 200 and json.loads(body)["answer"]["content"]
+        status, body = call("POST", "/api", b'{"inputs": 5}')
+        assert status == 400 and json.loads(body)["error"]["code"] == 400
+        assert sockets[0] is not None and all(s is sockets[0] for s in sockets)  # one connection
+    finally:
+        conn.close()
+    # A body over the limit is refused before it is read (and that connection is closed).
+    r = requests.post(f"{open_host.url}/api", data=b'{"inputs": "' + b"x" * (5 * 1024 * 1024) + b'"}',
+                      headers=headers, timeout=60)
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]

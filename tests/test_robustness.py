@@ -71,6 +71,7 @@ def test_a_client_leaving_a_non_streaming_answer_frees_the_model_at_once() -> No
         assert Client(host.url).complete("x", max_tokens=1).usage["completion_tokens"] == 1
         assert time.monotonic() - started < 2
         assert "the client left; generation stopped" in host.logs()
+        assert "POST /v1/completions 499" in host.logs()  # not logged as answered
 
 
 def test_a_client_leaving_the_queue_is_never_run() -> None:
