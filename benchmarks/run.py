@@ -1,6 +1,6 @@
 """llm_magic benchmarks, side by side in one run (DESIGN §8).
 
-    python benchmarks/run.py [--rounds 5] [--out benchmarks/results]
+    python benchmarks/run.py [--rounds 10] [--out benchmarks/results]
 
 Measures, on the embedded SmolLM2-135M model with greedy sampling, interleaving the variants
 round by round so that machine drift hits each alike:
@@ -315,7 +315,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per comparison")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
