@@ -188,38 +188,60 @@ FIRST_TEXT_WAIT = 1.0  # the longest a generation pauses for its first text to g
 
 
 class _Pump:
-    """Runs one generation in a worker thread, so that the response can send keep-alives while
-    llama.cpp is busy (waiting in the queue, loading, evaluating a long prompt). Closing it
-    stops the generation after the current token and frees the model.
+    """Runs one generation while the response waits for its events, so that it can send
+    keep-alives while llama.cpp is busy (waiting in the queue, loading, evaluating a long prompt).
+    Up to ``Started`` (waiting in line, loading) it runs in a thread of its own; the rest, where
+    llama.cpp computes, runs in the engine's one compute thread (see ``ComputeThread``). Closing
+    it stops the generation after the current token and frees the model.
 
-    After the first piece of text it pauses until the response has passed that text on: the
-    next token's decode keeps every core busy, and on a small machine it would otherwise starve
-    the threads that must send the first token (ours, the client's, cloudflared's). On 2 cores
-    this halves the time to the first streamed token and costs no throughput (benchmarks/)."""
+    After the first piece of text the generation pauses until the response has passed that text
+    on: the next token's decode keeps every core busy, and on a small machine it would otherwise
+    starve the threads that must send the first token (ours, the client's, cloudflared's). On 2
+    cores this halves the time to the first streamed token and costs no throughput (benchmarks/)."""
 
     def __init__(self, engine: Engine, gen_request: GenerationRequest) -> None:
         self._cancel = threading.Event()
         self._events = engine.generate(gen_request, self._cancel)
+        self._compute = engine.compute
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._first_text_passed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="llm-magic-generation", daemon=True)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._wait_in_line, name="llm-magic-request", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _wait_in_line(self) -> None:
         try:
-            waiting_for_text = True
             for event in self._events:
                 self._queue.put(event)
-                if waiting_for_text and isinstance(event, str):
-                    waiting_for_text = False
-                    self._first_text_passed.wait(FIRST_TEXT_WAIT)
+                if isinstance(event, Started):
+                    self._compute.submit(self._generate)
+                    return
                 if self._cancel.is_set():
                     break
         except BaseException as exc:  # handed to the request thread, which answers with it
             self._queue.put(_Failure(exc))
-        finally:
+        self._finish()
+
+    def _generate(self) -> None:
+        try:
+            waiting_for_text = True
+            for event in self._events:
+                if self._cancel.is_set():
+                    break
+                self._queue.put(event)
+                if waiting_for_text and isinstance(event, str):
+                    waiting_for_text = False
+                    self._first_text_passed.wait(FIRST_TEXT_WAIT)
+        except BaseException as exc:
+            self._queue.put(_Failure(exc))
+        self._finish()
+
+    def _finish(self) -> None:
+        try:
             self._events.close()
+        finally:
             self._queue.put(_END)
+            self._done.set()
 
     def get(self, timeout: float) -> Event | object | None:
         """The next event, ``_QUIET`` after ``timeout`` s without one, ``None`` at the end."""
@@ -265,7 +287,8 @@ class _Pump:
     def close(self) -> None:
         self._cancel.set()
         self._first_text_passed.set()
-        self._thread.join(timeout=1.0)  # it ends after the current token either way
+        self._done.wait(timeout=1.0)  # it ends after the current token either way
+        self._thread.join(timeout=1.0)
 
 
 def _start(engine: Engine, gen_request: GenerationRequest, keepalive: float) -> tuple[Started | None, Iterator[Event]]:
