@@ -225,8 +225,9 @@ class _Pump:
     def _generate(self) -> None:
         try:
             waiting_for_text = True
-            for event in self._events:
-                if self._cancel.is_set():
+            while not self._cancel.is_set():  # checked before each token: the next may be costly
+                event = next(self._events, None)
+                if event is None:
                     break
                 self._queue.put(event)
                 if waiting_for_text and isinstance(event, str):
