@@ -233,7 +233,7 @@ class _Pump:
                 if waiting_for_text and isinstance(event, str):
                     waiting_for_text = False
                     self._first_text_passed.wait(FIRST_TEXT_WAIT)
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the request thread, like above
             self._queue.put(_Failure(exc))
         self._finish()
 
