@@ -67,7 +67,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        from .server import HttpServer, create_app
+        from .httpserver import HttpServer
+        from .server import create_app
     except ImportError as exc:
         raise LLMMagicError(f"serving needs the host extra ({exc.name} is missing): "
                             "pip install 'llm_magic[host]'") from None
@@ -83,14 +84,15 @@ def serve(args: argparse.Namespace) -> int:
     spec = ModelSpec.parse(args.model)
     path = resolve_model(spec)
     name = args.model_name or (str(spec) if spec.repo_id else model_name(path))
-    engine = Engine(path, default_name=name, ctx_length=args.ctx, gpu_layers=args.gpu_layers,
+    engine = Engine(path, default_name=name, ctx_length=args.ctx, max_ctx=args.max_ctx,
+                    gpu_layers=args.gpu_layers,
                     threads=args.threads, chat_format=args.chat_format, max_queue=args.max_queue,
                     policy=ModelPolicy(has_token=token is not None, allow_patterns=args.allow_model))
     tunnel = None
     app = create_app(engine, token=token, keepalive=args.keepalive,
                      extra_status=lambda: {"tunnel": tunnel.status() if tunnel else None})
     try:
-        server = HttpServer(app, args.host, args.port, threads=args.max_queue + 8)
+        server = HttpServer(app, args.host, args.port, held=args.max_queue + 1)
     except OSError as exc:  # a port in use, an address not on this machine
         raise LLMMagicError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 

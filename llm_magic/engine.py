@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError
+from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError, ModelNotAllowed
 from .models import ModelPolicy, ModelSpec, model_name, resolve_model
 from .protocol import Completion, Event, GenerationRequest, Started
 
@@ -173,6 +173,7 @@ class _Loaded:
     name: str
     llm: Any  # llama_cpp.Llama
     pieces: dict[int, bytes] = field(default_factory=dict)
+    longest_piece: int | None = None
     formatters: dict[str | None, Any] = field(default_factory=dict)
 
 
@@ -207,6 +208,7 @@ class Engine:
         *,
         default_name: str | None = None,
         ctx_length: int = DEFAULT_CTX,
+        max_ctx: int | None = None,
         gpu_layers: int = -1,
         threads: int | None = None,
         chat_format: str | None = None,
@@ -217,6 +219,7 @@ class Engine:
         self.default_path = Path(default_model)
         self.default_name = default_name or model_name(self.default_path)
         self.ctx_length = ctx_length
+        self.max_ctx = max(max_ctx or ctx_length, ctx_length)
         self.gpu_layers = gpu_layers
         self.threads = threads or best_thread_count()
         self.chat_format = chat_format
@@ -226,6 +229,7 @@ class Engine:
         self.loading = True  # until the first load: /health says "loading"
         self.compute = ComputeThread()  # where a server runs generations past their start
         self._loaded: _Loaded | None = None
+        self._trained_ctx: dict[Path, int] = {}  # what each model loaded so far was trained for
 
     # -- state ---------------------------------------------------------------------------
 
@@ -270,17 +274,48 @@ class Engine:
         """
         spec = ModelSpec.parse(request.model)
         self.policy.check(spec)
+        if request.ctx_length is not None and request.ctx_length > self.max_ctx:
+            raise InvalidRequest(
+                f"a context of {request.ctx_length} tokens is more than this host allows ({self.max_ctx}; "
+                "its owner sets --ctx and --max-ctx)")
         if spec.is_default:
             path, name = self.default_path, self.default_name
-        else:
-            path, name = resolve_model(spec), str(spec)  # downloads outside the turnstile
+        else:  # downloads outside the turnstile
+            path = resolve_model(spec)
+            name = model_name(path) if spec.path else str(spec)  # a name, never a local path
         with self.turnstile.turn(cancel):
-            loaded = self._ensure_loaded(self._key(path, request.ctx_length, request.use_gpu), name)
+            loaded = self._ensure_loaded(self._key_for(path, request), name)
             yield from self._generate(loaded, request)
 
     def _key(self, path: Path, ctx_length: int | None, use_gpu: bool | None) -> _ModelKey:
+        """The settings a model is loaded with: the host's, unless the request asks otherwise."""
         gpu_layers = self.gpu_layers if use_gpu is None else (0 if not use_gpu else (self.gpu_layers or -1))
+        if not _gpu_offload_supported():  # layers stay on the CPU whatever is asked: no reload
+            gpu_layers = 0
         return _ModelKey(Path(path), ctx_length or self.ctx_length, gpu_layers)
+
+    def _key_for(self, path: Path, request: GenerationRequest) -> _ModelKey:
+        """The resident model serves a request whenever it can: a smaller context than the
+        resident one fits in it, so only a larger one (up to ``max_ctx``) or another GPU setting
+        reloads. Such a reload is a model switch: a host without a token makes none."""
+        host_key = self._key(path, None, None)
+        key = self._key(path, request.ctx_length, request.use_gpu)
+        resident = self._loaded.key if self._loaded is not None else None
+        if resident is not None and (resident.path, resident.gpu_layers) == (key.path, key.gpu_layers):
+            if key.ctx_length <= resident.ctx_length:
+                return resident
+        if key.ctx_length < host_key.ctx_length:
+            key = _ModelKey(key.path, host_key.ctx_length, key.gpu_layers)
+        trained = self._trained_ctx.get(key.path)
+        if trained and key.ctx_length > max(trained, host_key.ctx_length):
+            raise InvalidRequest(
+                f"a context of {key.ctx_length} tokens is more than the model was trained for ({trained})")
+        if key != host_key and not self.policy.has_token:
+            raise ModelNotAllowed(
+                "a host without a token serves its model only with the host's own settings "
+                f"(context {host_key.ctx_length}, GPU {'on' if host_key.gpu_layers else 'off'}); "
+                "leave options.ctx_length and options.use_gpu out")
+        return key
 
     def _unload(self) -> None:
         if self._loaded is not None:
@@ -306,22 +341,40 @@ class Engine:
             self.loading = False
         log.info("loaded %s (ctx %d, gpu layers %d) in %.2f s", name, key.ctx_length,
                  key.gpu_layers, time.perf_counter() - started)
+        self._trained_ctx[key.path] = llm._model.n_ctx_train()
+        if key.ctx_length > llm._model.n_ctx_train():
+            log.warning("the context (%d) is larger than %s was trained for (%d): answers past that "
+                        "may degrade", key.ctx_length, name, llm._model.n_ctx_train())
         self._loaded = _Loaded(key, name, llm)
         return self._loaded
 
-    def _prompt_tokens(self, loaded: _Loaded, request: GenerationRequest) -> tuple[list[int], tuple[str, ...]]:
+    def _prompt_tokens(self, loaded: _Loaded, request: GenerationRequest, n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
         llm = loaded.llm
         stops = request.sampling.stop
         if not request.is_chat:
-            return llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), stops
-        formatter = self._formatter(loaded, request.chat_format or self.chat_format)
-        try:
-            result = formatter(messages=[dict(m) for m in request.messages or ()])
-        except Exception as exc:  # jinja2 errors and the template's raise_exception()
-            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from None
-        extra = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-        tokens = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
-        return tokens, tuple(dict.fromkeys([*stops, *extra]))
+            text, add_bos = request.prompt or "", True
+        else:
+            formatter = self._formatter(loaded, request.chat_format or self.chat_format)
+            try:
+                result = formatter(messages=[dict(m) for m in request.messages or ()])
+            except Exception as exc:  # jinja2 errors and the template's raise_exception()
+                raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from None
+            extra = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+            text, add_bos = result.prompt, not result.added_special
+            stops = tuple(dict.fromkeys([*stops, *extra]))
+        data = text.encode("utf-8")
+        # Tokenising megabytes takes seconds while others wait in line: refuse at once what
+        # cannot fit, by the fewest tokens that many bytes can make.
+        if len(data) > n_ctx and len(data) > n_ctx * self._longest_piece(loaded):
+            raise _prompt_too_long(f"at least {len(data) // self._longest_piece(loaded)}", n_ctx)
+        return llm.tokenize(data, add_bos=add_bos, special=True), stops
+
+    def _longest_piece(self, loaded: _Loaded) -> int:
+        """The most bytes one token of this model's vocabulary stands for."""
+        if loaded.longest_piece is None:
+            n_vocab = _llama_cpp().llama_vocab_n_tokens(loaded.llm._model.vocab)
+            loaded.longest_piece = max(len(self._piece(loaded, t)) for t in range(n_vocab))
+        return max(1, loaded.longest_piece)
 
     def _formatter(self, loaded: _Loaded, chat_format: str | None) -> Any:
         if chat_format not in loaded.formatters:
@@ -331,18 +384,16 @@ class Engine:
     def _generate(self, loaded: _Loaded, request: GenerationRequest) -> Iterator[Event]:
         llama_cpp = _llama_cpp()
         llm = loaded.llm
-        tokens, stops = self._prompt_tokens(loaded, request)
+        # llama.cpp may pad the context (to 256) beyond the token buffer llama-cpp-python
+        # allocated for the requested size; writing past that buffer crashes, so use the smaller.
+        n_ctx = min(llm.n_ctx(), len(llm.input_ids))
+        tokens, stops = self._prompt_tokens(loaded, request, n_ctx)
         if not tokens:  # an empty prompt: generate from the start-of-text token, as llama.cpp does
             if llm.token_bos() == -1:
                 raise InvalidRequest("the prompt is empty and this model has no start token: send some text")
             tokens = [llm.token_bos()]
-        # llama.cpp may pad the context (to 256) beyond the token buffer llama-cpp-python
-        # allocated for the requested size; writing past that buffer crashes, so use the smaller.
-        n_ctx = min(llm.n_ctx(), len(llm.input_ids))
         if len(tokens) >= n_ctx:
-            raise InvalidRequest(
-                f"the prompt is {len(tokens)} tokens but the model's context holds {n_ctx}: "
-                "shorten it, or raise the context (options.ctx_length, or --ctx on the host)")
+            raise _prompt_too_long(str(len(tokens)), n_ctx)
         budget = n_ctx - len(tokens)
         s = request.sampling
         max_tokens = min(s.max_tokens or budget, budget)
@@ -412,6 +463,18 @@ class Engine:
                 n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
             piece = loaded.pieces[token] = buf.raw[:n]
         return piece
+
+
+def _prompt_too_long(tokens: str, n_ctx: int) -> InvalidRequest:
+    return InvalidRequest(f"the prompt is {tokens} tokens but the model's context holds {n_ctx}: shorten "
+                          "it (the context is set by the host's owner with --ctx)")
+
+
+def _gpu_offload_supported() -> bool:
+    try:
+        return bool(_llama_cpp().llama_supports_gpu_offload())
+    except (ModelLoadError, AttributeError):
+        return False
 
 
 def _common_prefix(a: Any, b: list[int]) -> int:

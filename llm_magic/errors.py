@@ -55,6 +55,13 @@ class ModelNotFound(NotFound):
     """The model spec names a repository or file that does not exist."""
 
 
+class RequestTimeout(LLMMagicError):
+    """The request's body did not arrive in time."""
+
+    status = 408
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(LLMMagicError):
     status = 413
     type = "invalid_request_error"
@@ -109,6 +116,7 @@ BY_STATUS: dict[int, type[LLMMagicError]] = {
     401: AuthenticationError,
     403: ModelNotAllowed,
     404: NotFound,
+    408: RequestTimeout,
     413: PayloadTooLarge,
     503: HostBusy,
 }

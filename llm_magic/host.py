@@ -12,6 +12,7 @@ import enum
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from .errors import HostError
 
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
 TUNNELS = ("cloudflared", "none")
+LOG_LINES_KEPT = 1000  # of a stopped server's log, for logs()
 
 
 def new_token() -> str:
@@ -45,6 +47,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tunnel", choices=TUNNELS, default=None,
                         help="public tunnel (default: none on the terminal)")
     parser.add_argument("--ctx", type=int, default=4096, metavar="N", help="context length in tokens (default: %(default)s)")
+    parser.add_argument("--max-ctx", type=int, default=None, metavar="N",
+                        help="the largest context a token holder's request may ask for with /api's "
+                             "options.ctx_length, reloading the model (default: --ctx, no reloads)")
     parser.add_argument("--gpu-layers", type=int, default=-1, metavar="N",
                         help="layers to offload to the GPU; -1 all, 0 CPU only (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: every core)")
@@ -117,8 +122,9 @@ class ApiHost:
         self.model_name: str | None = None
         self.tunnel_note: str | None = None  # what the server says of its tunnel
         self._process: subprocess.Popen | None = None
-        self._run_dir = Path(tempfile.mkdtemp(prefix="llm-magic-"))
-        self.log_path = self._run_dir / "server.log"
+        self._run_dir: Path | None = None  # a temporary folder for the log, from start to stop
+        self.log_path: Path | None = None
+        self._last_log = ""  # the log's tail, kept when the folder is removed at stop
         self._started_at: float | None = None
 
     def __repr__(self) -> str:
@@ -149,8 +155,10 @@ class ApiHost:
         if self.state in (HostState.STARTING, HostState.RUNNING) and self.running:
             raise HostError(f"the host is already running at {self.url}; stop it first")
         model_args = self._prepare_model()
+        self._remove_run_dir()
+        self._run_dir = Path(tempfile.mkdtemp(prefix="llm-magic-"))
+        self.log_path = self._run_dir / "server.log"
         ready_file = self._run_dir / "ready.json"
-        ready_file.unlink(missing_ok=True)
         command = [sys.executable, "-m", "llm_magic", "serve", *self._args, *model_args,
                    "--ready-file", str(ready_file), "--exit-with-parent", str(os.getpid())]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -198,18 +206,27 @@ class ApiHost:
                     return
             time.sleep(0.05)
         raise HostError(f"the server did not become ready within {self.startup_timeout:.0f} s; "
-                        f"see its log: {self.log_path}")
+                        f"its last log line: {self._failure_reason()}")
 
     def _failure_reason(self) -> str:
         lines = [line.strip() for line in self.logs(200).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:")]
-        return (errors or lines or ["no output; see " + str(self.log_path)])[-1]
+        return (errors or lines or ["no output"])[-1]
+
+    def _remove_run_dir(self) -> None:
+        """Keep the log's tail in memory (for ``logs()``), then remove the temporary folder."""
+        if self._run_dir is None:
+            return
+        self._last_log = self._read_log(LOG_LINES_KEPT)
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+        self._run_dir = self.log_path = None
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s). Safe to call twice."""
         process, self._process = self._process, None
         atexit.unregister(self.stop)
         if process is None:
+            self._remove_run_dir()
             self.state = HostState.STOPPED
             return
         self.state = HostState.STOPPING
@@ -220,6 +237,7 @@ class ApiHost:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+        self._remove_run_dir()
         self.state = HostState.STOPPED
         self._started_at = None
 
@@ -273,9 +291,12 @@ class ApiHost:
         return info
 
     def logs(self, n: int = 50) -> str:
-        """The last ``n`` lines the server wrote."""
+        """The last ``n`` lines the server wrote (after ``stop()``: of its last run)."""
+        return self._read_log(n) if self.log_path is not None else "\n".join(self._last_log.splitlines()[-n:])
+
+    def _read_log(self, n: int) -> str:
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path else []
         except FileNotFoundError:
             return ""
         return "\n".join(lines[-n:])

@@ -1,16 +1,15 @@
-"""The HTTP service — the only module that imports Flask (and its werkzeug) and cheroot.
+"""The HTTP service — the only module that imports Flask (and its werkzeug).
 
 ``create_app(engine, token=...)`` builds the app: the seed's ``POST /api``, the OpenAI-compatible
-``/v1`` routes and ``GET /health``. Every failure on every route is JSON, never HTML.
+``/v1`` routes and ``GET /health``. Every failure on every route is JSON, never HTML. The HTTP
+server under it is ``httpserver.HttpServer``.
 """
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
 import logging
-import os
 import queue
 import select
 import socket
@@ -18,13 +17,15 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from cheroot import wsgi as cheroot_wsgi
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from . import __version__
 from .engine import Engine
-from .errors import AuthenticationError, HostBusy, InvalidRequest, LLMMagicError
+from .errors import (
+    AuthenticationError, HostBusy, InvalidRequest, LLMMagicError, PayloadTooLarge, RequestTimeout,
+)
+from .httpserver import MAX_BODY_BYTES, SOCKET_KEY, BodyTooLarge, loggable
 from .protocol import (
     KEEPALIVE, Completion, Event, GenerationRequest, OpenAIRenderer, Started, api_answer,
     api_stream, parse_api_request, parse_openai_chat, parse_openai_completion, sse,
@@ -32,9 +33,7 @@ from .protocol import (
 
 log = logging.getLogger("llm_magic.server")
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
 KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
-SOCKET_KEY = "llm_magic.socket"  # the WSGI environ key under which our server passes the socket
 ROUTES = "POST /api, POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health"
 
 
@@ -53,11 +52,24 @@ def create_app(
     """
     app = Flask("llm_magic")
     app.config["MAX_CONTENT_LENGTH"] = max_body
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # Flask's own OPTIONS answer is empty HTML
+    app.url_map.merge_slashes = False  # werkzeug would answer '//' with an HTML redirect
     app.extensions["llm_magic"] = {"engine": engine, "token": token, "started": int(time.time())}
+
+    @app.before_request
+    def options() -> Any:
+        if request.method != "OPTIONS":
+            return None
+        methods = app.url_map.bind_to_environ(request.environ).allowed_methods(request.path)
+        if not methods:
+            raise NotFound()
+        allowed = sorted({*methods, "OPTIONS"} - {"HEAD"})
+        return Response(json.dumps({"methods": allowed}), mimetype="application/json",
+                        headers={"Allow": ", ".join(allowed)})
 
     @app.after_request
     def log_request(response: Response) -> Response:  # one line per request, never a body
-        log.info("%s %s %s", request.method, request.path, response.status_code)
+        log.info("%s %s %s", request.method, loggable(request.path), response.status_code)
         return response
 
     @app.get("/health")
@@ -70,7 +82,7 @@ def create_app(
 
     @app.post("/api")
     def api() -> Any:
-        body = _json_body()
+        body = _json_body(max_body)
         _authorize(token, body)
         gen_request = parse_api_request(body)
         _, events = _start(engine, gen_request, keepalive)
@@ -87,7 +99,7 @@ def create_app(
         return _openai(parse_openai_completion, chat=False)
 
     def _openai(parse: Callable[..., GenerationRequest], chat: bool) -> Any:
-        body = _json_body()
+        body = _json_body(max_body)
         _authorize(token, body, body_token=False)
         gen_request = parse(body, model_ids=(engine.default_name,))
         started, events = _start(engine, gen_request, keepalive)
@@ -121,7 +133,7 @@ def create_app(
             413: f"the request body is larger than {max_body} bytes",
         }
         message = messages.get(exc.code or 500, exc.description or exc.name)
-        err = LLMMagicError(message)
+        err = LLMMagicError(loggable(message))
         err.status, err.type = exc.code or 500, "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
         return _error_response(err)
 
@@ -137,6 +149,8 @@ def _error_response(exc: LLMMagicError) -> Response:
     response = Response(json.dumps(exc.to_dict()), status=exc.status, mimetype="application/json")
     if isinstance(exc, HostBusy):
         response.headers["Retry-After"] = str(exc.retry_after)
+    if exc.status in (408, 413):  # the rest of the body is not worth reading: end the connection
+        response.headers["Connection"] = "close"
     return response
 
 
@@ -144,8 +158,31 @@ def _reject_constant(name: str) -> Any:
     raise InvalidRequest(f"the request body holds {name}, which is not valid JSON")
 
 
-def _json_body() -> Any:
-    raw = request.get_data(cache=False)
+def _read_body(max_body: int) -> bytes:
+    """The whole request body, refused past ``max_body`` bytes. Read from the server's own
+    stream: werkzeug's wrapper would cut an oversized chunked body silently."""
+    length = request.content_length
+    if length is not None and length > max_body:
+        raise PayloadTooLarge(f"the request body is larger than {max_body} bytes")
+    try:
+        raw = request.environ["wsgi.input"].read(max_body + 1 if length is None else length)
+    except BodyTooLarge:
+        raw = b"x" * (max_body + 1)
+    except TimeoutError:  # our HTTP server's read deadline: a client sending too slowly
+        raise RequestTimeout("the request body did not arrive in time; send it at once") from None
+    except ValueError as exc:  # cheroot's word for a malformed chunked body
+        raise InvalidRequest(f"the chunked request body is malformed: {loggable(str(exc), 100)}") from None
+    except OSError as exc:
+        if "Too Large" not in str(exc):  # cheroot says "Request Entity Too Large" as an IOError too
+            raise _ClientGone() from None
+        raw = b"x" * (max_body + 1)
+    if len(raw) > max_body:
+        raise PayloadTooLarge(f"the request body is larger than {max_body} bytes")
+    return raw
+
+
+def _json_body(max_body: int) -> Any:
+    raw = _read_body(max_body)
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
@@ -153,9 +190,37 @@ def _json_body() -> Any:
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not UTF-8 text") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        body = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON ({str(exc)[:200]})") from None
+    if "\\u" in text and _has_lone_surrogate(body):  # only a \u escape can make one
+        raise InvalidRequest("the request body holds a lone UTF-16 surrogate (such as \\ud800), "
+                             "which is not text; send valid Unicode")
+    return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in a parsed JSON value holds an unpaired surrogate (JSON lets a
+    ``\\ud800`` escape write one; it is not text, and encoding it later fails)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and not _encodable(item):
+            return True
+    return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _authorize(token: str | None, body: Any, body_token: bool = True) -> None:
@@ -169,9 +234,10 @@ def _authorize(token: str | None, body: Any, body_token: bool = True) -> None:
     if token is None:
         return
     if supplied is None or supplied == "":
+        where = "as 'token' in the JSON body or " if body_token else ""
         raise AuthenticationError(
-            "this host needs its access token: send it as 'token' in the JSON body or as the "
-            "header 'Authorization: Bearer <token>'")
+            f"this host needs its access token: send it {where}as the header "
+            "'Authorization: Bearer <token>' (the api_key of OpenAI clients)")
     if not isinstance(supplied, str) or not hmac.compare_digest(supplied.encode(), token.encode()):
         raise AuthenticationError("wrong token: copy it again from the host's output")
 
@@ -395,60 +461,3 @@ def _sse_response(chunks: Iterator[str], events: Iterator[Event]) -> Response:
 
     return Response(guarded(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-# ---------------------------------------------------------------------------------------------
-# Serving
-
-
-class _Gateway(cheroot_wsgi.Gateway_10):
-    """cheroot's WSGI gateway, also handing the app its connection's socket (to notice a
-    client that left while its answer was being made)."""
-
-    def get_environ(self) -> dict:
-        environ = super().get_environ()
-        environ[SOCKET_KEY] = self.req.conn.socket
-        return environ
-
-
-class _Server(cheroot_wsgi.Server):
-    """cheroot's threaded WSGI server: keep-alive connections (one TCP connection for many
-    requests), each chunk of a stream written straight to its socket, TCP_NODELAY."""
-
-    request_queue_size = 128  # the listen backlog: a burst of clients must not wait for SYN retries
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gateway = _Gateway
-
-    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
-        log.log(level, "%s", msg.strip(), exc_info=traceback)
-
-
-class HttpServer:
-    """The app served by cheroot in a background thread. ``threads`` bounds the requests in
-    flight: one generating, the ones waiting in line (``--max-queue``), and room to spare so that
-    ``/health`` and refusals still answer when the line is full."""
-
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 5000, threads: int = 24) -> None:
-        self._server = _Server((host, port), app, numthreads=threads, server_name="llm_magic")
-        try:
-            self._server.prepare()  # binds now: a port in use fails here, and port 0 gets its number
-        except OSError as exc:  # cheroot keeps only the message of the bind error
-            if os.strerror(errno.EADDRINUSE) in str(exc):
-                raise OSError(errno.EADDRINUSE, f"Port {port} is in use by another program: stop it, "
-                                                "or choose another port") from None
-            raise
-        self._thread = threading.Thread(target=self._server.serve, name="llm-magic-http", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.bind_addr[1]
-
-    def start(self) -> "HttpServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-        self._thread.join(timeout=10)

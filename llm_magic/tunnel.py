@@ -5,13 +5,16 @@ restarted with a new URL when cloudflared dies."""
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -66,6 +69,32 @@ def find_cloudflared() -> str:
     binary = folder / command
     binary.chmod(0o755)
     return str(binary)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _dies_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when this process dies, even
+    by SIGKILL (say, the kernel's out-of-memory killer), so that no cloudflared outlives its
+    server. Linux only; elsewhere ``stop()`` and the server's exit handling are all there is.
+
+    The signal comes when the *thread* that started the child ends: cloudflared is started from
+    the main thread or the tunnel's watcher thread, and both live as long as the tunnel."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the call took effect
+            os._exit(1)
+
+    return set_parent_death_signal
 
 
 def _free_port() -> int:
@@ -149,7 +178,8 @@ class Tunnel:
         self._output.clear()
         with self._lock:
             self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.PIPE, text=True, errors="replace")
+                                             stderr=subprocess.PIPE, text=True, errors="replace",
+                                             preexec_fn=_dies_with_this_process())
         process = self._process
         threading.Thread(target=self._drain, args=(process,), daemon=True).start()
         deadline = time.monotonic() + self.url_timeout

@@ -125,7 +125,8 @@ def test_switching_models_unloads_the_old_one(model_path: Path, model_copy: Path
     e.load_default()
     first = e._loaded
     _, result = run(e, prompt="Hi", model=str(model_copy), sampling=Sampling(max_tokens=2))
-    assert result.model == str(model_copy) and e.model == str(model_copy)
+    assert result.model == "copy.Q4_1" and e.model == "copy.Q4_1"  # a name, never the host's path
+    assert e._loaded is not None and e._loaded.key.path == model_copy
     assert first is not None and first.llm._stack is not None
     # llama-cpp-python frees a model's memory through its exit stack, which close() empties
     assert not first.llm._stack._exit_callbacks
