@@ -8,19 +8,21 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from llm_magic.engine import Engine
 from llm_magic.models import ModelPolicy
 from llm_magic.server import create_app
 
+# Any code point, with lone surrogates often: JSON can carry "\ud800", which is not text.
+any_char = st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
 junk = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(any_char, max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(any_char, max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-text = st.text(max_size=40)
+text = st.text(max_size=40) | st.text(any_char, max_size=10)
 roles = st.sampled_from(["system", "user", "assistant", "developer", "tool", "bot", ""])
 message = st.fixed_dictionaries({"role": roles, "content": text | junk}) | junk
 messages = st.lists(message, max_size=5) | junk
@@ -41,7 +43,7 @@ def maybe(fields: dict) -> st.SearchStrategy:
 
 
 api_bodies = maybe({
-    "token": st.just("t") | junk, "task": st.just("text_generation") | junk,
+    "token": st.just("t") | st.just("\ud800") | junk, "task": st.just("text_generation") | junk,
     "repo_id": st.just("org/x-GGUF") | junk, "file_name": text | junk,
     "inputs": text | messages,
     "parameters": maybe({**sampling, "max_tokens": small}) | junk,
@@ -90,12 +92,15 @@ FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCh
 
 @FUZZ
 @given(body=api_bodies)
+@example(body={"inputs": "\ud800"})
+@example(body={"token": "\udfff", "inputs": "x"})
 def test_fuzz_api(client, body) -> None:
     check(client.post("/api", json=body))
 
 
 @FUZZ
 @given(body=chat_bodies)
+@example(body={"messages": [{"role": "user", "content": "\ud83d"}]})
 def test_fuzz_chat(client, body) -> None:
     check(client.post("/v1/chat/completions", json=body))
 
