@@ -29,6 +29,8 @@ from .protocol import Completion, Event, GenerationRequest, Started
 log = logging.getLogger("llm_magic.engine")
 
 DEFAULT_CTX = 4096
+PROMPT_CHUNK_MIN = 32  # tokens of a prompt evaluated between two looks at cancellation, at first
+PROMPT_CHUNK_SECONDS = 0.05  # ... doubled while a chunk takes less than this
 
 
 def best_thread_count() -> int:
@@ -285,7 +287,7 @@ class Engine:
             name = model_name(path) if spec.path else str(spec)  # a name, never a local path
         with self.turnstile.turn(cancel):
             loaded = self._ensure_loaded(self._key_for(path, request), name)
-            yield from self._generate(loaded, request)
+            yield from self._generate(loaded, request, cancel)
 
     def _key(self, path: Path, ctx_length: int | None, use_gpu: bool | None) -> _ModelKey:
         """The settings a model is loaded with: the host's, unless the request asks otherwise."""
@@ -381,7 +383,8 @@ class Engine:
             loaded.formatters[chat_format] = _make_formatter(loaded.llm, chat_format)
         return loaded.formatters[chat_format]
 
-    def _generate(self, loaded: _Loaded, request: GenerationRequest) -> Iterator[Event]:
+    def _generate(self, loaded: _Loaded, request: GenerationRequest,
+                  cancel: threading.Event | None = None) -> Iterator[Event]:
         llama_cpp = _llama_cpp()
         llm = loaded.llm
         # llama.cpp may pad the context (to 256) beyond the token buffer llama-cpp-python
@@ -411,6 +414,8 @@ class Engine:
         finish, n_generated = "length", 0
         started = time.perf_counter()
         first_token_at = None
+        if not self._read_prompt(llm, tokens, cached, cancel):
+            return  # withdrawn while its prompt was read: no answer is wanted
         tokens_iter = llm.generate(
             tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
             repeat_penalty=s.repeat_penalty, frequency_penalty=s.frequency_penalty,
@@ -449,6 +454,31 @@ class Engine:
         first_token_at = first_token_at or ended
         timings = _timings(len(tokens), cached, n_generated, started, first_token_at, ended)
         yield Completion("".join(parts), loaded.name, finish, len(tokens), n_generated, timings)
+
+    @staticmethod
+    def _read_prompt(llm: Any, tokens: list[int], cached: int, cancel: threading.Event | None) -> bool:
+        """Evaluate the prompt's tokens past the ``cached`` prefix, all but the last (which
+        ``Llama.generate`` evaluates, finding the rest in the KV cache), in chunks, looking at
+        ``cancel`` between them: a client that leaves during a long prompt frees the model within
+        a chunk. Chunks start small and double while each takes under ``PROMPT_CHUNK_SECONDS``
+        (on a GPU they soon reach the batch size). False if cancelled."""
+        end = len(tokens) - 1
+        if cancel is None or cached >= end:
+            return True
+        if cached > 0 and llm._ctx.kv_cache_seq_rm(-1, cached, -1):
+            llm.n_tokens = cached
+        else:
+            llm.reset()
+        position, chunk = llm.n_tokens, PROMPT_CHUNK_MIN
+        while position < end:
+            if cancel.is_set():
+                return False
+            started = time.perf_counter()
+            llm.eval(tokens[position:min(position + chunk, end)])
+            position = llm.n_tokens
+            if time.perf_counter() - started < PROMPT_CHUNK_SECONDS:
+                chunk = min(chunk * 2, llm.n_batch)
+        return True
 
     def _piece(self, loaded: _Loaded, token: int) -> bytes:
         """The raw bytes of one token (cached: the vocabulary is fixed)."""

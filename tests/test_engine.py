@@ -27,7 +27,7 @@ def engine(model_path: Path) -> Iterator[Engine]:
 
 
 def run(engine: Engine, **kwargs) -> tuple[list[str], Completion]:
-    events = list(engine.generate(GenerationRequest(**kwargs)))
+    events = list(engine.generate(GenerationRequest(**kwargs), threading.Event()))  # as the server does
     assert isinstance(events[0], Started)
     assert isinstance(events[-1], Completion)
     return events[1:-1], events[-1]
@@ -49,6 +49,37 @@ def test_greedy_completion_matches_llama_cpp_python(engine: Engine, reference) -
     assert "".join(deltas) == result.text
     assert result.usage == expected["usage"]
     assert result.finish_reason == expected["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_long_prompt_read_in_chunks_gives_llama_cpp_pythons_greedy_answer(engine: Engine, reference) -> None:
+    prompt = "Here is a list of fruits and what colour each is: " + ", ".join(
+        f"fruit number {i} is {colour}" for i, colour in enumerate(["red", "yellow", "green", "orange"] * 25))
+    _, result = run(engine, prompt=prompt, sampling=GREEDY)
+    expected = reference.create_completion(prompt, max_tokens=40, temperature=0.0)
+    assert result.prompt_tokens > 500  # several chunks
+    assert result.text == expected["choices"][0]["text"]
+
+
+def test_a_request_withdrawn_while_its_prompt_is_read_stops_within_a_chunk(engine: Engine) -> None:
+    cancel = threading.Event()
+    events = engine.generate(GenerationRequest(prompt="word " * 3000, sampling=GREEDY), cancel)
+    assert isinstance(next(events), Started)
+    evaluated = []
+    original = engine._loaded.llm.eval
+
+    def eval_then_leave(tokens):  # the client leaves during the first chunk
+        evaluated.append(len(tokens))
+        cancel.set()
+        return original(tokens)
+
+    engine._loaded.llm.eval = eval_then_leave
+    try:
+        assert list(events) == []  # no text, no answer: nobody wants it
+    finally:
+        del engine._loaded.llm.eval
+    assert evaluated == [32]  # one small chunk of the 3,000 tokens
+    _, result = run(engine, prompt="Hi", sampling=GREEDY)  # the model is free and sound
+    assert result.completion_tokens > 0
 
 
 def test_greedy_chat_uses_the_gguf_template_and_matches_llama_cpp_python(engine: Engine, reference) -> None:
