@@ -1,4 +1,4 @@
-"""llm_magic benchmarks, side by side in one run (DESIGN §8).
+"""llm_magic benchmarks, side by side in one run.
 
     python benchmarks/run.py [--rounds 10] [--out benchmarks/results]
 

@@ -34,7 +34,7 @@ PROMPT_CHUNK_SECONDS = 0.05  # ... doubled while a chunk takes less than this
 
 
 def best_thread_count() -> int:
-    """Threads for generation: every core this process may use (DESIGN §8: on 2 cores,
+    """Threads for generation: every core this process may use (on 2 cores,
     2 threads give ~1.5x the tokens/s of llama-cpp-python's default of cpu_count // 2)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -19,7 +19,7 @@ class LLMMagicError(Exception):
         self.message = message
 
     def to_dict(self) -> dict:
-        """The JSON error body of DESIGN §3."""
+        """The JSON error body every route answers with."""
         return {"error": {"message": self.message, "type": self.type, "code": self.status}}
 
 

@@ -35,7 +35,7 @@ def new_token() -> str:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``serve`` flags of DESIGN §6 (shared with ``%llm_host start``)."""
+    """The ``serve`` flags (shared with ``%llm_host start``)."""
     parser.add_argument("--model", metavar="SPEC",
                         help="a .gguf path, OWNER/REPO:QUANT, OWNER/REPO:FILENAME (glob allowed); "
                              "default: the embedded SmolLM2-135M-Instruct")
@@ -111,7 +111,7 @@ class ApiHost:
     ) -> None:
         self.model = model
         self.token = (token or os.environ.get(TOKEN_ENV) or _colab_secret(TOKEN_ENV) or new_token()) if use_token else None
-        # DESIGN §6: a notebook host opens the public tunnel by default, a terminal one does not.
+        # A notebook host opens the public tunnel by default, a terminal one does not.
         self.tunnel = tunnel or ("cloudflared" if "ipykernel" in sys.modules else "none")
         self.host, self.port = host, port
         self.startup_timeout = startup_timeout

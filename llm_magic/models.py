@@ -1,4 +1,4 @@
-"""Model specs (DESIGN §4), their resolution to a local GGUF file, downloads through
+"""Model specs, their resolution to a local GGUF file, downloads through
 ``huggingface_hub`` (its progress bars and cache, ``HF_TOKEN``), and the allow-list."""
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def _group_shards(files: Iterable[str]) -> list[list[str]]:
 
 
 class ModelPolicy:
-    """Which models a request may make the host load (DESIGN §4).
+    """Which models a request may make the host load.
 
     The default model is always allowed. With a token and no patterns, the token holder may
     load any hub model (as the seed allowed). With ``--allow-model`` patterns, only those.

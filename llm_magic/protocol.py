@@ -42,7 +42,7 @@ class GenerationRequest:
 
     prompt: str | None = None  # text completion
     messages: tuple[dict, ...] | None = None  # chat: ({"role", "content"}, ...)
-    model: str | None = None  # model spec (DESIGN §4); None: the host's default model
+    model: str | None = None  # a model spec (models.py); None: the host's default model
     sampling: Sampling = field(default_factory=Sampling)
     ctx_length: int | None = None  # None: the host's setting
     use_gpu: bool | None = None  # None: the host's setting

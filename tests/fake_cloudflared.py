@@ -1,4 +1,4 @@
-"""A stand-in for the cloudflared executable (DESIGN §7), run through $LLM_MAGIC_CLOUDFLARED.
+"""A stand-in for the cloudflared executable, run through $LLM_MAGIC_CLOUDFLARED.
 
 Called as ``fake_cloudflared.py tunnel --no-autoupdate --metrics HOST:PORT --url TARGET`` it
 serves a metrics page naming its public URL, like the real one. $FAKE_CLOUDFLARED_MODE:

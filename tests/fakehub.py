@@ -1,4 +1,4 @@
-"""A local stand-in for the Hugging Face hub (DESIGN §7): the real huggingface_hub code runs
+"""A local stand-in for the Hugging Face hub: the real huggingface_hub code runs
 against it through HF_ENDPOINT. It answers the file-resolve and repo-tree routes, with the
 headers huggingface_hub checks, and can be told to fail a download half-way."""
 

@@ -1,4 +1,4 @@
-"""The public tunnel with a fake cloudflared (DESIGN §7), and long answers through a proxy that
+"""The public tunnel with a fake cloudflared, and long answers through a proxy that
 cuts idle connections the way Cloudflare's edge does."""
 
 from __future__ import annotations
