@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 
 from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError, ModelNotAllowed
 from .models import ModelPolicy, ModelSpec, model_name, resolve_model
-from .protocol import Completion, Event, GenerationRequest, Started
+from .grammars import grammar_for
+from .protocol import Completion, Event, GenerationRequest, LoggedText, Started, TokenLogprob
 
 log = logging.getLogger("llm_magic.engine")
 
@@ -276,6 +277,8 @@ class Engine:
         """
         spec = ModelSpec.parse(request.model)
         self.policy.check(spec)
+        if request.response_format is not None:
+            grammar_for(request.response_format)  # an unsupported schema is a 400 before the line
         if request.ctx_length is not None and request.ctx_length > self.max_ctx:
             raise InvalidRequest(
                 f"a context of {request.ctx_length} tokens is more than this host allows ({self.max_ctx}; "
@@ -403,6 +406,7 @@ class Engine:
         seed = random.getrandbits(32) if s.seed is None or s.seed < 0 else s.seed % 2**32
         llm.set_seed(seed)
         cached = _common_prefix(llm._input_ids, tokens)
+        grammar = self._grammar(request)
 
         yield Started(loaded.name, len(tokens))
 
@@ -414,12 +418,13 @@ class Engine:
         finish, n_generated = "length", 0
         started = time.perf_counter()
         first_token_at = None
+        logprobs = _Logprobs(llm, request.logprobs, self._piece, loaded) if request.logprobs is not None else None
         if not self._read_prompt(llm, tokens, cached, cancel):
             return  # withdrawn while its prompt was read: no answer is wanted
         tokens_iter = llm.generate(
             tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
             repeat_penalty=s.repeat_penalty, frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty)
+            presence_penalty=s.presence_penalty, grammar=grammar)
         try:
             for token in tokens_iter:
                 if first_token_at is None:
@@ -428,10 +433,12 @@ class Engine:
                     finish = "stop"
                     break
                 n_generated += 1
+                if logprobs is not None:
+                    logprobs.add(token)  # the logits that chose it are still the context's last
                 text, stopped = scanner.feed(decoder.decode(self._piece(loaded, token)))
                 if text:
                     parts.append(text)
-                    yield text
+                    yield logprobs.with_text(text) if logprobs is not None else text
                 if stopped:
                     finish = "stop"
                     break
@@ -449,11 +456,21 @@ class Engine:
             text += scanner.flush()
             if text:
                 parts.append(text)
-                yield text
+                yield logprobs.with_text(text) if logprobs is not None else text
         ended = time.perf_counter()
         first_token_at = first_token_at or ended
         timings = _timings(len(tokens), cached, n_generated, started, first_token_at, ended)
-        yield Completion("".join(parts), loaded.name, finish, len(tokens), n_generated, timings)
+        yield Completion("".join(parts), loaded.name, finish, len(tokens), n_generated, timings,
+                         cached_tokens=cached, logprobs=logprobs.reported if logprobs is not None else None)
+
+    @staticmethod
+    def _grammar(request: GenerationRequest) -> Any:
+        """The llama.cpp grammar for a request's ``response_format`` (``None`` without one)."""
+        if request.response_format is None:
+            return None
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        return LlamaGrammar.from_string(grammar_for(request.response_format), verbose=False)
 
     @staticmethod
     def _read_prompt(llm: Any, tokens: list[int], cached: int, cancel: threading.Event | None) -> bool:
@@ -493,6 +510,45 @@ class Engine:
                 n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
             piece = loaded.pieces[token] = buf.raw[:n]
         return piece
+
+
+class _Logprobs:
+    """Log-probabilities of generated tokens, read from the logits only when a request asks.
+    They are of the model's own distribution (before temperature and other samplers), as
+    OpenAI and vLLM report them."""
+
+    def __init__(self, llm: Any, top: int, piece: Callable[[Any, int], bytes], loaded: Any) -> None:
+        import numpy
+
+        self._np = numpy
+        self._llm, self._top, self._piece, self._loaded = llm, top, piece, loaded
+        self._n_vocab = _llama_cpp().llama_vocab_n_tokens(llm._model.vocab)
+        self._pending: list[TokenLogprob] = []  # tokens whose text is not out yet
+        self.reported: list[TokenLogprob] = []
+
+    def _entry(self, token: int, logprob: float) -> tuple[str, float, bytes]:
+        raw = self._piece(self._loaded, token)
+        return raw.decode("utf-8", errors="replace"), logprob, raw
+
+    def add(self, token: int) -> None:
+        np = self._np
+        pointer = _llama_cpp().llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        top: tuple = ()
+        if self._top:
+            best = np.argpartition(-logprobs, self._top)[: self._top]
+            best = best[np.argsort(-logprobs[best])]
+            top = tuple(self._entry(int(t), float(logprobs[t])) for t in best)
+        text, logprob, raw = self._entry(token, float(logprobs[token]))
+        self._pending.append(TokenLogprob(text, logprob, raw, top))
+
+    def with_text(self, text: str) -> LoggedText:
+        """``text`` carrying the tokens that made it (a held-back token goes with the next)."""
+        entries, self._pending = tuple(self._pending), []
+        self.reported.extend(entries)
+        return LoggedText(text, entries)
 
 
 def _prompt_too_long(tokens: str, n_ctx: int) -> InvalidRequest:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
-import uuid
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Union
 
@@ -49,10 +48,31 @@ class GenerationRequest:
     chat_format: str | None = None  # None: the template inside the GGUF
     stream: bool = False
     include_usage: bool = False  # OpenAI stream_options.include_usage
+    response_format: "ResponseFormat | None" = None  # constrain the output to JSON
+    logprobs: int | None = None  # how many alternatives per token to report; None: no logprobs
 
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output: any JSON object, or JSON valid against ``schema``."""
+
+    schema: dict | None = None  # None: any JSON object
+    name: str = "response"
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: bytes
+    top: tuple[tuple[str, float, bytes], ...] = ()
 
 
 @dataclass
@@ -65,6 +85,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0  # of the prompt, found in the KV cache
+    logprobs: list[TokenLogprob] | None = None  # when asked
 
     @property
     def usage(self) -> dict[str, int]:
@@ -73,6 +95,21 @@ class Completion:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+    @property
+    def openai_usage(self) -> dict[str, Any]:
+        return {**self.usage, "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+class LoggedText(str):
+    """A text delta that carries the log-probabilities of the tokens that made it."""
+
+    logprobs: tuple[TokenLogprob, ...]
+
+    def __new__(cls, text: str, logprobs: tuple[TokenLogprob, ...]) -> "LoggedText":
+        obj = super().__new__(cls, text)
+        obj.logprobs = logprobs
+        return obj
 
 
 @dataclass(frozen=True)
@@ -187,6 +224,15 @@ class _Fields:
         return tuple(dict.fromkeys(items))
 
 
+_REPO_LIKE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:.+)?$")
+
+
+def looks_like_model_spec(name: str) -> bool:
+    """Whether ``name`` is written as a model spec (a ``.gguf`` path or ``OWNER/REPO[:...]``),
+    rather than a bare name such as ``gpt-4o`` that OpenAI clients send by default."""
+    return name.lower().endswith(".gguf") or bool(_REPO_LIKE.match(name))
+
+
 def _object_or_empty(body: dict, key: str) -> Any:
     value = body.get(key)
     return {} if value is None else value
@@ -217,32 +263,40 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repe
                    "presence_penalty", "frequency_penalty", "stop", "seed")
 
 
-def _message_content(value: Any, where: str, allow_parts: bool) -> str:
-    if isinstance(value, str):
-        return value
-    if allow_parts and isinstance(value, list):
-        texts = []
-        for i, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequest(
-                    f"{where}.content[{i}] must be {{\"type\": \"text\", \"text\": \"...\"}}; "
-                    "this host handles text only"
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    raise InvalidRequest(f"{where}.content must be a string, not {_type_name(value)}")
+def parse_response_format(value: Any, where: str = "response_format") -> ResponseFormat | None:
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+    if value is None:
+        return None
+    f = _Fields(value, where + ".")
+    kind = value.get("type")
+    if kind == "text":
+        f.reject_unknown(("type",))
+        return None
+    if kind == "json_object":
+        f.reject_unknown(("type",))
+        return ResponseFormat()
+    if kind != "json_schema":
+        raise InvalidRequest(f"'{where}.type' must be text, json_object or json_schema, got {json.dumps(kind)}")
+    f.reject_unknown(("type", "json_schema"))
+    spec = _Fields(value.get("json_schema"), where + ".json_schema.")
+    spec.reject_unknown(("name", "schema", "strict", "description"))
+    schema = spec.obj.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise InvalidRequest(f"'{where}.json_schema.schema' must be a JSON Schema object, not {_type_name(schema)}")
+    return ResponseFormat(schema=schema, name=spec.string("name", "response", max_length=64),
+                          strict=bool(spec.boolean("strict", False)))
 
 
-def _messages(value: Any, field_name: str, strict_order: bool) -> tuple[dict, ...]:
-    """Validate a chat history. ``strict_order``: the seed's rule — optional leading system,
-    then user/assistant alternating, ending with user."""
+def _api_messages(value: Any, field_name: str) -> tuple[dict, ...]:
+    """Validate an ``/api`` chat history: the seed's rule — an optional leading system message,
+    then user and assistant alternating, ending with user; content is text."""
     if not isinstance(value, list):
         raise InvalidRequest(f"'{field_name}' must be a list of messages, not {_type_name(value)}")
     if not value:
         raise InvalidRequest(f"'{field_name}' must hold at least one message")
     if len(value) > MAX_MESSAGES:
         raise InvalidRequest(f"'{field_name}' holds more than {MAX_MESSAGES} messages")
-    roles = ("system", "user", "assistant") if strict_order else ("system", "developer", "user", "assistant")
+    roles = ("system", "user", "assistant")
     messages = []
     for i, item in enumerate(value):
         where = f"'{field_name}[{i}]'"
@@ -255,12 +309,11 @@ def _messages(value: Any, field_name: str, strict_order: bool) -> tuple[dict, ..
         role = item.get("role")
         if role not in roles:
             raise InvalidRequest(f"{where}.role must be one of {', '.join(roles)}, got {json.dumps(role)}")
-        content = _message_content(item.get("content"), f"{field_name}[{i}]", allow_parts=not strict_order)
-        messages.append({"role": "system" if role == "developer" else role, "content": content})
-    if strict_order:
-        _check_seed_order(messages, field_name)
-    elif messages[-1]["role"] == "system":
-        raise InvalidRequest(f"'{field_name}' must not end with a system message")
+        content = item.get("content")
+        if not isinstance(content, str):
+            raise InvalidRequest(f"{field_name}[{i}].content must be a string, not {_type_name(content)}")
+        messages.append({"role": role, "content": content})
+    _check_seed_order(messages, field_name)
     return tuple(messages)
 
 
@@ -305,7 +358,7 @@ def parse_api_request(body: Any) -> GenerationRequest:
     if isinstance(inputs, str):
         prompt = inputs
     elif isinstance(inputs, list):
-        messages = _messages(inputs, "inputs", strict_order=True)
+        messages = _api_messages(inputs, "inputs")
     else:
         raise InvalidRequest(
             f"'inputs' must be a string (text completion) or a list of {{role, content}} messages (chat), "
@@ -313,7 +366,7 @@ def parse_api_request(body: Any) -> GenerationRequest:
         )
 
     params = _Fields(_object_or_empty(body, "parameters"), "parameters.")
-    params.reject_unknown(SAMPLING_FIELDS)
+    params.reject_unknown((*SAMPLING_FIELDS, "response_format"))
     options = _Fields(_object_or_empty(body, "options"), "options.")
     options.reject_unknown(API_OPTIONS)
     if options.present("ctx_length") and options.present("ctx_lenght"):
@@ -328,7 +381,12 @@ def parse_api_request(body: Any) -> GenerationRequest:
         use_gpu=options.boolean("use_gpu"),
         chat_format=options.string("chat_format", max_length=100),
         stream=options.boolean("stream", False),
+        response_format=_api_response_format(params.obj.get("response_format")),
     )
+
+
+def _api_response_format(value: Any) -> ResponseFormat | None:
+    return parse_response_format(value, "parameters.response_format")  # the same object as OpenAI's
 
 
 def api_answer(result: Completion) -> dict:
@@ -362,137 +420,3 @@ def api_stream(events: Iterable[Event]) -> Iterator[str]:
         elif isinstance(event, KeepAlive):
             yield SSE_KEEPALIVE
     yield SSE_DONE
-
-
-# ---------------------------------------------------------------------------------------------
-# OpenAI-compatible /v1
-
-DEFAULT_MODEL_ALIASES = ("default",)
-# Accepted for compatibility; they do not change what this host does.
-_OPENAI_IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
-_OPENAI_COMMON = ("model", "stream", "stream_options", "n", "logit_bias", "logprobs",
-                  *SAMPLING_FIELDS, *_OPENAI_IGNORED)
-OPENAI_CHAT_FIELDS = (*_OPENAI_COMMON, "messages", "max_completion_tokens", "response_format",
-                      "top_logprobs", "tools", "tool_choice", "functions", "function_call")
-OPENAI_COMPLETION_FIELDS = (*_OPENAI_COMMON, "prompt", "echo", "suffix", "best_of")
-OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
-
-
-def _openai_common(f: _Fields, model_ids: Iterable[str]) -> dict:
-    f.integer("n", 1, 1)  # one choice per request
-    if f.obj.get("logit_bias"):
-        raise InvalidRequest("'logit_bias' is not supported by this host")
-    if f.obj.get("logprobs") not in (None, False, 0):
-        raise InvalidRequest("'logprobs' is not supported by this host")
-    model = f.string("model", max_length=700)
-    if model is None or model in DEFAULT_MODEL_ALIASES or model in set(model_ids):
-        model = None
-    stream = f.boolean("stream", False)
-    options = _Fields(_object_or_empty(f.obj, "stream_options"), "stream_options.")
-    options.reject_unknown(("include_usage",))
-    return {"model": model, "stream": stream, "include_usage": bool(options.boolean("include_usage", False))}
-
-
-def parse_openai_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
-    """Validate a ``POST /v1/chat/completions`` body. ``model_ids``: names of the default model."""
-    f = _Fields(body)
-    f.reject_unknown(OPENAI_CHAT_FIELDS)
-    for key in ("tools", "tool_choice", "functions", "function_call"):
-        if f.obj.get(key):
-            raise InvalidRequest(f"'{key}': tool and function calling are not supported by this host")
-    response_format = f.obj.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise InvalidRequest("'response_format': only {\"type\": \"text\"} is supported by this host")
-    if "messages" not in body:
-        raise InvalidRequest("'messages' is required: a list of {role, content} messages")
-    messages = _messages(body["messages"], "messages", strict_order=False)
-    return GenerationRequest(
-        messages=messages,
-        sampling=_sampling(f, ("max_tokens", "max_completion_tokens"), None),
-        **_openai_common(f, model_ids),
-    )
-
-
-def parse_openai_completion(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
-    """Validate a ``POST /v1/completions`` body."""
-    f = _Fields(body)
-    f.reject_unknown(OPENAI_COMPLETION_FIELDS)
-    if f.obj.get("echo"):
-        raise InvalidRequest("'echo' is not supported by this host")
-    if f.obj.get("suffix") is not None:
-        raise InvalidRequest("'suffix' is not supported by this host")
-    f.integer("best_of", 1, 1)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequest("'prompt' is required and must be a string (one prompt per request)")
-    return GenerationRequest(
-        prompt=prompt,
-        sampling=_sampling(f, ("max_tokens",), OPENAI_COMPLETION_DEFAULT_MAX_TOKENS),
-        **_openai_common(f, model_ids),
-    )
-
-
-@dataclass
-class OpenAIRenderer:
-    """Renders one generation in the OpenAI wire format (whole or as SSE chunks)."""
-
-    chat: bool
-    model: str = ""
-    include_usage: bool = False
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def _object(self) -> str:
-        return "chat.completion" if self.chat else "text_completion"
-
-    def _envelope(self, obj: str, choices: list, model: str) -> dict:
-        prefix = "chatcmpl-" if self.chat else "cmpl-"
-        return {"id": prefix + self.id, "object": obj, "created": self.created, "model": model,
-                "choices": choices}
-
-    def answer(self, result: Completion) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                      "logprobs": None, "finish_reason": result.finish_reason}
-        else:
-            choice = {"index": 0, "text": result.text, "logprobs": None,
-                      "finish_reason": result.finish_reason}
-        body = self._envelope(self._object, [choice], result.model)
-        body["usage"] = result.usage
-        body["timings"] = result.timings
-        return body
-
-    def _chunk(self, delta: str | None, finish_reason: str | None, model: str, first: bool = False) -> dict:
-        if self.chat:
-            d: dict = {"role": "assistant", "content": ""} if first else {}
-            if delta is not None:
-                d["content"] = delta
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
-            return self._envelope("chat.completion.chunk", [choice], model)
-        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice], model)
-
-    def stream(self, events: Iterable[Event]) -> Iterator[str]:
-        if self.chat:
-            yield sse(self._chunk(None, None, self.model, first=True))
-        for event in events:
-            if isinstance(event, str):
-                yield sse(self._chunk(event, None, self.model))
-                continue
-            if isinstance(event, KeepAlive):
-                yield SSE_KEEPALIVE
-                continue
-            if isinstance(event, Started):
-                self.model = event.model
-                continue
-            yield sse(self._chunk(None, event.finish_reason, event.model))
-            if self.include_usage:
-                usage_chunk = self._envelope(self._object + (".chunk" if self.chat else ""), [], event.model)
-                usage_chunk["usage"] = event.usage
-                usage_chunk["timings"] = event.timings
-                yield sse(usage_chunk)
-        yield SSE_DONE
-

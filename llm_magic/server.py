@@ -25,16 +25,19 @@ from .engine import Engine
 from .errors import (
     AuthenticationError, HostBusy, InvalidRequest, LLMMagicError, PayloadTooLarge, RequestTimeout,
 )
+from .errors import NotFound as NotFoundError
 from .httpserver import MAX_BODY_BYTES, SOCKET_KEY, BodyTooLarge, loggable
+from .openai_wire import OpenAIRenderer, parse_chat, parse_completion
 from .protocol import (
-    KEEPALIVE, Completion, Event, GenerationRequest, OpenAIRenderer, Started, api_answer,
-    api_stream, parse_api_request, parse_openai_chat, parse_openai_completion, sse,
+    KEEPALIVE, Completion, Event, GenerationRequest, Started, api_answer, api_stream,
+    parse_api_request, sse,
 )
 
 log = logging.getLogger("llm_magic.server")
 
 KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
 ROUTES = "POST /api, POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health"
+FINGERPRINT = f"llm_magic-{__version__}"  # OpenAI's system_fingerprint: which build answered
 
 
 def create_app(
@@ -92,11 +95,11 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Any:
-        return _openai(parse_openai_chat, chat=True)
+        return _openai(parse_chat, chat=True)
 
     @app.post("/v1/completions")
     def completions() -> Any:
-        return _openai(parse_openai_completion, chat=False)
+        return _openai(parse_completion, chat=False)
 
     def _openai(parse: Callable[..., GenerationRequest], chat: bool) -> Any:
         body = _json_body(max_body)
@@ -104,18 +107,29 @@ def create_app(
         gen_request = parse(body, model_ids=(engine.default_name,))
         started, events = _start(engine, gen_request, keepalive)
         model = started.model if started else engine.default_name
-        renderer = OpenAIRenderer(chat=chat, model=model, include_usage=gen_request.include_usage)
+        renderer = OpenAIRenderer(chat=chat, model=model, include_usage=gen_request.include_usage,
+                                  fingerprint=FINGERPRINT)
         if gen_request.stream:
             return _sse_response(renderer.stream(events), events)
         return _json_response(events, renderer.answer, keepalive)
 
+    def model_objects() -> dict[str, dict]:
+        created = app.extensions["llm_magic"]["started"]
+        names = dict.fromkeys([engine.default_name, engine.model or engine.default_name])
+        return {name: {"id": name, "object": "model", "created": created, "owned_by": "llm_magic"} for name in names}
+
     @app.get("/v1/models")
     def models() -> Any:
         _authorize(token, None, body_token=False)
-        created = app.extensions["llm_magic"]["started"]
-        names = dict.fromkeys([engine.default_name, engine.model or engine.default_name])
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "llm_magic"} for name in names]}
+        return {"object": "list", "data": list(model_objects().values())}
+
+    @app.get("/v1/models/<path:model_id>")
+    def model(model_id: str) -> Any:
+        _authorize(token, None, body_token=False)
+        found = model_objects().get(model_id)
+        if found is None:
+            raise NotFoundError(f"no model '{loggable(model_id, 200)}' here; GET /v1/models lists them")
+        return found
 
     @app.errorhandler(LLMMagicError)
     def handle_error(exc: LLMMagicError) -> Any:

@@ -1,4 +1,4 @@
-"""Validation of /api and OpenAI bodies: every bad field gets a 400 that names it."""
+"""Validation of /api bodies: every bad field gets a 400 that names it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import json
 import pytest
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.protocol import (
-    Completion, OpenAIRenderer, Started, api_stream, parse_api_request, parse_openai_chat,
-    parse_openai_completion,
-)
+from llm_magic.protocol import Completion, ResponseFormat, Started, api_stream, parse_api_request
 
 SEED_CHAT = [
     {"role": "system", "content": "You are an assistant specialized in story writing"},
@@ -99,49 +96,6 @@ def test_nan_and_infinity_are_refused_even_if_parsed() -> None:
             parse_api_request({"inputs": "x", "parameters": {"temperature": value}})
 
 
-def test_openai_chat_defaults_and_aliases() -> None:
-    req = parse_openai_chat({"model": "default", "messages": [{"role": "developer", "content": "be brief"},
-                                                              {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-                             "max_completion_tokens": 9, "stream": True, "stream_options": {"include_usage": True},
-                             "n": 1, "user": "me"})
-    assert req.model is None and req.stream and req.include_usage
-    assert req.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"})
-    assert req.sampling.max_tokens == 9
-
-
-def test_openai_model_listed_id_means_default_and_other_names_are_specs() -> None:
-    assert parse_openai_chat({"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
-                             model_ids=["tiny"]).model is None
-    assert parse_openai_chat({"model": "org/repo:Q4_K_M", "messages": [{"role": "user", "content": "x"}]},
-                             model_ids=["tiny"]).model == "org/repo:Q4_K_M"
-
-
-@pytest.mark.parametrize("body, message", [
-    ({}, "'messages' is required"),
-    ({"messages": "hi"}, "'messages' must be a list"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n' must be between 1 and 1"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tool and function calling"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "unknown field 'frobnicate'"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text only"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "must not end with a system message"),
-    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"x": 1}}, "stream_options.x"),
-])
-def test_bad_openai_chat_bodies(body: dict, message: str) -> None:
-    with pytest.raises(InvalidRequest, match=message):
-        parse_openai_chat(body)
-
-
-def test_openai_completion() -> None:
-    req = parse_openai_completion({"prompt": ["Once upon"], "max_tokens": 3})
-    assert req.prompt == "Once upon" and req.sampling.max_tokens == 3
-    assert parse_openai_completion({"prompt": "x"}).sampling.max_tokens == 16  # OpenAI's default
-    with pytest.raises(InvalidRequest, match="'prompt' is required"):
-        parse_openai_completion({"prompt": ["a", "b"]})
-    with pytest.raises(InvalidRequest, match="'echo'"):
-        parse_openai_completion({"prompt": "x", "echo": True})
-
-
 def _events() -> list:
     return [Started("m", 3), "Hel", "lo", Completion("Hello", "m", "stop", 3, 2, {"predicted_n": 2})]
 
@@ -159,17 +113,10 @@ def test_api_stream_events() -> None:
     assert events[3] == "[DONE]"
 
 
-def test_openai_chat_stream_chunks_with_usage() -> None:
-    chunks = _decode(list(OpenAIRenderer(chat=True, model="m", include_usage=True).stream(_events())))
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-2] if c["choices"]) == "Hello"
-    assert chunks[-3]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["total_tokens"] == 5
-    assert chunks[-1] == "[DONE]"
-    assert len({c["id"] for c in chunks[:-1]}) == 1
-
-
-def test_openai_stream_without_usage_has_no_usage_chunk() -> None:
-    chunks = _decode(list(OpenAIRenderer(chat=False, model="m").stream(_events())))
-    assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["Hel", "lo", ""]
-    assert all("usage" not in c for c in chunks[:-1])
+def test_api_takes_response_format_in_parameters() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    req = parse_api_request({"inputs": "x", "parameters": {"response_format": {
+        "type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}}})
+    assert req.response_format == ResponseFormat(schema=schema, name="thing", strict=True)
+    with pytest.raises(InvalidRequest, match="'parameters.response_format.type' must be text, json_object or json_schema"):
+        parse_api_request({"inputs": "x", "parameters": {"response_format": {"type": "xml"}}})

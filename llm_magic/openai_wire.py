@@ -1,0 +1,316 @@
+"""The OpenAI wire format of ``/v1/chat/completions`` and ``/v1/completions``: validate bodies
+into a ``GenerationRequest`` and render results back, whole or as SSE chunks.
+
+Lenient where OpenAI's own server is: names that are no model spec (``gpt-4o``) mean the host's
+model, valid OpenAI fields that do not apply here are accepted and ignored, and messages may
+carry everything the openai SDK and the frameworks send back (``content: null``, tool calls and
+results, ``developer``, text parts). No Flask and no llama_cpp here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from .errors import InvalidRequest
+from .protocol import (
+    MAX_MESSAGES, SAMPLING_FIELDS, SSE_DONE, SSE_KEEPALIVE, Completion, Event, GenerationRequest,
+    KeepAlive, LoggedText, ResponseFormat, Started, TokenLogprob, _Fields, _object_or_empty,
+    _sampling, _type_name, looks_like_model_spec, parse_response_format, sse,
+)
+
+DEFAULT_MODEL_ALIASES = ("default",)
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's own limit for /v1/completions
+OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
+
+# Valid OpenAI fields that change nothing here; accepted so that clients sending them work.
+IGNORED_FIELDS = (
+    "user", "store", "metadata", "service_tier", "parallel_tool_calls", "reasoning_effort",
+    "prediction", "verbosity", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+    "web_search_options", "modalities", "audio",
+)
+_COMMON = ("model", "stream", "stream_options", "n", "logit_bias", "logprobs", *SAMPLING_FIELDS,
+           *IGNORED_FIELDS)
+CHAT_FIELDS = (*_COMMON, "messages", "max_completion_tokens", "response_format", "top_logprobs",
+               "tools", "tool_choice", "functions", "function_call")
+COMPLETION_FIELDS = (*_COMMON, "prompt", "echo", "suffix", "best_of", "response_format")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio",
+                  "function_call", "annotations", "reasoning_content")
+
+
+def _ignored_but_checked(f: _Fields) -> None:
+    """Ignored fields still may not ask for what this host cannot do."""
+    modalities = f.obj.get("modalities")
+    if modalities is not None:
+        if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+            raise InvalidRequest("'modalities' must be a list of strings")
+        if set(modalities) - {"text"}:
+            raise InvalidRequest("'modalities': this host answers with text only; send [\"text\"] or leave it out")
+    if f.obj.get("audio") is not None:
+        raise InvalidRequest("'audio': this host answers with text only; leave it out or send null")
+
+
+def _model(f: _Fields, model_ids: Iterable[str]) -> str | None:
+    """The model spec asked for; ``None`` for the host's model — also for names that are no
+    spec at all (``gpt-4o``, ``my-model``), as llama-server does."""
+    model = f.obj.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise InvalidRequest(f"'model' must be a string, not {_type_name(model)}")
+    model = model.strip()
+    if len(model) > 700:
+        raise InvalidRequest("'model' is longer than 700 characters")
+    if not model or model in DEFAULT_MODEL_ALIASES or model in set(model_ids) or not looks_like_model_spec(model):
+        return None
+    return model
+
+
+def _common(f: _Fields, model_ids: Iterable[str]) -> dict:
+    f.integer("n", 1, 1)  # one choice per request
+    if f.obj.get("logit_bias"):
+        raise InvalidRequest("'logit_bias' is not supported by this host")
+    _ignored_but_checked(f)
+    options = _Fields(_object_or_empty(f.obj, "stream_options"), "stream_options.")
+    options.reject_unknown(("include_usage", "include_obfuscation"))
+    options.boolean("include_obfuscation")
+    return {"model": _model(f, model_ids), "stream": f.boolean("stream", False),
+            "include_usage": bool(options.boolean("include_usage", False))}
+
+
+def _content(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            key = {"text": "text", "refusal": "refusal"}.get(kind or "")
+            if key is None or not isinstance(part.get(key), str):
+                raise InvalidRequest(f"'{where}.content[{i}]' must be {{\"type\": \"text\", \"text\": \"...\"}}; "
+                                     "this host handles text only")
+            texts.append(part[key])
+        return "".join(texts)
+    raise InvalidRequest(f"'{where}.content' must be a string, a list of text parts or null, not {_type_name(value)}")
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'{where}.tool_calls' must be a list")
+    calls = []
+    for i, call in enumerate(value):
+        f = _Fields(call, f"{where}.tool_calls[{i}].")
+        function = _Fields(call.get("function"), f"{where}.tool_calls[{i}].function.")
+        name = function.string("name", max_length=256)
+        arguments = function.obj.get("arguments", "{}")
+        if name is None:
+            raise InvalidRequest(f"'{where}.tool_calls[{i}].function.name' is required")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        calls.append({"id": f.string("id", f"call_{i}", max_length=256), "type": "function",
+                      "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+def parse_messages(value: Any, field_name: str = "messages") -> tuple[dict, ...]:
+    """OpenAI chat messages, as the chat template receives them: ``developer`` becomes
+    ``system``, content is text, tool calls and results keep their fields."""
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'{field_name}' must be a list of messages, not {_type_name(value)}")
+    if not value:
+        raise InvalidRequest(f"'{field_name}' must hold at least one message")
+    if len(value) > MAX_MESSAGES:
+        raise InvalidRequest(f"'{field_name}' holds more than {MAX_MESSAGES} messages")
+    messages = []
+    for i, item in enumerate(value):
+        where = f"{field_name}[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content', not {_type_name(item)}")
+        f = _Fields(item, where + ".")
+        f.reject_unknown(MESSAGE_FIELDS)
+        role = item.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"'{where}.role' must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
+        message: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                   "content": _content(item.get("content"), where)}
+        if role == "function":  # the deprecated form of a tool result
+            message["role"] = "tool"
+        name = f.string("name", max_length=256)
+        if name:
+            message["name"] = name
+        if item.get("tool_calls"):
+            if role != "assistant":
+                raise InvalidRequest(f"'{where}.tool_calls' belongs to assistant messages")
+            message["tool_calls"] = _tool_calls(item["tool_calls"], where)
+        if role == "tool":
+            message["tool_call_id"] = f.string("tool_call_id", "", max_length=256) or ""
+        messages.append(message)
+    if messages[-1]["role"] == "system":
+        raise InvalidRequest(f"'{field_name}' must not end with a system message")
+    return tuple(messages)
+
+
+def _chat_logprobs(f: _Fields) -> int | None:
+    if not f.boolean("logprobs", False):
+        if f.present("top_logprobs") and f.obj.get("top_logprobs") != 0:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true")
+        return None
+    return f.integer("top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
+
+
+def parse_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
+    """Validate a ``POST /v1/chat/completions`` body. ``model_ids``: names of the default model."""
+    f = _Fields(body)
+    f.reject_unknown(CHAT_FIELDS)
+    tool_choice = f.obj.get("tool_choice")
+    if f.obj.get("tools") and tool_choice != "none":
+        raise InvalidRequest("'tools': tool calling is not supported by this host yet; send "
+                             "\"tool_choice\": \"none\" to chat without them")
+    if f.obj.get("functions") and f.obj.get("function_call") != "none":
+        raise InvalidRequest("'functions': function calling is not supported by this host yet")
+    if "messages" not in body:
+        raise InvalidRequest("'messages' is required: a list of {role, content} messages")
+    return GenerationRequest(
+        messages=parse_messages(body["messages"]),
+        sampling=_sampling(f, ("max_tokens", "max_completion_tokens"), None),
+        response_format=parse_response_format(f.obj.get("response_format")),
+        logprobs=_chat_logprobs(f),
+        **_common(f, model_ids),
+    )
+
+
+def parse_completion(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
+    """Validate a ``POST /v1/completions`` body."""
+    f = _Fields(body)
+    f.reject_unknown(COMPLETION_FIELDS)
+    if f.obj.get("echo"):
+        raise InvalidRequest("'echo' is not supported by this host")
+    if f.obj.get("suffix") is not None:
+        raise InvalidRequest("'suffix' is not supported by this host")
+    f.integer("best_of", 1, 1)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' is required and must be a string (one prompt per request)")
+    logprobs = f.obj.get("logprobs")
+    return GenerationRequest(
+        prompt=prompt,
+        sampling=_sampling(f, ("max_tokens",), OPENAI_COMPLETION_DEFAULT_MAX_TOKENS),
+        response_format=parse_response_format(f.obj.get("response_format")),
+        logprobs=None if logprobs is None or logprobs is False else f.integer("logprobs", 0, MAX_COMPLETION_LOGPROBS),
+        **_common(f, model_ids),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -9999.0  # JSON has no -Infinity
+
+
+def chat_logprobs(entries: Iterable[TokenLogprob]) -> dict:
+    """``choices[].logprobs`` of a chat completion (or of one chunk)."""
+    return {"content": [
+        {"token": e.token, "logprob": _finite(e.logprob), "bytes": list(e.bytes),
+         "top_logprobs": [{"token": t, "logprob": _finite(lp), "bytes": list(b)} for t, lp, b in e.top]}
+        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: Iterable[TokenLogprob], offset: int = 0) -> dict:
+    """``choices[].logprobs`` of a text completion: parallel lists, as OpenAI's legacy API."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for e in entries:
+        tokens.append(e.token)
+        token_logprobs.append(_finite(e.logprob))
+        top.append({t: _finite(lp) for t, lp, _ in e.top})
+        offsets.append(offset)
+        offset += len(e.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+@dataclass
+class OpenAIRenderer:
+    """Renders one generation in the OpenAI wire format (whole or as SSE chunks)."""
+
+    chat: bool
+    model: str = ""
+    include_usage: bool = False
+    fingerprint: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+    _text_offset: int = 0
+
+    @property
+    def _object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def _envelope(self, obj: str, choices: list, model: str) -> dict:
+        prefix = "chatcmpl-" if self.chat else "cmpl-"
+        return {"id": prefix + self.id, "object": obj, "created": self.created, "model": model,
+                "system_fingerprint": self.fingerprint, "choices": choices}
+
+    def _logprobs(self, entries: Iterable[TokenLogprob] | None) -> dict | None:
+        if entries is None:
+            return None
+        if self.chat:
+            return chat_logprobs(entries)
+        rendered = completion_logprobs(entries, self._text_offset)
+        self._text_offset += sum(len(t) for t in rendered["tokens"])
+        return rendered
+
+    def answer(self, result: Completion) -> dict:
+        logprobs = self._logprobs(result.logprobs)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                      "logprobs": logprobs, "finish_reason": result.finish_reason}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
+        body = self._envelope(self._object, [choice], result.model)
+        body["usage"] = result.openai_usage
+        body["timings"] = result.timings
+        return body
+
+    def _chunk(self, delta: str | None, finish_reason: str | None, model: str, first: bool = False) -> dict:
+        logprobs = self._logprobs(delta.logprobs) if isinstance(delta, LoggedText) else None
+        if self.chat:
+            d: dict = {"role": "assistant", "content": ""} if first else {}
+            if delta is not None:
+                d["content"] = str(delta)
+            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
+            return self._envelope("chat.completion.chunk", [choice], model)
+        choice = {"index": 0, "text": str(delta or ""), "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._envelope("text_completion", [choice], model)
+
+    def stream(self, events: Iterable[Event]) -> Iterator[str]:
+        if self.chat:
+            yield sse(self._chunk(None, None, self.model, first=True))
+        for event in events:
+            if isinstance(event, str):
+                yield sse(self._chunk(event, None, self.model))
+                continue
+            if isinstance(event, KeepAlive):
+                yield SSE_KEEPALIVE
+                continue
+            if isinstance(event, Started):
+                self.model = event.model
+                continue
+            if not isinstance(event, Completion):
+                continue
+            yield sse(self._chunk(None, event.finish_reason, event.model))
+            if self.include_usage:
+                usage_chunk = self._envelope(self._object + (".chunk" if self.chat else ""), [], event.model)
+                usage_chunk["usage"] = event.openai_usage
+                usage_chunk["timings"] = event.timings
+                yield sse(usage_chunk)
+        yield SSE_DONE

@@ -1,0 +1,144 @@
+"""What the openai SDK and frameworks send, against the real host process and the real model:
+structured output that always validates, logprobs, lenient model names and fields, model lookup."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jsonschema
+import pytest
+import requests
+from pydantic import BaseModel
+
+from llm_magic import ApiHost, __version__
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    hobbies: list[str]
+
+
+def openai_client(host: ApiHost):
+    from openai import OpenAI
+
+    return OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0)
+
+
+def post(host: ApiHost, path: str, body: dict) -> requests.Response:
+    return requests.post(host.url + path, json=body, timeout=120, headers={"Authorization": f"Bearer {host.token}"})
+
+
+def test_openai_parse_with_a_pydantic_model_gives_a_valid_object(host: ApiHost) -> None:
+    completion = openai_client(host).chat.completions.parse(
+        model="gpt-4o", response_format=Person, temperature=0.7, seed=3, max_tokens=200,
+        messages=[{"role": "user", "content": "Invent a person: name, age and hobbies."}])
+    person = completion.choices[0].message.parsed
+    assert isinstance(person, Person)
+    jsonschema.validate(json.loads(completion.choices[0].message.content), Person.model_json_schema())
+    assert completion.model == "SmolLM2-135M-Instruct.Q4_1"  # the model that served, not gpt-4o
+    assert completion.system_fingerprint == f"llm_magic-{__version__}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_schema_output_always_validates_stream_or_not(host: ApiHost, seed: int) -> None:
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "population": {"type": "integer", "minimum": 0},
+        "coastal": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["old", "new", "big", "small"]}, "maxItems": 3}},
+        "required": ["city", "population", "coastal", "tags"], "additionalProperties": False}
+    body = {"messages": [{"role": "user", "content": "Describe a city as JSON."}], "max_tokens": 300,
+            "temperature": 1.0, "seed": seed,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}}
+    answer = post(host, "/v1/chat/completions", body).json()
+    jsonschema.validate(json.loads(answer["choices"][0]["message"]["content"]), schema)
+    stream = openai_client(host).chat.completions.create(**body, model="x", stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_object_on_completions_and_api(host: ApiHost) -> None:
+    r = post(host, "/v1/completions", {"prompt": "A JSON object describing a cat:", "max_tokens": 120,
+                                       "response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(r.json()["choices"][0]["text"]), dict)
+    r = post(host, "/api", {"inputs": [{"role": "user", "content": "Give me a JSON object with a colour."}],
+                            "parameters": {"max_tokens": 120, "response_format": {"type": "json_object"}}})
+    assert isinstance(json.loads(r.json()["answer"]["content"]), dict)
+
+
+@pytest.mark.parametrize("schema, named", [
+    ({"type": "object", "not": {"required": ["a"]}}, "'not'"),
+    ({"type": "object", "properties": {"mail": {"type": "string", "format": "email"}}}, "format 'email'"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "'uniqueItems'"),
+    ({"$ref": "https://example.com/schema.json"}, "only references inside the schema"),
+])
+def test_a_schema_the_grammar_cannot_enforce_is_a_400_naming_it(host: ApiHost, schema: dict, named: str) -> None:
+    r = post(host, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert r.status_code == 400 and named in r.json()["error"]["message"], r.text
+
+
+def test_chat_logprobs_with_the_openai_sdk(host: ApiHost) -> None:
+    client = openai_client(host)
+    completion = client.chat.completions.create(
+        model="gpt-3.5-turbo", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0,
+        logprobs=True, top_logprobs=3)
+    content = completion.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == completion.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy takes the likeliest
+        assert bytes(entry.bytes).decode() == entry.token
+    assert 0 < sum(math.exp(t.logprob) for t in content[0].top_logprobs) <= 1.0001
+    stream = client.chat.completions.create(
+        model="gpt-3.5-turbo", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0,
+        logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e.token for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content]
+    assert streamed == [t.token for t in content]
+
+
+def test_completion_logprobs(host: ApiHost) -> None:
+    completion = openai_client(host).completions.create(model="davinci", prompt="One, two,", max_tokens=5,
+                                                        temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0
+
+
+def test_without_logprobs_answers_carry_none(host: ApiHost) -> None:
+    answer = post(host, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).json()
+    assert answer["choices"][0]["logprobs"] is None
+
+
+def test_models_by_id_and_cached_tokens(host: ApiHost) -> None:
+    client = openai_client(host)
+    model = client.models.retrieve("SmolLM2-135M-Instruct.Q4_1")
+    assert model.id == "SmolLM2-135M-Instruct.Q4_1" and model.owned_by == "llm_magic"
+    r = requests.get(host.url + "/v1/models/nope", headers={"Authorization": f"Bearer {host.token}"}, timeout=10)
+    assert r.status_code == 404 and "GET /v1/models lists them" in r.json()["error"]["message"]
+    messages = [{"role": "system", "content": "You are terse. " * 20}, {"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model="m", messages=messages, max_tokens=1)
+    again = client.chat.completions.create(model="m", messages=messages, max_tokens=1)
+    assert again.usage.prompt_tokens_details.cached_tokens >= again.usage.prompt_tokens - 2
+
+
+def test_fields_frameworks_send_are_accepted(host: ApiHost) -> None:
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]
+    r = post(host, "/v1/chat/completions", {
+        "model": "gpt-4o", "max_completion_tokens": 3, "reasoning_effort": "low", "audio": None,
+        "modalities": ["text"], "verbosity": "low", "prompt_cache_key": "k", "safety_identifier": "s",
+        "stream_options": {"include_obfuscation": False, "include_usage": True}, "stream": True,
+        "messages": [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                     {"role": "user", "content": "add"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "3"}, {"role": "user", "content": "thanks"}]})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+
+
+def test_context_error_on_v1_names_no_api_field(host: ApiHost) -> None:
+    r = post(host, "/v1/completions", {"prompt": "word " * 5000, "max_tokens": 1})
+    assert r.status_code == 400 and "ctx_length" not in r.json()["error"]["message"]

@@ -1,0 +1,176 @@
+"""The OpenAI wire format: lenient where OpenAI is, a 400 naming the field otherwise, and the
+exact shapes the openai SDK and frameworks read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm_magic.errors import InvalidRequest
+from llm_magic.openai_wire import OpenAIRenderer, parse_chat as parse_openai_chat
+from llm_magic.openai_wire import parse_completion as parse_openai_completion
+from llm_magic.protocol import Completion, LoggedText, ResponseFormat, Started, TokenLogprob
+
+USER = [{"role": "user", "content": "x"}]
+
+
+def test_openai_chat_defaults_and_aliases() -> None:
+    req = parse_openai_chat({"model": "default", "messages": [{"role": "developer", "content": "be brief"},
+                                                              {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                             "max_completion_tokens": 9, "stream": True, "stream_options": {"include_usage": True},
+                             "n": 1, "user": "me"})
+    assert req.model is None and req.stream and req.include_usage
+    assert req.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"})
+    assert req.sampling.max_tokens == 9
+
+
+def test_openai_model_listed_id_means_default_and_other_names_are_specs() -> None:
+    assert parse_openai_chat({"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
+                             model_ids=["tiny"]).model is None
+    assert parse_openai_chat({"model": "org/repo:Q4_K_M", "messages": [{"role": "user", "content": "x"}]},
+                             model_ids=["tiny"]).model == "org/repo:Q4_K_M"
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "'messages' is required"),
+    ({"messages": "hi"}, "'messages' must be a list"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n' must be between 1 and 1"),
+    ({"messages": USER, "response_format": {"type": "yaml"}}, "'response_format.type' must be"),
+    ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"schema": []}}}, "JSON Schema object"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be between 0 and 20"),
+    ({"messages": USER, "top_logprobs": 2}, "needs 'logprobs'"),
+    ({"messages": USER, "modalities": ["text", "audio"]}, "text only"),
+    ({"messages": USER, "audio": {"voice": "x"}}, "text only"),
+    ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, "unknown field 'messages\\[0\\].colour'"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}, {"role": "user", "tool_calls": [{}]}]},
+     "belongs to assistant"),
+    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "unknown field 'frobnicate'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text only"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "must not end with a system message"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"x": 1}}, "stream_options.x"),
+])
+def test_bad_openai_chat_bodies(body: dict, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        parse_openai_chat(body)
+
+
+def test_openai_completion() -> None:
+    req = parse_openai_completion({"prompt": ["Once upon"], "max_tokens": 3})
+    assert req.prompt == "Once upon" and req.sampling.max_tokens == 3
+    assert parse_openai_completion({"prompt": "x"}).sampling.max_tokens == 16  # OpenAI's default
+    with pytest.raises(InvalidRequest, match="'prompt' is required"):
+        parse_openai_completion({"prompt": ["a", "b"]})
+    with pytest.raises(InvalidRequest, match="'echo'"):
+        parse_openai_completion({"prompt": "x", "echo": True})
+
+
+def test_names_that_are_no_model_spec_mean_the_hosts_model() -> None:
+    for name in ("gpt-4o", "gpt-3.5-turbo", "my-model", "text-davinci-003", "llama3"):
+        assert parse_openai_chat({"model": name, "messages": USER}).model is None
+    assert parse_openai_chat({"model": "/models/x.gguf", "messages": USER}).model == "/models/x.gguf"
+    assert parse_openai_completion({"model": "o/r", "prompt": "x"}).model == "o/r"
+
+
+def test_valid_openai_fields_that_do_not_apply_are_accepted() -> None:
+    body = {"messages": USER, "reasoning_effort": "low", "audio": None, "modalities": ["text"],
+            "prediction": {"type": "content", "content": "x"}, "verbosity": "low", "prompt_cache_key": "k",
+            "safety_identifier": "s", "store": False, "metadata": {"a": "b"}, "user": "u", "service_tier": "auto",
+            "parallel_tool_calls": True, "stream_options": {"include_obfuscation": False}, "tool_choice": "auto",
+            "web_search_options": {}, "prompt_cache_retention": "24h"}
+    assert parse_openai_chat(body).messages == ({"role": "user", "content": "x"},)
+
+
+def test_messages_as_frameworks_send_them() -> None:
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}]
+    messages = parse_openai_chat({"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+        {"role": "user", "content": "add 1", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": calls, "refusal": None, "annotations": []},
+        {"role": "tool", "tool_call_id": "call_1", "content": "2"},
+    ]}).messages
+    assert messages == (
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "add 1", "name": "ann"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "content": "2", "tool_call_id": "call_1"})
+
+
+def test_response_formats() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    parse = lambda rf: parse_openai_chat({"messages": USER, "response_format": rf}).response_format  # noqa: E731
+    assert parse({"type": "text"}) is None
+    assert parse({"type": "json_object"}) == ResponseFormat()
+    assert parse({"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}) == \
+        ResponseFormat(schema=schema, name="t", strict=True)
+    assert parse_openai_completion({"prompt": "x", "response_format": {"type": "json_object"}}).response_format
+
+
+def test_logprobs_fields() -> None:
+    assert parse_openai_chat({"messages": USER}).logprobs is None
+    assert parse_openai_chat({"messages": USER, "logprobs": True}).logprobs == 0
+    assert parse_openai_chat({"messages": USER, "logprobs": True, "top_logprobs": 5}).logprobs == 5
+    assert parse_openai_completion({"prompt": "x", "logprobs": 3}).logprobs == 3
+    assert parse_openai_completion({"prompt": "x", "logprobs": 0}).logprobs == 0
+    with pytest.raises(InvalidRequest, match="'logprobs' must be between 0 and 5"):
+        parse_openai_completion({"prompt": "x", "logprobs": 6})
+
+
+def test_tools_without_support_are_refused_clearly_unless_not_used() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(InvalidRequest, match="tool calling is not supported"):
+        parse_openai_chat({"messages": USER, "tools": tools})
+    assert parse_openai_chat({"messages": USER, "tools": tools, "tool_choice": "none"}).messages
+
+
+def _events() -> list:
+    return [Started("m", 3), "Hel", "lo", Completion("Hello", "m", "stop", 3, 2, {"predicted_n": 2}, cached_tokens=1)]
+
+
+def _decode(chunks: list[str]) -> list:
+    assert all(c.startswith("data: ") and c.endswith("\n\n") for c in chunks)
+    return [c[6:-2] if c[6:-2] == "[DONE]" else json.loads(c[6:-2]) for c in chunks]
+
+
+def test_openai_chat_stream_chunks_with_usage() -> None:
+    chunks = _decode(list(OpenAIRenderer(chat=True, model="m", include_usage=True).stream(_events())))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-2] if c["choices"]) == "Hello"
+    assert chunks[-3]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["total_tokens"] == 5
+    assert chunks[-1] == "[DONE]"
+    assert len({c["id"] for c in chunks[:-1]}) == 1
+
+
+def test_openai_stream_without_usage_has_no_usage_chunk() -> None:
+    chunks = _decode(list(OpenAIRenderer(chat=False, model="m").stream(_events())))
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["Hel", "lo", ""]
+    assert all("usage" not in c for c in chunks[:-1])
+
+
+def test_answer_has_fingerprint_and_cached_tokens() -> None:
+    body = OpenAIRenderer(chat=True, fingerprint="llm_magic-1").answer(_events()[-1])
+    assert body["system_fingerprint"] == "llm_magic-1"
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 1}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello", "refusal": None}
+
+
+LP = [TokenLogprob("Hel", -0.5, b"Hel", (("Hel", -0.5, b"Hel"), ("He", -1.5, b"He"))),
+      TokenLogprob("lo", -float("inf"), b"lo", ())]
+
+
+def test_chat_logprobs_in_openai_shape() -> None:
+    result = Completion("Hello", "m", "stop", 3, 2, logprobs=LP)
+    logprobs = OpenAIRenderer(chat=True).answer(result)["choices"][0]["logprobs"]
+    assert logprobs["refusal"] is None
+    assert logprobs["content"][0] == {"token": "Hel", "logprob": -0.5, "bytes": [72, 101, 108], "top_logprobs": [
+        {"token": "Hel", "logprob": -0.5, "bytes": [72, 101, 108]}, {"token": "He", "logprob": -1.5, "bytes": [72, 101]}]}
+    assert logprobs["content"][1]["logprob"] == -9999.0  # JSON has no -Infinity
+    chunks = _decode(list(OpenAIRenderer(chat=True).stream([Started("m", 1), LoggedText("Hello", tuple(LP)), result])))
+    assert [e["token"] for e in chunks[1]["choices"][0]["logprobs"]["content"]] == ["Hel", "lo"]
+
+
+def test_completion_logprobs_in_legacy_shape() -> None:
+    result = Completion("Hello", "m", "stop", 3, 2, logprobs=LP)
+    logprobs = OpenAIRenderer(chat=False).answer(result)["choices"][0]["logprobs"]
+    assert logprobs == {"tokens": ["Hel", "lo"], "token_logprobs": [-0.5, -9999.0],
+                        "top_logprobs": [{"Hel": -0.5, "He": -1.5}, {}], "text_offset": [0, 3]}
