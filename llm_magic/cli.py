@@ -89,7 +89,7 @@ def serve(args: argparse.Namespace) -> int:
                     threads=args.threads, chat_format=args.chat_format, max_queue=args.max_queue,
                     policy=ModelPolicy(has_token=token is not None, allow_patterns=args.allow_model))
     tunnel = None
-    app = create_app(engine, token=token, keepalive=args.keepalive,
+    app = create_app(engine, token=token, keepalive=args.keepalive, cors=args.cors,
                      extra_status=lambda: {"tunnel": tunnel.status() if tunnel else None})
     try:
         server = HttpServer(app, args.host, args.port, held=args.max_queue + 1)

@@ -59,6 +59,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
                         help="requests that may wait for the model before 503 (default: %(default)s)")
+    parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                        help="let browser pages from ORIGIN call the host (repeatable; '*' for any); "
+                             "default: none")
     parser.add_argument("--keepalive", type=float, default=15.0, metavar="S",
                         help="while the model is busy, send a keep-alive every S seconds so that "
                              "proxies and tunnels do not cut the answer (default: %(default)s)")

@@ -15,7 +15,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, NotFound
@@ -47,17 +47,25 @@ def create_app(
     max_body: int = MAX_BODY_BYTES,
     keepalive: float = KEEPALIVE_SECONDS,
     extra_status: Callable[[], dict] | None = None,
+    cors: Sequence[str] = (),
 ) -> Flask:
     """The llm_magic Flask app around ``engine``; ``token=None`` serves without a token.
 
     ``keepalive``: seconds of silence after which a busy response sends a keep-alive (an SSE
     comment, or leading whitespace before a JSON body). ``extra_status``: more for ``/health``.
+    ``cors``: origins (or ``*``) whose browser pages may call the host; none by default.
     """
     app = Flask("llm_magic")
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # Flask's own OPTIONS answer is empty HTML
     app.url_map.merge_slashes = False  # werkzeug would answer '//' with an HTML redirect
     app.extensions["llm_magic"] = {"engine": engine, "token": token, "started": int(time.time())}
+    if cors:
+        from flask_cors import CORS
+
+        # The token travels in a header, never a cookie: no credentials mode is needed.
+        CORS(app, origins=list(cors), allow_headers=["Authorization", "Content-Type"], max_age=600,
+             expose_headers=["Retry-After"])
 
     @app.before_request
     def options() -> Any:

@@ -246,3 +246,21 @@ def test_generation_pauses_until_its_first_text_has_gone_out() -> None:
     finally:
         engine.compute.stop()
     assert len(threads["made"]) == 1 and not threads["made"] & threads["started"]
+
+
+def test_cors_is_off_by_default_and_answers_preflights_for_allowed_origins(engine: Engine) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    closed = create_app(engine, token=TOKEN).test_client()
+    assert "Access-Control-Allow-Origin" not in closed.options("/v1/chat/completions", headers=preflight).headers
+    open_to = create_app(engine, token=TOKEN, cors=["https://app.example"]).test_client()
+    r = open_to.options("/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
+    r = open_to.post("/v1/chat/completions", json={"messages": CHAT}, headers={"Origin": "https://app.example"})
+    assert r.status_code == 401 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    r = open_to.options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+    anyone = create_app(engine, token=TOKEN, cors=["*"]).test_client()
+    assert anyone.get("/health", headers={"Origin": "https://x.example"}).headers["Access-Control-Allow-Origin"] == "https://x.example"
