@@ -84,8 +84,9 @@ def serve(args: argparse.Namespace) -> int:
     spec = ModelSpec.parse(args.model)
     path = resolve_model(spec)
     name = args.model_name or (str(spec) if spec.repo_id else model_name(path))
+    embedding_path = resolve_model(ModelSpec.parse(args.embedding_model)) if args.embedding_model else None
     engine = Engine(path, default_name=name, ctx_length=args.ctx, max_ctx=args.max_ctx,
-                    gpu_layers=args.gpu_layers,
+                    gpu_layers=args.gpu_layers, embedding_model=embedding_path,
                     threads=args.threads, chat_format=args.chat_format, max_queue=args.max_queue,
                     policy=ModelPolicy(has_token=token is not None, allow_patterns=args.allow_model))
     tunnel = None

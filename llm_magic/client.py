@@ -264,6 +264,14 @@ class Client:
                 **self._params(model, params)}
         return Stream(self._request("POST", "/v1/completions", body, stream=True), chat=False)
 
+    def embed(self, texts: str | Sequence[str], *, model: str | None = None) -> Any:
+        """Embeddings: one normalised vector (a list of floats) for a string, a list of vectors
+        for a list of strings."""
+        body = {"input": texts if isinstance(texts, str) else list(texts), **self._params(model, {})}
+        data = self._json(self._request("POST", "/v1/embeddings", body))
+        vectors = [item["embedding"] for item in sorted(data["data"], key=lambda item: item["index"])]
+        return vectors[0] if isinstance(texts, str) else vectors
+
     def models(self) -> list[str]:
         """Ids of the models the server offers."""
         data = self._request("GET", "/v1/models", timeout=(self.timeout[0], 30)).json()

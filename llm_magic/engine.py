@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import logging
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError, ModelNotAllowed
 from .models import ModelPolicy, ModelSpec, model_name, resolve_model
@@ -30,6 +31,7 @@ from .protocol import Completion, Event, GenerationRequest, LoggedText, Started,
 log = logging.getLogger("llm_magic.engine")
 
 DEFAULT_CTX = 4096
+EMBEDDING_CTX = 4096  # the longest input an embedding takes (also bounded by --ctx and the model)
 PROMPT_CHUNK_MIN = 32  # tokens of a prompt evaluated between two looks at cancellation, at first
 PROMPT_CHUNK_SECONDS = 0.05  # ... doubled while a chunk takes less than this
 
@@ -178,6 +180,21 @@ class _Loaded:
     pieces: dict[int, bytes] = field(default_factory=dict)
     longest_piece: int | None = None
     formatters: dict[str | None, Any] = field(default_factory=dict)
+    embedder: Any = None  # an EmbeddingContext on this model, made at the first embedding request
+
+    def close(self) -> None:
+        if self.embedder is not None:
+            self.embedder.close()  # before the model it uses
+        self.llm.close()
+
+
+@dataclass
+class Embeddings:
+    """The engine's answer to an embedding request."""
+
+    vectors: list[list[float]]
+    model: str
+    prompt_tokens: int
 
 
 @dataclass
@@ -218,6 +235,7 @@ class Engine:
         policy: ModelPolicy | None = None,
         max_queue: int = 16,
         queue_timeout: float = 600.0,
+        embedding_model: Path | None = None,
     ) -> None:
         self.default_path = Path(default_model)
         self.default_name = default_name or model_name(self.default_path)
@@ -233,6 +251,8 @@ class Engine:
         self.compute = ComputeThread()  # where a server runs generations past their start
         self._loaded: _Loaded | None = None
         self._trained_ctx: dict[Path, int] = {}  # what each model loaded so far was trained for
+        self.embedding_path = Path(embedding_model) if embedding_model else None
+        self._embedding_model: _Loaded | None = None  # loaded at its first request
 
     # -- state ---------------------------------------------------------------------------
 
@@ -257,10 +277,87 @@ class Engine:
             self._ensure_loaded(self._key(self.default_path, None, None), self.default_name)
 
     def close(self) -> None:
-        """Free the resident model (waits for a running generation) and end the compute thread."""
+        """Free the resident models (waits for a running generation) and end the compute thread."""
         with self.turnstile.turn():
             self._unload()
+            if self._embedding_model is not None:
+                self._embedding_model.close()
+                self._embedding_model = None
         self.compute.stop()
+
+    # -- embeddings ----------------------------------------------------------------------
+
+    def embed(self, inputs: Sequence[str | Sequence[int]], cancel: threading.Event | None = None) -> Embeddings:
+        """One normalised vector per input (text, or token ids). From ``embedding_model`` when
+        the host has one, else from the resident model in an embedding context sharing its
+        weights. Waits in line like a generation and computes in the compute thread."""
+        with self.turnstile.turn(cancel):
+            if self.embedding_path is not None:
+                loaded = self._embedding_loaded()
+            else:
+                loaded = self._loaded or self._ensure_loaded(self._key(self.default_path, None, None), self.default_name)
+            return self._in_compute_thread(lambda: self._embed(loaded, inputs))
+
+    @property
+    def embedding_names(self) -> tuple[str, ...]:
+        """The name of the ``--embedding-model``, if the host has one."""
+        return (model_name(self.embedding_path),) if self.embedding_path is not None else ()
+
+    def _embedding_loaded(self) -> _Loaded:
+        if self._embedding_model is None:
+            llama_cpp = _llama_cpp()
+            assert self.embedding_path is not None
+            try:
+                llm = llama_cpp.Llama(model_path=str(self.embedding_path), embedding=True, n_ctx=EMBEDDING_CTX,
+                                      n_gpu_layers=self._key(self.embedding_path, None, None).gpu_layers,
+                                      n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise ModelLoadError(f"llama.cpp could not load the embedding model "
+                                     f"{self.embedding_path.name} ({exc})") from None
+            key = _ModelKey(self.embedding_path, EMBEDDING_CTX, 0)
+            self._embedding_model = _Loaded(key, model_name(self.embedding_path), llm)
+        return self._embedding_model
+
+    def _embed(self, loaded: _Loaded, inputs: Sequence[str | Sequence[int]]) -> Embeddings:
+        from .embeddings import EmbeddingContext
+
+        llm = loaded.llm
+        if loaded.embedder is None:
+            n_ctx = min(self.ctx_length, llm._model.n_ctx_train() or self.ctx_length, EMBEDDING_CTX)
+            loaded.embedder = EmbeddingContext(llm._model.model, n_ctx, self.threads)
+        n_vocab = _llama_cpp().llama_vocab_n_tokens(llm._model.vocab)
+        vectors, total = [], 0
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                tokens = llm.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+            else:
+                tokens = list(item)
+                bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+                if bad is not None:
+                    raise InvalidRequest(f"'input[{i}]' holds token {bad}, which is not in the model's "
+                                         f"vocabulary (0 to {n_vocab - 1})")
+            try:
+                vectors.append(loaded.embedder.embed(tokens))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"'input[{i}]': {exc.message}") from None
+            total += len(tokens)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += total
+        return Embeddings(vectors, loaded.name, total)
+
+    def _in_compute_thread(self, job: Callable[[], Any]) -> Any:
+        """Run ``job`` in the compute thread (llama.cpp's threads belong to it) and wait."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # handed to the waiting request thread
+                    future.set_exception(exc)
+
+        self.compute.submit(run)
+        return future.result(timeout=3600)  # a job ends on its own; this only bounds the wait
 
     # -- generation ----------------------------------------------------------------------
 
@@ -324,7 +421,7 @@ class Engine:
 
     def _unload(self) -> None:
         if self._loaded is not None:
-            self._loaded.llm.close()
+            self._loaded.close()
             self._loaded = None
 
     def _ensure_loaded(self, key: _ModelKey, name: str) -> _Loaded:

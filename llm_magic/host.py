@@ -59,6 +59,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
                         help="requests that may wait for the model before 503 (default: %(default)s)")
+    parser.add_argument("--embedding-model", metavar="SPEC", default=None,
+                        help="a model for /v1/embeddings (default: the served model, in an embedding "
+                             "context sharing its weights)")
     parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                         help="let browser pages from ORIGIN call the host (repeatable; '*' for any); "
                              "default: none")

@@ -314,3 +314,66 @@ class OpenAIRenderer:
                 usage_chunk["timings"] = event.timings
                 yield sse(usage_chunk)
         yield SSE_DONE
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit
+EMBEDDING_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    inputs: tuple[str | tuple[int, ...], ...]
+    model: str | None = None
+    base64: bool = False
+
+
+def parse_embeddings(body: Any, model_ids: Iterable[str] = ()) -> EmbeddingRequest:
+    """Validate a ``POST /v1/embeddings`` body: ``input`` is a string, a list of strings, a list
+    of token ids, or a list of such lists."""
+    f = _Fields(body)
+    f.reject_unknown(EMBEDDING_FIELDS)
+    value = body.get("input")
+    if isinstance(value, str):
+        items: list = [value]
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        items = [value]  # one input as token ids
+    elif isinstance(value, list) and value:
+        items = value
+    else:
+        raise InvalidRequest("'input' must be a string, a list of strings, or token ids (a list of "
+                             "integers, or a list of such lists), and not empty")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"'input' holds more than {MAX_EMBEDDING_INPUTS} inputs")
+    inputs: list = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequest(f"'input[{i}]' is empty")
+            inputs.append(item)
+        elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            inputs.append(tuple(item))
+        else:
+            raise InvalidRequest(f"'input[{i}]' must be a non-empty string or list of token ids, not {_type_name(item)}")
+    encoding = f.obj.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidRequest(f"'encoding_format' must be float or base64, got {json.dumps(encoding)}")
+    f.integer("dimensions", 1, 1 << 16)  # checked against the model's size when it is known
+    return EmbeddingRequest(tuple(inputs), _model(f, model_ids), encoding == "base64")
+
+
+def embeddings_answer(vectors: list[list[float]], model: str, prompt_tokens: int, base64: bool) -> dict:
+    """The ``/v1/embeddings`` answer; ``base64``: little-endian float32, as the openai SDK reads."""
+    import base64 as b64
+    import struct
+
+    data = []
+    for i, vector in enumerate(vectors):
+        embedding: Any = vector
+        if base64:
+            embedding = b64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

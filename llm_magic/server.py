@@ -27,7 +27,7 @@ from .errors import (
 )
 from .errors import NotFound as NotFoundError
 from .httpserver import MAX_BODY_BYTES, SOCKET_KEY, BodyTooLarge, loggable
-from .openai_wire import OpenAIRenderer, parse_chat, parse_completion
+from .openai_wire import OpenAIRenderer, embeddings_answer, parse_chat, parse_completion, parse_embeddings
 from .protocol import (
     KEEPALIVE, Completion, Event, GenerationRequest, Started, api_answer, api_stream,
     parse_api_request, sse,
@@ -36,7 +36,8 @@ from .protocol import (
 log = logging.getLogger("llm_magic.server")
 
 KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
-ROUTES = "POST /api, POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health"
+ROUTES = ("POST /api, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models, "
+          "GET /health")
 FINGERPRINT = f"llm_magic-{__version__}"  # OpenAI's system_fingerprint: which build answered
 
 
@@ -121,9 +122,23 @@ def create_app(
             return _sse_response(renderer.stream(events), events)
         return _json_response(events, renderer.answer, keepalive)
 
+    @app.post("/v1/embeddings")
+    def embeddings() -> Any:
+        body = _json_body(max_body)
+        _authorize(token, body, body_token=False)
+        wanted = parse_embeddings(body, model_ids=(engine.default_name, *engine.embedding_names))
+        if wanted.model is not None:
+            raise InvalidRequest("'model': embeddings come from the host's own model (or its "
+                                 "--embedding-model); leave 'model' out or send the listed id")
+        result = engine.embed(wanted.inputs)
+        dimensions = body.get("dimensions")
+        if dimensions is not None and result.vectors and dimensions != len(result.vectors[0]):
+            raise InvalidRequest(f"'dimensions': this model's embeddings have {len(result.vectors[0])}")
+        return embeddings_answer(result.vectors, result.model, result.prompt_tokens, wanted.base64)
+
     def model_objects() -> dict[str, dict]:
         created = app.extensions["llm_magic"]["started"]
-        names = dict.fromkeys([engine.default_name, engine.model or engine.default_name])
+        names = dict.fromkeys([engine.default_name, engine.model or engine.default_name, *engine.embedding_names])
         return {name: {"id": name, "object": "model", "created": created, "owned_by": "llm_magic"} for name in names}
 
     @app.get("/v1/models")

@@ -142,3 +142,45 @@ def test_fields_frameworks_send_are_accepted(host: ApiHost) -> None:
 def test_context_error_on_v1_names_no_api_field(host: ApiHost) -> None:
     r = post(host, "/v1/completions", {"prompt": "word " * 5000, "max_tokens": 1})
     assert r.status_code == 400 and "ctx_length" not in r.json()["error"]["message"]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))  # the vectors are normalised
+
+
+def test_embeddings_with_the_openai_sdk(host: ApiHost) -> None:
+    client = openai_client(host)
+    texts = ["The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly tax filing deadlines."]
+    result = client.embeddings.create(model="text-embedding-3-small", input=texts)  # the SDK asks for base64
+    vectors = [d.embedding for d in result.data]
+    assert len(vectors) == 3 and len(vectors[0]) == 576  # SmolLM2-135M's width
+    assert all(abs(cosine(v, v) - 1) < 1e-4 for v in vectors)
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])  # nearer in meaning
+    assert result.usage.prompt_tokens > 10 and result.model == "SmolLM2-135M-Instruct.Q4_1"
+    as_floats = client.embeddings.create(model="x", input=texts[0], encoding_format="float").data[0].embedding
+    assert as_floats == pytest.approx(vectors[0], abs=1e-6)
+    tokens = post(host, "/v1/embeddings", {"input": [[1, 2, 3], [4, 5]]}).json()
+    assert [d["index"] for d in tokens["data"]] == [0, 1] and tokens["usage"]["prompt_tokens"] == 5
+
+
+def test_embeddings_refuse_what_they_cannot_do(host: ApiHost) -> None:
+    for body, message in [({"input": []}, "'input' must be"), ({"input": [""]}, "'input[0]' is empty"),
+                          ({"input": [[10**9]]}, "not in the model's vocabulary"),
+                          ({"input": "x", "encoding_format": "int8"}, "'encoding_format'"),
+                          ({"input": "x", "dimensions": 3}, "this model's embeddings have 576"),
+                          ({"input": "word " * 5000}, "embedding context holds")]:
+        r = post(host, "/v1/embeddings", body)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
+
+
+def test_client_embed_and_a_separate_embedding_model(model_copy) -> None:
+    from llm_magic import Client
+
+    with ApiHost(use_token=False, port=0, extra_args=["--embedding-model", str(model_copy)]) as h:
+        client = Client(h.url)
+        one = client.embed("hello")
+        assert len(one) == 576 and len(client.embed(["a", "b"])) == 2
+        assert "copy.Q4_1" in client.models()
+        r = requests.post(h.url + "/v1/embeddings", json={"input": "hello"}, timeout=60).json()
+        assert r["model"] == "copy.Q4_1"
+        assert Client(h.url).chat("Hi", max_tokens=2).model == "SmolLM2-135M-Instruct.Q4_1"
