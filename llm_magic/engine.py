@@ -25,8 +25,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError, ModelNotAllowed
 from .models import ModelPolicy, ModelSpec, model_name, resolve_model
-from .grammars import grammar_for
+from .grammars import grammar_for, tool_grammar
 from .protocol import Completion, Event, GenerationRequest, LoggedText, Started, TokenLogprob
+from .tool_calls import FORMATS, ToolFormat, detect_format, generic_messages
 
 log = logging.getLogger("llm_magic.engine")
 
@@ -457,8 +458,15 @@ class Engine:
             text, add_bos = request.prompt or "", True
         else:
             formatter = self._formatter(loaded, request.chat_format or self.chat_format)
+            tool_format = self._tool_format(loaded, request)
+            messages = [dict(m) for m in request.messages or ()]
+            extra: dict = {}
+            if tool_format is not None and not tool_format.native:
+                messages = generic_messages(request.messages or (), request.tools)
+            elif request.tools is not None:
+                extra["tools"] = [t.as_openai() for t in request.tools.tools]
             try:
-                result = formatter(messages=[dict(m) for m in request.messages or ()])
+                result = formatter(messages=messages, **extra)
             except Exception as exc:  # jinja2 errors and the template's raise_exception()
                 raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from None
             extra = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
@@ -477,6 +485,17 @@ class Engine:
             n_vocab = _llama_cpp().llama_vocab_n_tokens(loaded.llm._model.vocab)
             loaded.longest_piece = max(len(self._piece(loaded, t)) for t in range(n_vocab))
         return max(1, loaded.longest_piece)
+
+    def _tool_format(self, loaded: _Loaded, request: GenerationRequest) -> ToolFormat | None:
+        """How this model writes tool calls, when the request involves tools (offers them, or
+        its history holds calls and results); the template's own format, else ``generic``."""
+        involved = request.tools is not None or any(
+            m.get("tool_calls") or m["role"] == "tool" for m in request.messages or ())
+        if not involved:
+            return None
+        if request.chat_format or self.chat_format:  # a named format instead of the GGUF's template
+            return FORMATS["generic"]
+        return detect_format(loaded.llm.metadata.get("tokenizer.chat_template"))
 
     def _formatter(self, loaded: _Loaded, chat_format: str | None) -> Any:
         if chat_format not in loaded.formatters:
@@ -503,9 +522,10 @@ class Engine:
         seed = random.getrandbits(32) if s.seed is None or s.seed < 0 else s.seed % 2**32
         llm.set_seed(seed)
         cached = _common_prefix(llm._input_ids, tokens)
-        grammar = self._grammar(request)
+        tool_format = self._tool_format(loaded, request) if request.tools is not None else None
+        grammar = self._grammar(request, tool_format)
 
-        yield Started(loaded.name, len(tokens))
+        yield Started(loaded.name, len(tokens), tool_format.name if tool_format else None)
 
         vocab = llm._model.vocab
         is_eog = llama_cpp.llama_vocab_is_eog
@@ -558,16 +578,22 @@ class Engine:
         first_token_at = first_token_at or ended
         timings = _timings(len(tokens), cached, n_generated, started, first_token_at, ended)
         yield Completion("".join(parts), loaded.name, finish, len(tokens), n_generated, timings,
-                         cached_tokens=cached, logprobs=logprobs.reported if logprobs is not None else None)
+                         cached_tokens=cached, tool_format=tool_format.name if tool_format else None, logprobs=logprobs.reported if logprobs is not None else None)
 
     @staticmethod
-    def _grammar(request: GenerationRequest) -> Any:
-        """The llama.cpp grammar for a request's ``response_format`` (``None`` without one)."""
-        if request.response_format is None:
+    def _grammar(request: GenerationRequest, tool_format: ToolFormat | None) -> Any:
+        """The llama.cpp grammar for a request's ``response_format`` or tool calls, if any."""
+        if request.response_format is not None:
+            text = grammar_for(request.response_format)
+        elif request.tools is not None and tool_format is not None:
+            text = tool_grammar(request.tools, tool_format)
+        else:
+            text = None
+        if text is None:
             return None
         from llama_cpp.llama_grammar import LlamaGrammar
 
-        return LlamaGrammar.from_string(grammar_for(request.response_format), verbose=False)
+        return LlamaGrammar.from_string(text, verbose=False)
 
     @staticmethod
     def _read_prompt(llm: Any, tokens: list[int], cached: int, cancel: threading.Event | None) -> bool:

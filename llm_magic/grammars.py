@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import InvalidRequest
 from .protocol import ResponseFormat
+from .tool_calls import ToolFormat, ToolRequest, call_schema
 
 # What the converter enforces, plus annotations that constrain nothing.
 SUPPORTED_KEYWORDS = frozenset({
@@ -75,3 +76,36 @@ def _convert(schema_json: str) -> str:
         # the converter reports what it cannot do with asserts and ValueErrors
         raise InvalidRequest(f"the 'response_format' schema cannot be turned into a grammar: "
                              f"{str(exc)[:300] or type(exc).__name__}") from None
+
+
+def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> str | None:
+    """The grammar for a reply that may (``auto``) or must (``required``, a named function) call
+    tools in ``tool_format``; ``None`` where the model's own template leads it (native, auto)."""
+    if tool_format.native and request.choice == "auto":
+        return None
+    call = call_schema(request, tool_format)
+    for tool in request.callable:
+        check_schema(tool.parameters, f"the parameters of tool '{tool.name}'")
+    if tool_format.name == "generic":
+        calls = {"type": "array", "items": call, "minItems": 1, **({} if request.parallel else {"maxItems": 1})}
+        grammar = _convert(json.dumps({"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}))
+        if request.choice == "required":
+            return grammar
+        # text, or the calls: the text only may not start like them
+        return _renamed_root(grammar, "llm-magic-calls") + "\nroot ::= llm-magic-calls | text\ntext ::= [^{] [^\\x00]*\n"
+    grammar = _renamed_root(_convert(json.dumps(call)), "llm-magic-call")
+    many = request.parallel
+    if tool_format.name == "hermes":
+        one = '"<tool_call>\\n" llm-magic-call "\\n</tool_call>"'
+        root = f'{one} ("\\n" {one})*' if many else one
+    elif tool_format.name == "mistral":
+        root = '"[TOOL_CALLS][" llm-magic-call ("," space llm-magic-call)* "]"' if many else '"[TOOL_CALLS][" llm-magic-call "]"'
+    else:  # llama3: a bare call object
+        root = "llm-magic-call"
+    return grammar + f"\nroot ::= {root}\n"
+
+
+def _renamed_root(grammar: str, name: str) -> str:
+    """``grammar`` with its ``root`` rule renamed, to be used inside a larger grammar."""
+    lines = grammar.splitlines()
+    return "\n".join(f"{name} ::={line[len('root ::='):]}" if line.startswith("root ::=") else line for line in lines)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .errors import InvalidRequest
+from .tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request
 from .protocol import (
     MAX_MESSAGES, SAMPLING_FIELDS, SSE_DONE, SSE_KEEPALIVE, Completion, Event, GenerationRequest,
     KeepAlive, LoggedText, ResponseFormat, Started, TokenLogprob, _Fields, _object_or_empty,
@@ -158,6 +159,12 @@ def parse_messages(value: Any, field_name: str = "messages") -> tuple[dict, ...]
     return tuple(messages)
 
 
+def _function_call_choice(value: Any) -> Any:
+    if isinstance(value, dict) and "name" in value:
+        return {"type": "function", "function": {"name": value["name"]}}
+    return value
+
+
 def _chat_logprobs(f: _Fields) -> int | None:
     if not f.boolean("logprobs", False):
         if f.present("top_logprobs") and f.obj.get("top_logprobs") != 0:
@@ -170,18 +177,21 @@ def parse_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
     """Validate a ``POST /v1/chat/completions`` body. ``model_ids``: names of the default model."""
     f = _Fields(body)
     f.reject_unknown(CHAT_FIELDS)
-    tool_choice = f.obj.get("tool_choice")
-    if f.obj.get("tools") and tool_choice != "none":
-        raise InvalidRequest("'tools': tool calling is not supported by this host yet; send "
-                             "\"tool_choice\": \"none\" to chat without them")
-    if f.obj.get("functions") and f.obj.get("function_call") != "none":
-        raise InvalidRequest("'functions': function calling is not supported by this host yet")
+    tools = parse_tool_request(f.obj.get("tools"), f.obj.get("tool_choice"), f.obj.get("parallel_tool_calls"))
+    if tools is None and f.obj.get("functions"):  # the deprecated spelling of tools
+        tools = parse_tool_request([{"type": "function", "function": fn} for fn in f.obj["functions"]]
+                                   if isinstance(f.obj["functions"], list) else f.obj["functions"],
+                                   _function_call_choice(f.obj.get("function_call")), None)
+    response_format = parse_response_format(f.obj.get("response_format"))
+    if tools is not None and response_format is not None:
+        raise InvalidRequest("give 'tools' or a JSON 'response_format', not both: both constrain the reply")
     if "messages" not in body:
         raise InvalidRequest("'messages' is required: a list of {role, content} messages")
     return GenerationRequest(
+        tools=tools,
         messages=parse_messages(body["messages"]),
         sampling=_sampling(f, ("max_tokens", "max_completion_tokens"), None),
-        response_format=parse_response_format(f.obj.get("response_format")),
+        response_format=response_format,
         logprobs=_chat_logprobs(f),
         **_common(f, model_ids),
     )
@@ -247,6 +257,8 @@ class OpenAIRenderer:
     model: str = ""
     include_usage: bool = False
     fingerprint: str | None = None
+    tools: bool = False  # the request offered tools: read tool calls out of the answer
+    tool_format: str | None = None  # how the model writes them (from ``Started``)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     _text_offset: int = 0
@@ -272,8 +284,14 @@ class OpenAIRenderer:
     def answer(self, result: Completion) -> dict:
         logprobs = self._logprobs(result.logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
-                      "logprobs": logprobs, "finish_reason": result.finish_reason}
+            message: dict = {"role": "assistant", "content": result.text, "refusal": None}
+            finish_reason = result.finish_reason
+            if self.tools and result.tool_format:
+                content, calls = FORMATS[result.tool_format].parse(result.text)
+                if calls:
+                    message.update(content=content or None, tool_calls=[c.as_openai() for c in calls])
+                    finish_reason = "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
         body = self._envelope(self._object, [choice], result.model)
@@ -292,22 +310,50 @@ class OpenAIRenderer:
         choice = {"index": 0, "text": str(delta or ""), "logprobs": logprobs, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice], model)
 
+    def _tool_stream(self) -> ToolStream | None:
+        if self.chat and self.tools and self.tool_format:
+            return ToolStream(FORMATS[self.tool_format])
+        return None
+
+    def _tool_chunks(self, calls: list[ToolCall], model: str) -> Iterator[str]:
+        """Tool calls as OpenAI streams them: the id and name first, then the arguments."""
+        for i, call in enumerate(calls):
+            for delta in ({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
+                          {"index": i, "function": {"arguments": call.arguments}}):
+                choice = {"index": 0, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}
+                yield sse(self._envelope("chat.completion.chunk", [choice], model))
+
     def stream(self, events: Iterable[Event]) -> Iterator[str]:
         if self.chat:
             yield sse(self._chunk(None, None, self.model, first=True))
+        tool_stream = self._tool_stream()
         for event in events:
             if isinstance(event, str):
+                if tool_stream is not None:
+                    text = tool_stream.feed(str(event))
+                    if text:
+                        yield sse(self._chunk(text, None, self.model))
+                    continue
                 yield sse(self._chunk(event, None, self.model))
                 continue
             if isinstance(event, KeepAlive):
                 yield SSE_KEEPALIVE
                 continue
             if isinstance(event, Started):
-                self.model = event.model
+                self.model, self.tool_format = event.model, event.tool_format
+                tool_stream = tool_stream or self._tool_stream()
                 continue
             if not isinstance(event, Completion):
                 continue
-            yield sse(self._chunk(None, event.finish_reason, event.model))
+            finish_reason = event.finish_reason
+            if tool_stream is not None:
+                rest, calls = tool_stream.finish()
+                if rest:
+                    yield sse(self._chunk(rest, None, event.model))
+                if calls:
+                    yield from self._tool_chunks(calls, event.model)
+                    finish_reason = "tool_calls"
+            yield sse(self._chunk(None, finish_reason, event.model))
             if self.include_usage:
                 usage_chunk = self._envelope(self._object + (".chunk" if self.chat else ""), [], event.model)
                 usage_chunk["usage"] = event.openai_usage

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Union
 
 from .errors import InvalidRequest
+from .tool_calls import ToolRequest
 
 VALID_TASKS = ("text_generation",)
 MAX_MESSAGES = 4096
@@ -50,6 +51,7 @@ class GenerationRequest:
     include_usage: bool = False  # OpenAI stream_options.include_usage
     response_format: "ResponseFormat | None" = None  # constrain the output to JSON
     logprobs: int | None = None  # how many alternatives per token to report; None: no logprobs
+    tools: ToolRequest | None = None  # tools the model may call (OpenAI's tools, tool_choice)
 
     @property
     def is_chat(self) -> bool:
@@ -86,6 +88,7 @@ class Completion:
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     cached_tokens: int = 0  # of the prompt, found in the KV cache
+    tool_format: str | None = None  # how the model writes tool calls (tool_calls.FORMATS), if offered
     logprobs: list[TokenLogprob] | None = None  # when asked
 
     @property
@@ -118,6 +121,7 @@ class Started:
 
     model: str
     prompt_tokens: int
+    tool_format: str | None = None  # how the model writes tool calls, when the request offers tools
 
 
 class KeepAlive:

@@ -117,7 +117,8 @@ def create_app(
         started, events = _start(engine, gen_request, keepalive)
         model = started.model if started else engine.default_name
         renderer = OpenAIRenderer(chat=chat, model=model, include_usage=gen_request.include_usage,
-                                  fingerprint=FINGERPRINT)
+                                  fingerprint=FINGERPRINT, tools=gen_request.tools is not None,
+                                  tool_format=started.tool_format if started else None)
         if gen_request.stream:
             return _sse_response(renderer.stream(events), events)
         return _json_response(events, renderer.answer, keepalive)

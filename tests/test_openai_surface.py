@@ -20,6 +20,11 @@ class Person(BaseModel):
     hobbies: list[str]
 
 
+class City(BaseModel):
+    name: str
+    country: str
+
+
 def openai_client(host: ApiHost):
     from openai import OpenAI
 
@@ -184,3 +189,79 @@ def test_client_embed_and_a_separate_embedding_model(model_copy) -> None:
         r = requests.post(h.url + "/v1/embeddings", json={"input": "hello"}, timeout=60).json()
         assert r["model"] == "copy.Q4_1"
         assert Client(h.url).chat("Hi", max_tokens=2).model == "SmolLM2-135M-Instruct.Q4_1"
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_calls_with_the_openai_sdk_stream_or_not(host: ApiHost, tool_choice) -> None:
+    client = openai_client(host)
+    completion = client.chat.completions.create(model="gpt-4o", messages=ASK_WEATHER, tools=[WEATHER_TOOL],
+                                                tool_choice=tool_choice, max_tokens=120, temperature=0.7, seed=1)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+    with client.chat.completions.stream(model="gpt-4o", messages=ASK_WEATHER, tools=[WEATHER_TOOL],
+                                        tool_choice=tool_choice, max_tokens=120, temperature=0.7, seed=2) as stream:
+        final = stream.get_final_completion()  # the SDK's own accumulation of delta.tool_calls
+    call = final.choices[0].message.tool_calls[0]
+    assert final.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+
+
+def test_a_full_tool_round_trip(host: ApiHost) -> None:
+    client = openai_client(host)
+    first = client.chat.completions.create(model="m", messages=ASK_WEATHER, tools=[WEATHER_TOOL],
+                                           tool_choice="required", max_tokens=120, temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    history = [*ASK_WEATHER, first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    final = client.chat.completions.create(model="m", messages=history, tools=[WEATHER_TOOL], tool_choice="none",
+                                           max_tokens=60, temperature=0)
+    assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
+    assert not final.choices[0].message.tool_calls
+
+
+def test_auto_tool_choice_answers_text_or_a_valid_call(host: ApiHost) -> None:
+    for seed in range(3):
+        answer = post(host, "/v1/chat/completions", {"messages": ASK_WEATHER, "tools": [WEATHER_TOOL], "seed": seed,
+                                                     "max_tokens": 80, "temperature": 1.0}).json()["choices"][0]
+        for call in answer["message"].get("tool_calls") or []:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+        assert answer["message"].get("tool_calls") or answer["message"]["content"]
+
+
+def test_langchain_structured_output_and_tools() -> None:
+    pytest.importorskip("langchain_openai")
+    from langchain_core.messages import ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    with ApiHost(use_token=True, port=0) as h:
+        llm = ChatOpenAI(base_url=h.url + "/v1", api_key=h.token, model="gpt-4o-mini", temperature=0, max_tokens=150)
+        city = llm.with_structured_output(City, method="json_schema").invoke("Name a city and its country.")
+        assert isinstance(city, City) and city.name
+        bound = llm.bind_tools([add], tool_choice="add")
+        message = bound.invoke("What is 2 + 3?")
+        call = message.tool_calls[0]
+        assert call["name"] == "add" and set(call["args"]) == {"a", "b"}
+        result = add.invoke(call["args"])
+        final = llm.invoke(["What is 2 + 3?", message, ToolMessage(str(result), tool_call_id=call["id"])])
+        assert final.content
+        streamed = None
+        for chunk in bound.stream("What is 4 + 5?"):
+            streamed = chunk if streamed is None else streamed + chunk
+        assert streamed.tool_calls[0]["name"] == "add"

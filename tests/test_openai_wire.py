@@ -115,11 +115,31 @@ def test_logprobs_fields() -> None:
         parse_openai_completion({"prompt": "x", "logprobs": 6})
 
 
-def test_tools_without_support_are_refused_clearly_unless_not_used() -> None:
+def test_tools_are_parsed_and_none_means_no_tools() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with pytest.raises(InvalidRequest, match="tool calling is not supported"):
-        parse_openai_chat({"messages": USER, "tools": tools})
-    assert parse_openai_chat({"messages": USER, "tools": tools, "tool_choice": "none"}).messages
+    req = parse_openai_chat({"messages": USER, "tools": tools, "parallel_tool_calls": False})
+    assert req.tools is not None and req.tools.choice == "auto" and not req.tools.parallel
+    assert parse_openai_chat({"messages": USER, "tools": tools, "tool_choice": "none"}).tools is None
+    legacy = parse_openai_chat({"messages": USER, "functions": [{"name": "g"}], "function_call": {"name": "g"}})
+    assert legacy.tools.named == "g" and legacy.tools.choice == "required"
+    with pytest.raises(InvalidRequest, match="not both"):
+        parse_openai_chat({"messages": USER, "tools": tools, "response_format": {"type": "json_object"}})
+
+
+def test_tool_calls_render_whole_and_streamed() -> None:
+    text = '{"tool_calls": [{"name": "f", "arguments": {"x": 1}}]}'
+    result = Completion(text, "m", "stop", 3, 9, tool_format="generic")
+    message = OpenAIRenderer(chat=True, tools=True).answer(result)["choices"][0]
+    assert message["finish_reason"] == "tool_calls" and message["message"]["content"] is None
+    assert message["message"]["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    assert OpenAIRenderer(chat=True).answer(result)["choices"][0]["message"]["content"] == text  # no tools offered
+    renderer = OpenAIRenderer(chat=True, tools=True, tool_format="generic")
+    chunks = _decode(list(renderer.stream([text[:7], text[7:], result])))
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    assert deltas[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
+    assert deltas[1]["tool_calls"][0] == {"index": 0, "function": {"arguments": '{"x": 1}'}}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert not any(d.get("content") for d in deltas)
 
 
 def _events() -> list:
