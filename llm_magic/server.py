@@ -28,6 +28,7 @@ from .errors import (
 from .errors import NotFound as NotFoundError
 from .httpserver import MAX_BODY_BYTES, SOCKET_KEY, BodyTooLarge, loggable
 from .openai_wire import OpenAIRenderer, embeddings_answer, parse_chat, parse_completion, parse_embeddings
+from .responses_wire import ResponsesRenderer, parse_responses
 from .protocol import (
     KEEPALIVE, Completion, Event, GenerationRequest, Started, api_answer, api_stream,
     parse_api_request, sse,
@@ -36,8 +37,8 @@ from .protocol import (
 log = logging.getLogger("llm_magic.server")
 
 KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
-ROUTES = ("POST /api, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models, "
-          "GET /health")
+ROUTES = ("POST /api, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, "
+          "POST /v1/embeddings, GET /v1/models, GET /health")
 FINGERPRINT = f"llm_magic-{__version__}"  # OpenAI's system_fingerprint: which build answered
 
 
@@ -119,6 +120,18 @@ def create_app(
         renderer = OpenAIRenderer(chat=chat, model=model, include_usage=gen_request.include_usage,
                                   fingerprint=FINGERPRINT, tools=gen_request.tools is not None,
                                   tool_format=started.tool_format if started else None)
+        if gen_request.stream:
+            return _sse_response(renderer.stream(events), events)
+        return _json_response(events, renderer.answer, keepalive)
+
+    @app.post("/v1/responses")
+    def responses() -> Any:
+        body = _json_body(max_body)
+        _authorize(token, body, body_token=False)
+        gen_request = parse_responses(body, model_ids=(engine.default_name,))
+        started, events = _start(engine, gen_request, keepalive)
+        renderer = ResponsesRenderer(body, model=started.model if started else engine.default_name,
+                                     tool_format=started.tool_format if started else None)
         if gen_request.stream:
             return _sse_response(renderer.stream(events), events)
         return _json_response(events, renderer.answer, keepalive)

@@ -25,10 +25,21 @@ class City(BaseModel):
     country: str
 
 
+_clients: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def openai_client(host: ApiHost):
     from openai import OpenAI
 
-    return OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0)
+    _clients.append(OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0))
+    return _clients[-1]
 
 
 def post(host: ApiHost, path: str, body: dict) -> requests.Response:
@@ -265,3 +276,48 @@ def test_langchain_structured_output_and_tools() -> None:
         for chunk in bound.stream("What is 4 + 5?"):
             streamed = chunk if streamed is None else streamed + chunk
         assert streamed.tool_calls[0]["name"] == "add"
+
+
+def test_responses_api_with_the_openai_sdk(host: ApiHost) -> None:
+    client = openai_client(host)
+    response = client.responses.create(model="gpt-4o", instructions="Answer briefly.", input="Say hello.",
+                                       max_output_tokens=80, temperature=0, store=False)
+    assert response.status in ("completed", "incomplete") and response.output_text
+    assert response.usage.input_tokens > 5 and response.usage.output_tokens <= 80
+    assert response.model == "SmolLM2-135M-Instruct.Q4_1"
+    deltas, final = [], None
+    with client.responses.stream(model="gpt-4o", instructions="Answer briefly.",
+                                 input=[{"role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}],
+                                 max_output_tokens=80, temperature=0) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == response.output_text  # greedy: the same words
+
+
+def test_responses_structured_output_and_function_calls(host: ApiHost) -> None:
+    client = openai_client(host)
+    parsed = client.responses.parse(model="m", input="Invent a city.", text_format=City, max_output_tokens=150, temperature=0)
+    assert isinstance(parsed.output_parsed, City)
+    tool = {"type": "function", "name": "get_weather", "description": "The current weather in a city",
+            "parameters": WEATHER_TOOL["function"]["parameters"]}
+    response = client.responses.create(model="m", input="Weather in Oslo?", tools=[tool], tool_choice="required",
+                                       max_output_tokens=120, temperature=0)
+    call = next(item for item in response.output if item.type == "function_call")
+    jsonschema.validate(json.loads(call.arguments), tool["parameters"])
+    follow_up = client.responses.create(model="m", max_output_tokens=30, temperature=0, input=[
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "-3 C and snowing"}])
+    assert follow_up.output_text
+    with client.responses.stream(model="m", input="Weather in Oslo?", tools=[tool], tool_choice="required",
+                                 max_output_tokens=120, temperature=0) as stream:
+        final = stream.get_final_response()
+    assert [item.type for item in final.output] == ["function_call"]
+
+
+def test_responses_refuse_state(host: ApiHost) -> None:
+    for body in ({"input": "x", "previous_response_id": "resp_1"}, {"input": "x", "store": True}):
+        r = post(host, "/v1/responses", body)
+        assert r.status_code == 400 and "keeps no state" in r.json()["error"]["message"]
