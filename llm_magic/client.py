@@ -33,9 +33,14 @@ class Answer:
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI's shape: id, type, function
 
     def __str__(self) -> str:
         return self.text
+
+    def json(self) -> Any:
+        """The answer parsed as JSON (for ``response_format`` answers)."""
+        return json.loads(self.text)
 
 
 class Stream:
@@ -236,12 +241,14 @@ class Client:
 
     def chat(self, messages: Messages, *, model: str | None = None, system: str | None = None,
              **params: Any) -> Answer:
-        """The assistant's answer to ``messages`` (a string is one user message)."""
+        """The assistant's answer to ``messages`` (a string is one user message). Any OpenAI
+        field passes through ``params``: ``response_format=`` (then ``.json()`` parses the
+        answer), ``tools=`` (then ``.tool_calls`` holds the calls), ``temperature=``, …"""
         body = {"messages": self._messages(messages, system), **self._params(model, params)}
         data = self._json(self._request("POST", "/v1/chat/completions", body))
         choice = data["choices"][0]
         return Answer(choice["message"].get("content") or "", data.get("model", ""), choice.get("finish_reason"),
-                      data.get("usage") or {}, data.get("timings") or {})
+                      data.get("usage") or {}, data.get("timings") or {}, choice["message"].get("tool_calls") or [])
 
     def complete(self, prompt: str, *, model: str | None = None, **params: Any) -> Answer:
         """A raw text completion of ``prompt``."""

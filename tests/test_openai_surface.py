@@ -321,3 +321,17 @@ def test_responses_refuse_state(host: ApiHost) -> None:
     for body in ({"input": "x", "previous_response_id": "resp_1"}, {"input": "x", "store": True}):
         r = post(host, "/v1/responses", body)
         assert r.status_code == 400 and "keeps no state" in r.json()["error"]["message"]
+
+
+def test_client_structured_output_and_tool_calls(host: ApiHost) -> None:
+    from llm_magic import Client
+
+    client = Client(host.url, host.token)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "country": {"type": "string", "maxLength": 40}},
+              "required": ["name", "country"]}
+    answer = client.chat("A city as JSON.", max_tokens=100, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    assert City.model_validate(answer.json()).name
+    answer = client.chat("Weather in Rome?", tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100)
+    assert answer.finish_reason == "tool_calls" and answer.tool_calls[0]["function"]["name"] == "get_weather"
