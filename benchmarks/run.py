@@ -10,6 +10,7 @@ round by round so that machine drift hits each alike:
 - per-request overhead (``max_tokens=1``) and time to the first streamed token;
 - a long chat (~1,500 tokens of history): next turn's time to first token, KV cache warm vs cold;
 - 1, 4 and 16 concurrent clients: aggregate tokens/s, p50/p95 latency, errors;
+- chat decode tokens/s plain, with JSON-schema structured output, and with logprobs;
 - ``llm-magic serve`` start-up time to a healthy ``/health``.
 
 Prints a table, writes ``latest.json`` and ``concurrency.png`` into ``--out``. Every comparison
@@ -161,6 +162,32 @@ def throughput(llm, ours: str, theirs: str, rounds: int) -> dict:
             time.sleep(SETTLE_SECONDS)
             elapsed, tokens = run()
             rates[name].append(tokens / elapsed)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+STORY_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+                "required": ["title", "story"]}
+
+
+def features(ours: str, rounds: int) -> dict:
+    """Decode tokens/s (the host's own timings, prompt excluded) of a chat answer plain, with
+    JSON-schema structured output, and with logprobs (top 5): what each feature costs."""
+    session = requests.Session()
+    base = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+            "max_tokens": GEN_TOKENS, "temperature": 0}
+    variants = {
+        "plain": base,
+        "json_schema": {**base, "response_format": {"type": "json_schema",
+                                                    "json_schema": {"name": "story", "schema": STORY_SCHEMA}}},
+        "logprobs (top 5)": {**base, "logprobs": True, "top_logprobs": 5},
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(rounds):
+        for name, body in rotated(variants, i):
+            time.sleep(SETTLE_SECONDS)
+            r = session.post(ours + "/v1/chat/completions", json=body, timeout=300)
+            r.raise_for_status()
+            rates[name].append(r.json()["timings"]["predicted_per_second"])
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -338,6 +365,7 @@ def main() -> int:
             "throughput_tokens_per_s": throughput(llm, ours, theirs.url, args.rounds),
             **overhead(llm, ours, theirs.url, n=20 * args.rounds),
             "long_chat": long_chat(ours, max(2, args.rounds // 2)),
+            "features_tokens_per_s": features(ours, max(3, args.rounds // 2)),
             "concurrency": [concurrency(ours, n) for n in (1, 4, 16)],
         }
     finally:
@@ -360,6 +388,8 @@ def main() -> int:
         "ttft_ms_over_llama_cpp_server": f["/v1 stream"] - f["llama_cpp.server stream"],
         "kv_cache_speedup": chat["cold_ttft_ms"] / chat["warm_ttft_ms"],
         "concurrency_16_vs_1": results["concurrency"][-1]["tokens_per_s"] / c1,
+        "json_schema_vs_plain": results["features_tokens_per_s"]["json_schema"] / results["features_tokens_per_s"]["plain"],
+        "logprobs_vs_plain": results["features_tokens_per_s"]["logprobs (top 5)"] / results["features_tokens_per_s"]["plain"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -381,6 +411,9 @@ def report(r: dict) -> str:
         lines.append(f"  {name:<32}{ms:>10.1f}{ms - o['in-process']:>16.1f}")
     lines += ["", f"{'time to first streamed token':<34}{'ms':>10}"]
     lines += [f"  {name:<32}{ms:>10.1f}" for name, ms in f.items()]
+    feats = r["features_tokens_per_s"]
+    lines += ["", f"{'chat decode, by feature':<34}{'tokens/s':>10}{'vs plain':>16}"]
+    lines += [f"  {name:<32}{rate:>10.1f}{rate / feats['plain']:>16.3f}" for name, rate in feats.items()]
     lines += ["", f"long chat ({chat['prompt_tokens']} prompt tokens), next turn's first token: "
               f"warm {chat['warm_ttft_ms']:.0f} ms, cold {chat['cold_ttft_ms']:.0f} ms, "
               f"{ratios['kv_cache_speedup']:.1f}x faster with the KV cache", "",
