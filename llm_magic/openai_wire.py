@@ -19,9 +19,9 @@ from typing import Any, Iterable, Iterator
 from .errors import InvalidRequest
 from .tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request
 from .protocol import (
-    MAX_MESSAGES, SAMPLING_FIELDS, SSE_DONE, SSE_KEEPALIVE, Completion, Event, GenerationRequest,
+    SAMPLING_FIELDS, SSE_DONE, SSE_KEEPALIVE, Completion, Event, GenerationRequest,
     KeepAlive, LoggedText, ResponseFormat, Started, TokenLogprob, _Fields, _object_or_empty,
-    _sampling, _type_name, looks_like_model_spec, parse_response_format, sse,
+    _sampling, _type_name, check_message_list, looks_like_model_spec, parse_response_format, sse,
 )
 
 DEFAULT_MODEL_ALIASES = ("default",)
@@ -124,12 +124,7 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
 def parse_messages(value: Any, field_name: str = "messages") -> tuple[dict, ...]:
     """OpenAI chat messages, as the chat template receives them: ``developer`` becomes
     ``system``, content is text, tool calls and results keep their fields."""
-    if not isinstance(value, list):
-        raise InvalidRequest(f"'{field_name}' must be a list of messages, not {_type_name(value)}")
-    if not value:
-        raise InvalidRequest(f"'{field_name}' must hold at least one message")
-    if len(value) > MAX_MESSAGES:
-        raise InvalidRequest(f"'{field_name}' holds more than {MAX_MESSAGES} messages")
+    check_message_list(value, field_name)
     messages = []
     for i, item in enumerate(value):
         where = f"{field_name}[{i}]"

@@ -291,15 +291,20 @@ def parse_response_format(value: Any, where: str = "response_format") -> Respons
                           strict=bool(spec.boolean("strict", False)))
 
 
-def _api_messages(value: Any, field_name: str) -> tuple[dict, ...]:
-    """Validate an ``/api`` chat history: the seed's rule — an optional leading system message,
-    then user and assistant alternating, ending with user; content is text."""
+def check_message_list(value: Any, field_name: str) -> None:
+    """A chat history is a non-empty list of at most ``MAX_MESSAGES`` items."""
     if not isinstance(value, list):
         raise InvalidRequest(f"'{field_name}' must be a list of messages, not {_type_name(value)}")
     if not value:
         raise InvalidRequest(f"'{field_name}' must hold at least one message")
     if len(value) > MAX_MESSAGES:
         raise InvalidRequest(f"'{field_name}' holds more than {MAX_MESSAGES} messages")
+
+
+def _api_messages(value: Any, field_name: str) -> tuple[dict, ...]:
+    """Validate an ``/api`` chat history: the seed's rule — an optional leading system message,
+    then user and assistant alternating, ending with user; content is text."""
+    check_message_list(value, field_name)
     roles = ("system", "user", "assistant")
     messages = []
     for i, item in enumerate(value):

@@ -202,13 +202,22 @@ class ResponsesRenderer:
         yield self._event("response.in_progress", response=self._response("in_progress", [], None))
         tools = bool(self.request.get("tools"))
         tool_stream = ToolStream(FORMATS[self.tool_format]) if tools and self.tool_format else None
-        item_id, text, opened, output = "msg_" + uuid.uuid4().hex, "", False, []
+        item_id, output = "msg_" + uuid.uuid4().hex, []
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        message = {"text": "", "opened": False}
 
         def open_message() -> Iterator[str]:
-            yield self._event("response.output_item.added", output_index=0, item=self._message(item_id, "", "in_progress"))
-            yield self._event("response.content_part.added", **where,
-                              part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            if not message["opened"]:
+                message["opened"] = True
+                yield self._event("response.output_item.added", output_index=0,
+                                  item=self._message(item_id, "", "in_progress"))
+                yield self._event("response.content_part.added", **where,
+                                  part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+
+        def text_delta(delta: str) -> Iterator[str]:
+            yield from open_message()
+            message["text"] += delta
+            yield self._event("response.output_text.delta", **where, delta=delta, logprobs=[])
 
         for event in events:
             if isinstance(event, KeepAlive):
@@ -222,11 +231,7 @@ class ResponsesRenderer:
             if isinstance(event, str):
                 delta = tool_stream.feed(str(event)) if tool_stream is not None else str(event)
                 if delta:
-                    if not opened:
-                        opened = True
-                        yield from open_message()
-                    text += delta
-                    yield self._event("response.output_text.delta", **where, delta=delta, logprobs=[])
+                    yield from text_delta(delta)
                 continue
             if not isinstance(event, Completion):
                 continue
@@ -234,14 +239,10 @@ class ResponsesRenderer:
             if tool_stream is not None:
                 rest, calls = tool_stream.finish()
                 if rest:
-                    if not opened:
-                        opened = True
-                        yield from open_message()
-                    text += rest
-                    yield self._event("response.output_text.delta", **where, delta=rest, logprobs=[])
-            if opened or not calls:
-                if not opened:
-                    yield from open_message()
+                    yield from text_delta(rest)
+            if message["opened"] or not calls:
+                yield from open_message()
+                text = message["text"]
                 part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
                 yield self._event("response.output_text.done", **where, text=text, logprobs=[])
                 yield self._event("response.content_part.done", **where, part=part)

@@ -112,26 +112,24 @@ def create_app(
         return _openai(parse_completion, chat=False)
 
     def _openai(parse: Callable[..., GenerationRequest], chat: bool) -> Any:
+        return _generation(parse, lambda body, gen_request, model, tool_format: OpenAIRenderer(
+            chat=chat, model=model, include_usage=gen_request.include_usage, fingerprint=FINGERPRINT,
+            tools=gen_request.tools is not None, tool_format=tool_format))
+
+    @app.post("/v1/responses")
+    def responses() -> Any:
+        return _generation(parse_responses, lambda body, gen_request, model, tool_format: ResponsesRenderer(
+            body, model=model, tool_format=tool_format))
+
+    def _generation(parse: Callable[..., GenerationRequest], make_renderer: Callable[..., Any]) -> Any:
+        """An OpenAI-style generation route: the token in the header, the body parsed by
+        ``parse``, the answer rendered, whole or streamed, by ``make_renderer``'s renderer."""
         body = _json_body(max_body)
         _authorize(token, body, body_token=False)
         gen_request = parse(body, model_ids=(engine.default_name,))
         started, events = _start(engine, gen_request, keepalive)
-        model = started.model if started else engine.default_name
-        renderer = OpenAIRenderer(chat=chat, model=model, include_usage=gen_request.include_usage,
-                                  fingerprint=FINGERPRINT, tools=gen_request.tools is not None,
-                                  tool_format=started.tool_format if started else None)
-        if gen_request.stream:
-            return _sse_response(renderer.stream(events), events)
-        return _json_response(events, renderer.answer, keepalive)
-
-    @app.post("/v1/responses")
-    def responses() -> Any:
-        body = _json_body(max_body)
-        _authorize(token, body, body_token=False)
-        gen_request = parse_responses(body, model_ids=(engine.default_name,))
-        started, events = _start(engine, gen_request, keepalive)
-        renderer = ResponsesRenderer(body, model=started.model if started else engine.default_name,
-                                     tool_format=started.tool_format if started else None)
+        renderer = make_renderer(body, gen_request, started.model if started else engine.default_name,
+                                 started.tool_format if started else None)
         if gen_request.stream:
             return _sse_response(renderer.stream(events), events)
         return _json_response(events, renderer.answer, keepalive)
