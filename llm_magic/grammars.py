@@ -27,6 +27,7 @@ SUPPORTED_KEYWORDS = frozenset({
     "readOnly", "writeOnly", "nullable", "discriminator",
 })
 SUPPORTED_FORMATS = frozenset({"date", "time", "date-time", "uuid"})
+MAX_PARALLEL_CALLS = 4  # a small model may repeat a call forever; four in one turn is plenty
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")  # keyword -> {name: schema}
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")  # keyword -> [schema, ...]
 _SCHEMA_VALUES = ("items", "additionalProperties")  # keyword -> schema (or a boolean)
@@ -87,7 +88,8 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> str | None:
     for tool in request.callable:
         check_schema(tool.parameters, f"the parameters of tool '{tool.name}'")
     if tool_format.name == "generic":
-        calls = {"type": "array", "items": call, "minItems": 1, **({} if request.parallel else {"maxItems": 1})}
+        calls = {"type": "array", "items": call, "minItems": 1,
+                 "maxItems": MAX_PARALLEL_CALLS if request.parallel else 1}
         grammar = _convert(json.dumps({"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}))
         if request.choice == "required":
             return grammar
@@ -97,9 +99,10 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> str | None:
     many = request.parallel
     if tool_format.name == "hermes":
         one = '"<tool_call>\\n" llm-magic-call "\\n</tool_call>"'
-        root = f'{one} ("\\n" {one})*' if many else one
+        root = f'{one} ("\\n" {one}){{0,{MAX_PARALLEL_CALLS - 1}}}' if many else one
     elif tool_format.name == "mistral":
-        root = '"[TOOL_CALLS][" llm-magic-call ("," space llm-magic-call)* "]"' if many else '"[TOOL_CALLS][" llm-magic-call "]"'
+        root = (f'"[TOOL_CALLS][" llm-magic-call ("," space llm-magic-call){{0,{MAX_PARALLEL_CALLS - 1}}} "]"'
+                if many else '"[TOOL_CALLS][" llm-magic-call "]"')
     else:  # llama3: a bare call object
         root = "llm-magic-call"
     return grammar + f"\nroot ::= {root}\n"

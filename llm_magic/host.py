@@ -30,8 +30,12 @@ LOG_LINES_KEPT = 1000  # of a stopped server's log, for logs()
 
 
 def new_token() -> str:
-    """A fresh access token (from ``secrets``: unguessable)."""
-    return secrets.token_urlsafe(24)
+    """A fresh access token (from ``secrets``: unguessable). Never one that starts with '-',
+    which a command line (``--token -x…``) would read as an option."""
+    while True:
+        token = secrets.token_urlsafe(24)
+        if token[0].isalnum():
+            return token
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -137,3 +137,10 @@ def test_token_from_colab_secrets(monkeypatch) -> None:
     colab.userdata = types.SimpleNamespace(get=lambda name: (_ for _ in ()).throw(RuntimeError("not granted")))
     monkeypatch.delenv("LLM_MAGIC_TOKEN")
     assert len(ApiHost().token) >= 24  # falls back to a new random token
+
+
+def test_new_tokens_never_start_like_an_option() -> None:
+    from llm_magic.host import new_token
+
+    tokens = {new_token() for _ in range(3000)}  # about 1 in 32 raw tokens starts with '-' or '_'
+    assert len(tokens) == 3000 and all(t[0].isalnum() and len(t) == 32 for t in tokens)
