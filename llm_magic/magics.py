@@ -178,7 +178,10 @@ class LLMMagics(Magics):
             allow_models=args.allow_model, max_queue=args.max_queue,
             extra_args=["--keepalive", str(args.keepalive),
                         *(["--threads", str(args.threads)] if args.threads else []),
-                        *(["--chat-format", args.chat_format] if args.chat_format else [])])
+                        *(["--chat-format", args.chat_format] if args.chat_format else []),
+                        *(["--max-ctx", str(args.max_ctx)] if args.max_ctx else []),
+                        *(["--embedding-model", args.embedding_model] if args.embedding_model else []),
+                        *[arg for origin in args.cors for arg in ("--cors", origin)]])
         host.start()
         self.host, self._host_argv = host, argv
         self.client = Client(host.url, host.token)

@@ -257,12 +257,14 @@ def test_start_with_a_hub_model_downloads_in_the_notebook_process(hub, fresh_mag
     assert not err and "test-org/SmolLM2-GGUF:Q4_1 · 3 tokens" in out
 
 
-def test_every_serve_flag_given_to_llm_host_reaches_the_server(fresh_magics, capsys) -> None:
+def test_every_serve_flag_given_to_llm_host_reaches_the_server(fresh_magics, capsys, model_path) -> None:
     sh, magics = fresh_magics
     out, err = run(sh, "%llm_host start --tunnel none --port 0 --keepalive 7 --threads 1 --max-queue 3 "
-                       "--ctx 2048 --chat-format chatml --allow-model 'org/*'", capsys)
+                       f"--ctx 2048 --chat-format chatml --allow-model 'org/*' --max-ctx 3000 "
+                       f"--cors https://a.example --embedding-model {model_path}", capsys)
     assert not err
     argv = Path(f"/proc/{magics.host.pid}/cmdline").read_bytes().decode().split("\0")
     for flag, value in (("--keepalive", "7.0"), ("--threads", "1"), ("--max-queue", "3"), ("--ctx", "2048"),
-                        ("--chat-format", "chatml"), ("--allow-model", "org/*")):
+                        ("--chat-format", "chatml"), ("--allow-model", "org/*"), ("--max-ctx", "3000"),
+                        ("--cors", "https://a.example"), ("--embedding-model", str(model_path))):
         assert argv[argv.index(flag) + 1] == value, (flag, argv)
