@@ -210,23 +210,24 @@ def _reject_constant(name: str) -> Any:
 def _read_body(max_body: int) -> bytes:
     """The whole request body, refused past ``max_body`` bytes. Read from the server's own
     stream: werkzeug's wrapper would cut an oversized chunked body silently."""
+    too_large = PayloadTooLarge(f"the request body is larger than {max_body} bytes")
     length = request.content_length
     if length is not None and length > max_body:
-        raise PayloadTooLarge(f"the request body is larger than {max_body} bytes")
+        raise too_large
     try:
         raw = request.environ["wsgi.input"].read(max_body + 1 if length is None else length)
     except BodyTooLarge:
-        raw = b"x" * (max_body + 1)
+        raise too_large from None
     except TimeoutError:  # our HTTP server's read deadline: a client sending too slowly
         raise RequestTimeout("the request body did not arrive in time; send it at once") from None
     except ValueError as exc:  # cheroot's word for a malformed chunked body
         raise InvalidRequest(f"the chunked request body is malformed: {loggable(str(exc), 100)}") from None
     except OSError as exc:
-        if "Too Large" not in str(exc):  # cheroot says "Request Entity Too Large" as an IOError too
-            raise _ClientGone() from None
-        raw = b"x" * (max_body + 1)
+        if "Too Large" in str(exc):  # cheroot says "Request Entity Too Large" as an IOError too
+            raise too_large from None
+        raise _ClientGone() from None
     if len(raw) > max_body:
-        raise PayloadTooLarge(f"the request body is larger than {max_body} bytes")
+        raise too_large
     return raw
 
 
