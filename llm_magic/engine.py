@@ -451,14 +451,14 @@ class Engine:
         self._loaded = _Loaded(key, name, llm)
         return self._loaded
 
-    def _prompt_tokens(self, loaded: _Loaded, request: GenerationRequest, n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
+    def _prompt_tokens(self, loaded: _Loaded, request: GenerationRequest, n_ctx: int,
+                       tool_format: ToolFormat | None) -> tuple[list[int], tuple[str, ...]]:
         llm = loaded.llm
         stops = request.sampling.stop
         if not request.is_chat:
             text, add_bos = request.prompt or "", True
         else:
             formatter = self._formatter(loaded, request.chat_format or self.chat_format)
-            tool_format = self._tool_format(loaded, request)
             messages = [dict(m) for m in request.messages or ()]
             extra: dict = {}
             if tool_format is not None and not tool_format.native:
@@ -509,7 +509,10 @@ class Engine:
         # llama.cpp may pad the context (to 256) beyond the token buffer llama-cpp-python
         # allocated for the requested size; writing past that buffer crashes, so use the smaller.
         n_ctx = min(llm.n_ctx(), len(llm.input_ids))
-        tokens, stops = self._prompt_tokens(loaded, request, n_ctx)
+        tool_format = self._tool_format(loaded, request)
+        tokens, stops = self._prompt_tokens(loaded, request, n_ctx, tool_format)
+        if request.tools is None:  # a history with tool calls, but none offered now: plain text
+            tool_format = None
         if not tokens:  # an empty prompt: generate from the start-of-text token, as llama.cpp does
             if llm.token_bos() == -1:
                 raise InvalidRequest("the prompt is empty and this model has no start token: send some text")
@@ -522,7 +525,6 @@ class Engine:
         seed = random.getrandbits(32) if s.seed is None or s.seed < 0 else s.seed % 2**32
         llm.set_seed(seed)
         cached = _common_prefix(llm._input_ids, tokens)
-        tool_format = self._tool_format(loaded, request) if request.tools is not None else None
         grammar = self._grammar(request, tool_format)
 
         yield Started(loaded.name, len(tokens), tool_format.name if tool_format else None)
@@ -581,7 +583,8 @@ class Engine:
         first_token_at = first_token_at or ended
         timings = _timings(len(tokens), cached, n_generated, started, first_token_at, ended)
         yield Completion("".join(parts), loaded.name, finish, len(tokens), n_generated, timings,
-                         cached_tokens=cached, tool_format=tool_format.name if tool_format else None, logprobs=logprobs.reported if logprobs is not None else None)
+                         cached_tokens=cached, tool_format=tool_format.name if tool_format else None,
+                         logprobs=logprobs.reported if logprobs is not None else None)
 
     @staticmethod
     def _grammar(request: GenerationRequest, tool_format: ToolFormat | None) -> Any:
@@ -608,11 +611,7 @@ class Engine:
         end = len(tokens) - 1
         if cancel is None or cached >= end:
             return True
-        if cached > 0 and llm._ctx.kv_cache_seq_rm(-1, cached, -1):
-            llm.n_tokens = cached
-        else:
-            llm.reset()
-        position, chunk = llm.n_tokens, PROMPT_CHUNK_MIN
+        position, chunk = _keep_cached(llm, cached), PROMPT_CHUNK_MIN
         while position < end:
             if cancel.is_set():
                 return False
@@ -663,12 +662,7 @@ def _constrained_tokens(llm: Any, tokens: list[int], grammar: Any, sampling: dic
     try:
         # The prompt, as Llama.generate reads it: what the KV cache holds is kept, and at least
         # the last token is evaluated again so that its logits are fresh.
-        reuse = min(_common_prefix(llm._input_ids, tokens), len(tokens) - 1)
-        if reuse > 0 and llm._ctx.kv_cache_seq_rm(-1, reuse, -1):
-            llm.n_tokens = reuse
-        else:
-            llm.reset()
-            reuse = 0
+        reuse = _keep_cached(llm, min(_common_prefix(llm._input_ids, tokens), len(tokens) - 1))
         llm.eval(tokens[reuse:])
         while True:
             logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
@@ -693,6 +687,16 @@ def _constrained_tokens(llm: Any, tokens: list[int], grammar: Any, sampling: dic
     finally:
         rules.close()
         chain.close()
+
+
+def _keep_cached(llm: Any, cached: int) -> int:
+    """Keep the first ``cached`` tokens of the KV cache and drop the rest (all of it when the
+    cache cannot be cut); return how many are kept."""
+    if cached > 0 and llm._ctx.kv_cache_seq_rm(-1, cached, -1):
+        llm.n_tokens = cached
+        return cached
+    llm.reset()
+    return 0
 
 
 def _refill(candidates: Any, logits: Any) -> None:

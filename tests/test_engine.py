@@ -60,6 +60,23 @@ def test_a_long_prompt_read_in_chunks_gives_llama_cpp_pythons_greedy_answer(engi
     assert result.text == expected["choices"][0]["text"]
 
 
+def test_greedy_under_a_grammar_matches_llama_cpp_python(engine: Engine, reference) -> None:
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from llm_magic.grammars import grammar_for
+    from llm_magic.protocol import ResponseFormat
+
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+              "required": ["title", "year"]}
+    prompt = "A famous book, as JSON:"
+    for fmt in (ResponseFormat(), ResponseFormat(schema=schema)):
+        _, result = run(engine, prompt=prompt, sampling=Sampling(max_tokens=60, temperature=0.0), response_format=fmt)
+        expected = reference.create_completion(prompt, max_tokens=60, temperature=0.0,
+                                               grammar=LlamaGrammar.from_string(grammar_for(fmt), verbose=False))
+        assert result.text == expected["choices"][0]["text"]  # grammar on every token vs on demand
+        assert result.completion_tokens == expected["usage"]["completion_tokens"]
+
+
 def test_a_request_withdrawn_while_its_prompt_is_read_stops_within_a_chunk(engine: Engine) -> None:
     cancel = threading.Event()
     events = engine.generate(GenerationRequest(prompt="word " * 3000, sampling=GREEDY), cancel)
