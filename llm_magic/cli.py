@@ -88,12 +88,13 @@ def serve(args: argparse.Namespace) -> int:
     engine = Engine(path, default_name=name, ctx_length=args.ctx, max_ctx=args.max_ctx,
                     gpu_layers=args.gpu_layers, embedding_model=embedding_path,
                     threads=args.threads, chat_format=args.chat_format, max_queue=args.max_queue,
+                    parallel=args.parallel, flash_attention=args.flash_attn,
                     policy=ModelPolicy(has_token=token is not None, allow_patterns=args.allow_model))
     tunnel = None
     app = create_app(engine, token=token, keepalive=args.keepalive, cors=args.cors,
                      extra_status=lambda: {"tunnel": tunnel.status() if tunnel else None})
     try:
-        server = HttpServer(app, args.host, args.port, held=args.max_queue + 1)
+        server = HttpServer(app, args.host, args.port, held=args.max_queue + args.parallel)
     except OSError as exc:  # a port in use, an address not on this machine
         raise LLMMagicError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 

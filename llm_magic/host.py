@@ -38,6 +38,16 @@ def new_token() -> str:
             return token
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` flags (shared with ``%llm_host start``)."""
     parser.add_argument("--model", metavar="SPEC",
@@ -61,8 +71,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chat template name (default: the template inside the GGUF)")
     parser.add_argument("--allow-model", action="append", default=[], metavar="PATTERN",
                         help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
+    parser.add_argument("--parallel", type=_at_least_one, default=4, metavar="N",
+                        help="answers written at once, decoded together in one batch; each slot keeps "
+                             "its own KV cache of --ctx tokens, so memory for the cache grows with N "
+                             "(default: %(default)s, as llama-server's; 1 serves one request at a time)")
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
-                        help="requests that may wait for the model before 503 (default: %(default)s)")
+                        help="requests that may wait for a free slot before 503 (default: %(default)s)")
+    parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                        help="llama.cpp's flash attention: faster, and llama-server's default "
+                             "(default: %(default)s; 'off' gives llama-cpp-python's default numerics)")
     parser.add_argument("--embedding-model", metavar="SPEC", default=None,
                         help="a model for /v1/embeddings (default: the served model, in an embedding "
                              "context sharing its weights)")

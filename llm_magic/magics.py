@@ -177,6 +177,7 @@ class LLMMagics(Magics):
             tunnel=args.tunnel or self.tunnel, ctx_length=args.ctx, gpu_layers=args.gpu_layers,
             allow_models=args.allow_model, max_queue=args.max_queue,
             extra_args=["--keepalive", str(args.keepalive),
+                        "--parallel", str(args.parallel), "--flash-attn", args.flash_attn,
                         *(["--threads", str(args.threads)] if args.threads else []),
                         *(["--chat-format", args.chat_format] if args.chat_format else []),
                         *(["--max-ctx", str(args.max_ctx)] if args.max_ctx else []),
@@ -211,7 +212,9 @@ class LLMMagics(Magics):
                 ("tunnel", status.get("tunnel")), ("model", status.get("model"))]
         if "uptime_s" in status:
             rows += [("uptime", _duration(status["uptime_s"])), ("requests served", status.get("requests")),
-                     ("waiting", status.get("queue")), ("busy", status.get("busy")),
+                     ("waiting", status.get("queue")),
+                     ("slots busy", f"{status['slots_busy']} of {status['slots']}" if "slots" in status
+                      else status.get("busy")),
                      ("tokens generated", status.get("completion_tokens")),
                      ("tokens/s", status.get("tokens_per_second"))]
         width = max(len(k) for k, _ in rows)

@@ -300,57 +300,36 @@ class _Failure:
 _END = object()
 _QUIET = object()  # no event within the wait
 CHECK_SECONDS = 0.1  # how often a waiting response checks whether its client left
-FIRST_TEXT_WAIT = 1.0  # the longest a generation pauses for its first text to go out
 
 
 class _Pump:
-    """Runs one generation while the response waits for its events, so that it can send
-    keep-alives while llama.cpp is busy (waiting in the queue, loading, evaluating a long prompt).
-    Up to ``Started`` (waiting in line, loading) it runs in a thread of its own; the rest, where
-    llama.cpp computes, runs in the engine's one compute thread (see ``ComputeThread``). Closing
-    it stops the generation after the current token and frees the model.
+    """Runs one generation in a thread of its own while the response waits for its events, so
+    that it can send keep-alives while llama.cpp is busy (waiting in the queue, loading,
+    evaluating a long prompt) and notice a client that left. Closing it withdraws the
+    generation, which frees its slot within a token.
 
-    After the first piece of text the generation pauses until the response has passed that text
-    on: the next token's decode keeps every core busy, and on a small machine it would otherwise
-    starve the threads that must send the first token (ours, the client's, cloudflared's). On 2
-    cores this took the median time to the first streamed token from 2.9 to 1.6-1.8 ms in a
-    side-by-side probe, at no cost in tokens/s (README, Performance)."""
+    It tells the engine when the first text has gone out: a generation running alone pauses
+    until then, since the next token's decode keeps every core busy and on a small machine
+    would otherwise starve the threads that must send the first token (ours, the client's,
+    cloudflared's). On 2 cores this took the median time to the first streamed token from 2.9
+    to 1.6-1.8 ms in a side-by-side probe, at no cost in tokens/s (README, Performance)."""
 
     def __init__(self, engine: Engine, gen_request: GenerationRequest) -> None:
         self._cancel = threading.Event()
-        self._events = engine.generate(gen_request, self._cancel)
-        self._compute = engine.compute
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._first_text_passed = threading.Event()
+        self._events = engine.generate(gen_request, self._cancel, self._first_text_passed)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._wait_in_line, name="llm-magic-request", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="llm-magic-request", daemon=True)
         self._thread.start()
 
-    def _wait_in_line(self) -> None:
+    def _run(self) -> None:
         try:
             for event in self._events:
                 self._queue.put(event)
-                if isinstance(event, Started):
-                    self._compute.submit(self._generate)
-                    return
                 if self._cancel.is_set():
                     break
         except BaseException as exc:  # handed to the request thread, which answers with it
-            self._queue.put(_Failure(exc))
-        self._finish()
-
-    def _generate(self) -> None:
-        try:
-            waiting_for_text = True
-            while not self._cancel.is_set():  # checked before each token: the next may be costly
-                event = next(self._events, None)
-                if event is None:
-                    break
-                self._queue.put(event)
-                if waiting_for_text and isinstance(event, str):
-                    waiting_for_text = False
-                    self._first_text_passed.wait(FIRST_TEXT_WAIT)
-        except BaseException as exc:  # handed to the request thread, like above
             self._queue.put(_Failure(exc))
         self._finish()
 

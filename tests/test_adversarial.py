@@ -30,7 +30,7 @@ TOKEN = "adversarial-token-" + "x" * 16
 
 @pytest.fixture(scope="module")
 def small_host() -> Iterator[ApiHost]:
-    """A host with a token, a short line (--max-queue 2: 3 + 16 workers) and room to grow its
+    """A host with a token, a short line (--max-queue 2 and 4 slots: 6 + 16 workers) and room to grow its
     context to 6144 tokens on request."""
     h = ApiHost(port=0, token=TOKEN, max_queue=2, extra_args=["--max-ctx", "6144"]).start()
     yield h
@@ -149,7 +149,7 @@ def trickle(host: ApiHost, head: bytes, drip: bytes, every: float, answers: list
 
 
 def test_slow_clients_are_cut_and_health_keeps_answering(small_host: ApiHost) -> None:
-    workers = 3 + 16  # --max-queue 2 plus the one running, plus the spare workers
+    workers = 2 + 4 + 16  # --max-queue 2 plus the 4 running (--parallel), plus the spare workers
     answers: list = []
     slow_head = (b"POST /api HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"a" * 100)  # 100 bytes: 50 s
     slow_body = (b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",

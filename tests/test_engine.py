@@ -37,7 +37,8 @@ def run(engine: Engine, **kwargs) -> tuple[list[str], Completion]:
 def reference(model_path: Path):
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(model_path), n_ctx=4096, n_threads=2, verbose=False)
+    # flash attention as the engine has it by default (llama-server's default too)
+    llm = llama_cpp.Llama(str(model_path), n_ctx=4096, n_threads=2, verbose=False, flash_attn=True)
     yield llm
     llm.close()
 
@@ -82,19 +83,21 @@ def test_a_request_withdrawn_while_its_prompt_is_read_stops_within_a_chunk(engin
     events = engine.generate(GenerationRequest(prompt="word " * 3000, sampling=GREEDY), cancel)
     assert isinstance(next(events), Started)
     evaluated = []
-    original = engine._loaded.llm.eval
+    context = engine._loaded.context
+    original = context.decode
 
-    def eval_then_leave(tokens):  # the client leaves during the first chunk
-        evaluated.append(len(tokens))
+    def decode_then_leave():  # the client leaves during the first chunk
+        evaluated.append(context.size)
         cancel.set()
-        return original(tokens)
+        return original()
 
-    engine._loaded.llm.eval = eval_then_leave
+    context.decode = decode_then_leave
     try:
         assert list(events) == []  # no text, no answer: nobody wants it
     finally:
-        del engine._loaded.llm.eval
-    assert evaluated == [32]  # one small chunk of the 3,000 tokens
+        del context.decode
+    # one chunk of the 3,000 tokens (its size is what this machine reads in ~50 ms)
+    assert len(evaluated) == 1 and evaluated[0] <= 256
     _, result = run(engine, prompt="Hi", sampling=GREEDY)  # the model is free and sound
     assert result.completion_tokens > 0
 
@@ -175,9 +178,7 @@ def test_switching_models_unloads_the_old_one(model_path: Path, model_copy: Path
     _, result = run(e, prompt="Hi", model=str(model_copy), sampling=Sampling(max_tokens=2))
     assert result.model == "copy.Q4_1" and e.model == "copy.Q4_1"  # a name, never the host's path
     assert e._loaded is not None and e._loaded.key.path == model_copy
-    assert first is not None and first.llm._stack is not None
-    # llama-cpp-python frees a model's memory through its exit stack, which close() empties
-    assert not first.llm._stack._exit_callbacks
+    assert first is not None and first.model.model is None and first.context.ctx is None  # both freed
     assert run(e, prompt="Hi", sampling=Sampling(max_tokens=2))[1].model == "SmolLM2-135M-Instruct.Q4_1"
     e.close()
 
@@ -261,3 +262,147 @@ def test_turnstile_wait_can_be_cancelled() -> None:
         cancel.set()
         t.join(5)
         assert errors and gate.waiting == 0 and gate.busy  # left the line; the holder kept its turn
+
+
+# -- continuous batching -------------------------------------------------------------------
+
+PROMPTS = ("The three primary colours are", "Write a poem about the sea.\n", "def fibonacci(n):",
+           "Once upon a time")
+
+
+def run_together(engine: Engine, requests: list[dict]) -> list[Completion]:
+    """Run the requests at once, each from a thread of its own, as a server's clients would."""
+    results: list[Completion | None] = [None] * len(requests)
+
+    def one(i: int) -> None:
+        results[i] = run(engine, **requests[i])[1]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def recording_batches(engine: Engine) -> list[int]:
+    """Record how many tokens each decode step carries, from now until the returned list is
+    dropped by ``del engine._loaded.context.decode``."""
+    context = engine._loaded.context
+    sizes: list[int] = []
+    original = type(context).decode
+
+    def decode() -> int:
+        sizes.append(context.size)
+        return original(context)
+
+    context.decode = decode
+    return sizes
+
+
+def test_requests_decode_together_and_each_gets_its_own_greedy_answer(engine: Engine, reference) -> None:
+    sampling = Sampling(max_tokens=48, temperature=0.0)
+    expected = [reference.create_completion(p, max_tokens=48, temperature=0.0)["choices"][0]["text"] for p in PROMPTS]
+    sizes = recording_batches(engine)
+    try:
+        results = run_together(engine, [dict(prompt=p, sampling=sampling) for p in PROMPTS])
+    finally:
+        del engine._loaded.context.decode
+    assert [r.text for r in results] == expected  # token for token, as if each ran alone
+    assert max(sizes) >= 4 and sizes.count(4) > 20  # steps that carried all four answers' next tokens
+
+
+def test_a_seeded_answer_does_not_depend_on_what_runs_beside_it(engine: Engine) -> None:
+    seeded = dict(prompt="My favourite animal is", sampling=Sampling(max_tokens=40, temperature=0.9, seed=7))
+    alone = run(engine, **seeded)[1].text
+    others = [dict(prompt=p, sampling=Sampling(max_tokens=60, temperature=1.0)) for p in PROMPTS[:3]]
+    together = run_together(engine, [*others, seeded])
+    assert together[-1].text == alone
+
+
+def test_a_new_request_starts_while_a_long_one_is_written(engine: Engine) -> None:
+    long = engine.generate(GenerationRequest(prompt="Once upon a time", sampling=Sampling(max_tokens=400, temperature=0)))
+    assert isinstance(next(long), Started)
+    next(long)  # it is writing
+    try:
+        _, short = run(engine, prompt="Hi", sampling=Sampling(max_tokens=5, temperature=0))
+        assert short.completion_tokens == 5
+        assert engine.turnstile.held == 1  # the long one is still being written
+    finally:
+        long.close()
+    assert not engine.turnstile.busy
+
+
+def test_each_conversation_keeps_its_cache_when_they_alternate(engine: Engine) -> None:
+    def turn(history: list[dict]) -> Completion:
+        return run(engine, messages=tuple(history), sampling=Sampling(max_tokens=12, temperature=0))[1]
+
+    talks = [[{"role": "user", "content": f"Tell me about {topic}. " * 15}] for topic in ("the moon", "rivers")]
+    firsts = []
+    for history in talks:  # A, then B: B must not take A's slot
+        firsts.append(turn(history))
+        history += [{"role": "assistant", "content": firsts[-1].text}, {"role": "user", "content": "More?"}]
+    for history, first in zip(talks, firsts):
+        second = turn(history)
+        assert second.cached_tokens >= first.prompt_tokens  # its whole first turn was still cached
+
+
+def test_greedy_without_flash_attention_is_llama_cpp_pythons_default(model_path: Path) -> None:
+    import llama_cpp
+
+    plain = Engine(model_path, flash_attention="off")
+    reference = llama_cpp.Llama(str(model_path), n_ctx=4096, n_threads=2, verbose=False)
+    try:
+        for prompt in PROMPTS[:2]:
+            expected = reference.create_completion(prompt, max_tokens=40, temperature=0.0)["choices"][0]["text"]
+            assert run(plain, prompt=prompt, sampling=GREEDY)[1].text == expected
+    finally:
+        reference.close()
+        plain.close()
+
+
+def test_turnstile_seats_several_and_a_switch_waits_for_all_of_them() -> None:
+    gate = Turnstile(max_queue=4, timeout=5, capacity=2)
+    gate.acquire()
+    gate.acquire()  # two at once
+    order: list[str] = []
+
+    def take(name: str, seats: int) -> None:
+        with gate.turn(seats=seats):
+            order.append(name)
+
+    switch = threading.Thread(target=take, args=("switch", 2))
+    switch.start()
+    while gate.waiting < 1:
+        time.sleep(0.01)
+    later = threading.Thread(target=take, args=("later", 1))
+    later.start()
+    while gate.waiting < 2:
+        time.sleep(0.01)
+    gate.release()
+    time.sleep(0.2)
+    assert order == []  # one seat is free, but the switch needs both, and the later one waits behind it
+    gate.release()
+    for t in (switch, later):
+        t.join(5)
+    assert order == ["switch", "later"] and not gate.busy
+
+
+def test_a_lone_generation_pauses_until_its_first_text_has_gone_out(engine: Engine) -> None:
+    passed = threading.Event()
+    events = engine.generate(GenerationRequest(prompt="Once upon a time", sampling=Sampling(max_tokens=20, temperature=0)),
+                             threading.Event(), passed)
+    sizes = recording_batches(engine)
+    try:
+        assert isinstance(next(events), Started)
+        assert isinstance(next(events), str)
+        steps = len(sizes)
+        time.sleep(0.2)
+        assert len(sizes) == steps  # paused: no decode while the first text is on its way out
+        passed.set()
+        rest = list(events)
+    finally:
+        del engine._loaded.context.decode
+    assert isinstance(rest[-1], Completion) and rest[-1].completion_tokens == 20
+    assert len(sizes) > steps

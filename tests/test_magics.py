@@ -180,7 +180,7 @@ def test_wrong_token_and_env_connection(shell, magics, hosted, capsys, monkeypat
 
 
 def test_busy_host_is_one_clear_line(shell, magics, capsys) -> None:
-    with ApiHost(use_token=False, port=0, max_queue=0) as host:
+    with ApiHost(use_token=False, port=0, max_queue=0, extra_args=["--parallel", "1"]) as host:
         saved = magics.client
         assert run(shell, f"%llm connect {host.url}", capsys)[1] == ""
         long = requests.post(f"{host.url}/v1/completions", stream=True, timeout=60,
@@ -259,12 +259,14 @@ def test_start_with_a_hub_model_downloads_in_the_notebook_process(hub, fresh_mag
 
 def test_every_serve_flag_given_to_llm_host_reaches_the_server(fresh_magics, capsys, model_path) -> None:
     sh, magics = fresh_magics
-    out, err = run(sh, "%llm_host start --tunnel none --port 0 --keepalive 7 --threads 1 --max-queue 3 "
+    out, err = run(sh, "%llm_host start --tunnel none --port 0 --keepalive 7 --threads 1 --max-queue 3 --parallel 2 "
+                       "--flash-attn off "
                        f"--ctx 2048 --chat-format chatml --allow-model 'org/*' --max-ctx 3000 "
                        f"--cors https://a.example --embedding-model {model_path}", capsys)
     assert not err
     argv = Path(f"/proc/{magics.host.pid}/cmdline").read_bytes().decode().split("\0")
     for flag, value in (("--keepalive", "7.0"), ("--threads", "1"), ("--max-queue", "3"), ("--ctx", "2048"),
+                        ("--parallel", "2"), ("--flash-attn", "off"),
                         ("--chat-format", "chatml"), ("--allow-model", "org/*"), ("--max-ctx", "3000"),
                         ("--cors", "https://a.example"), ("--embedding-model", str(model_path))):
         assert argv[argv.index(flag) + 1] == value, (flag, argv)

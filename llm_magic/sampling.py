@@ -1,0 +1,184 @@
+"""Choosing each request's next token with llama.cpp's own sampler chains.
+
+Every request (every choice of a request with ``n > 1``) gets a chain of its own, so requests
+decoded in one batch keep their own parameters, seed, grammar and repetition history. The chain
+is the one llama-cpp-python builds for ``Llama.generate`` (penalties, then greedy, or top-k,
+typical, top-p, min-p, temperature and a seeded draw), so greedy answers and seeded samples are
+token for token those of llama-cpp-python. Sampling runs in C (``llama_sampler_sample``); only a
+grammar adds Python work, and only when the grammar refuses the token the chain chose.
+Called from the engine's compute thread only. Imports llama_cpp lazily, like ``engine.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Callable
+
+from .errors import ModelLoadError
+from .protocol import LoggedText, Sampling, TokenLogprob
+
+PENALTY_LAST_N = 64  # tokens the repetition penalties look back on (llama-cpp-python's default)
+
+# How many of the likeliest tokens a grammar is asked about, in turn, before the whole
+# vocabulary (asking about all ~50,000 takes ~8 ms here; about 2,000, a thirtieth of that).
+SHORTLISTS = (64, 2048)
+
+
+class TokenSampler:
+    """One request's sampler chain, and its grammar if the request constrains its output.
+
+    With a grammar, the token is chosen the way llama.cpp's own server does it: the chain
+    chooses without the grammar, the grammar is asked about that token only, and only when it
+    refuses is the grammar applied, first to a shortlist of the likeliest tokens, then to the
+    whole vocabulary. Greedy answers are the same as applying the grammar to every token: the
+    likeliest token is taken when the grammar allows it, else the likeliest it allows."""
+
+    def __init__(self, vocab: Any, sampling: Sampling, seed: int, grammar: str | None = None) -> None:
+        import llama_cpp
+
+        self._lib = lib = llama_cpp
+        self._n_vocab = lib.llama_vocab_n_tokens(vocab)
+        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self.rules = None
+        try:
+            for stage in _stages(lib, self._n_vocab, sampling, seed):
+                lib.llama_sampler_chain_add(self.chain, stage)
+            if grammar is not None:
+                self.rules = lib.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+                if not self.rules:
+                    raise ModelLoadError("llama.cpp could not compile the grammar for this request")
+                self._arrays()
+        except BaseException:
+            self.close()
+            raise
+
+    def _arrays(self) -> None:
+        """Candidate arrays for the grammar path, made once per request."""
+        lib = self._lib
+        self._all = (lib.llama_token_data * self._n_vocab)()
+        self._all_array = lib.llama_token_data_array(data=self._all, size=self._n_vocab, selected=-1, sorted=False)
+        self._one = (lib.llama_token_data * 1)()
+        self._one_array = lib.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+        self._shortlists = []
+        for size in SHORTLISTS:
+            data = (lib.llama_token_data * size)()
+            self._shortlists.append((data, lib.llama_token_data_array(data=data, size=size, selected=-1, sorted=False)))
+
+    def sample(self, ctx: Any, index: int) -> int:
+        """The next token, from the logits of the batch's ``index``-th output; the chain (and
+        grammar) take note of it."""
+        if self.rules is None:
+            return self._lib.llama_sampler_sample(self.chain, ctx, index)  # chooses and accepts
+        return self._sample_constrained(logits_at(ctx, index, self._n_vocab))
+
+    def _sample_constrained(self, logits: Any) -> int:
+        import numpy as np
+
+        lib = self._lib
+        token = self._choose(self._all, self._all_array, logits, None)
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, float(logits[token]), 0.0
+        self._one_array.size, self._one_array.selected = 1, -1
+        lib.llama_sampler_apply(self.rules, ctypes.byref(self._one_array))
+        if not np.isfinite(self._one[0].logit):  # refused: the grammar first, then the chain
+            token = next((t for data, array in self._shortlists
+                          if (t := self._choose(data, array, logits, self.rules)) is not None), None)
+            if token is None:  # none of the likeliest is allowed: ask about every token
+                token = self._choose(self._all, self._all_array, logits, self.rules, shortlist=False)
+                if token is None:
+                    raise ModelLoadError("the grammar allows no token here")
+        lib.llama_sampler_accept(self.rules, token)
+        lib.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _choose(self, data: Any, array: Any, logits: Any, rules: Any, shortlist: bool = True) -> int | None:
+        """A token sampled by the chain from ``data`` filled with the likeliest ``len(data)``
+        tokens (all of them, in vocabulary order, when ``data`` is the whole vocabulary), after
+        ``rules`` if given; None when ``rules`` allow none of them."""
+        import numpy as np
+
+        lib = self._lib
+        view = np.ctypeslib.as_array(data)  # the C structs as a numpy record array
+        size = len(view)
+        if size == self._n_vocab or not shortlist:
+            view["id"], view["logit"] = np.arange(self._n_vocab), logits
+        else:
+            best = np.argpartition(logits, -size)[-size:]
+            view["id"], view["logit"] = best, logits[best]
+        view["p"] = 0.0
+        array.data = ctypes.cast(data, type(array.data))  # a sampler may have pointed it elsewhere
+        array.size, array.selected, array.sorted = size, -1, False
+        if rules is not None:
+            lib.llama_sampler_apply(rules, ctypes.byref(array))
+            if not np.isfinite(view["logit"][: array.size]).any():
+                return None
+        lib.llama_sampler_apply(self.chain, ctypes.byref(array))
+        if array.selected < 0:
+            raise ModelLoadError("llama.cpp's sampler chose no token")
+        return int(array.data[array.selected].id)
+
+    def close(self) -> None:
+        if self.rules:
+            self._lib.llama_sampler_free(self.rules)
+            self.rules = None
+        if self.chain:
+            self._lib.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+def _stages(lib: Any, n_vocab: int, s: Sampling, seed: int) -> list[Any]:
+    """The samplers of llama-cpp-python's ``Llama._init_sampler``, in its order."""
+    stages = [lib.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty,
+                                               s.frequency_penalty, s.presence_penalty)]
+    if s.temperature < 0:
+        stages.append(lib.llama_sampler_init_dist(seed))
+    elif s.temperature == 0:
+        stages.append(lib.llama_sampler_init_greedy())
+    else:
+        stages += [lib.llama_sampler_init_top_k(s.top_k), lib.llama_sampler_init_typical(1.0, 1),
+                   lib.llama_sampler_init_top_p(s.top_p, 1), lib.llama_sampler_init_min_p(s.min_p, 1),
+                   lib.llama_sampler_init_temp(s.temperature), lib.llama_sampler_init_dist(seed)]
+    return stages
+
+
+def logits_at(ctx: Any, index: int, n_vocab: int) -> Any:
+    """The logits of the batch's ``index``-th output, as a numpy view (valid until the next decode)."""
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
+
+
+class Logprobs:
+    """Log-probabilities of generated tokens, read from the logits only when a request asks.
+    They are of the model's own distribution (before temperature and other samplers), as
+    OpenAI and vLLM report them."""
+
+    def __init__(self, top: int, n_vocab: int, piece: Callable[[int], bytes]) -> None:
+        self._top, self._n_vocab, self._piece = top, n_vocab, piece
+        self._pending: list[TokenLogprob] = []  # tokens whose text is not out yet
+        self.reported: list[TokenLogprob] = []
+
+    def _entry(self, token: int, logprob: float) -> tuple[str, float, bytes]:
+        raw = self._piece(token)
+        return raw.decode("utf-8", errors="replace"), logprob, raw
+
+    def add(self, token: int, ctx: Any, index: int) -> None:
+        """Note ``token``, chosen from the batch's ``index``-th logits (still the context's)."""
+        import numpy as np
+
+        logits = logits_at(ctx, index, self._n_vocab).astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        top: tuple = ()
+        if self._top:
+            best = np.argpartition(-logprobs, self._top)[: self._top]
+            best = best[np.argsort(-logprobs[best])]
+            top = tuple(self._entry(int(t), float(logprobs[t])) for t in best)
+        text, logprob, raw = self._entry(token, float(logprobs[token]))
+        self._pending.append(TokenLogprob(text, logprob, raw, top))
+
+    def with_text(self, text: str) -> LoggedText:
+        """``text`` carrying the tokens that made it (a held-back token goes with the next)."""
+        entries, self._pending = tuple(self._pending), []
+        self.reported.extend(entries)
+        return LoggedText(text, entries)
