@@ -109,7 +109,7 @@ class Choice:
         first = self.first_token_at or ended
         return Completion(self.text, model, self.finish_reason or "length", prompt_tokens, self.generated,
                           timings(prompt_tokens, cached, self.generated, started, first, ended),
-                          cached_tokens=cached, tool_format=tool_format,
+                          cached_tokens=cached, tool_format=tool_format, index=self.index,
                           logprobs=self.logprobs.reported if self.logprobs is not None else None)
 
     def close(self) -> None:

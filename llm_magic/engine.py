@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
@@ -30,7 +31,7 @@ from .decoding import Choice
 from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError, ModelNotAllowed
 from .grammars import grammar_for, tool_grammar
 from .models import ModelPolicy, ModelSpec, model_name, resolve_model
-from .protocol import Completion, Event, GenerationRequest, Started
+from .protocol import ChoiceDelta, Completion, Event, GenerationRequest, Started
 from .sampling import Logprobs, TokenSampler
 from .tool_calls import FORMATS, ToolFormat, detect_format, generic_messages
 
@@ -326,6 +327,9 @@ class Engine:
         """
         spec = ModelSpec.parse(request.model)
         self.policy.check(spec)
+        if request.n > self.parallel:
+            raise InvalidRequest(f"'n' is {request.n}, but this host writes at most {self.parallel} answers "
+                                 "at once (its owner sets --parallel)")
         if request.response_format is not None:
             grammar_for(request.response_format)  # an unsupported schema is a 400 before the line
         if request.ctx_length is not None and request.ctx_length > self.max_ctx:
@@ -338,7 +342,7 @@ class Engine:
             path = resolve_model(spec)
             name = model_name(path) if spec.path else str(spec)  # a name, never a local path
         cancel = cancel or threading.Event()
-        seats, key = self._take_seats(lambda: self._key_for(path, request), 1, cancel)
+        seats, key = self._take_seats(lambda: self._key_for(path, request), request.n, cancel)
         task: Task | None = None
         submitted = False
         try:
@@ -545,12 +549,18 @@ class Engine:
         piece = functools.partial(self._piece, loaded)
         is_end = functools.partial(lib.llama_vocab_is_eog, vocab)
         events: queue.SimpleQueue = queue.SimpleQueue()
+
+        def emitter(index: int) -> Callable[[str], None]:
+            if request.n == 1:
+                return events.put
+            return lambda text: events.put(ChoiceDelta(index, text))
+
         choices = []
         try:
-            for i in range(1):
+            for i in range(request.n):  # each answer draws its own samples: seed, seed + 1, ...
                 choices.append(Choice(
                     i, TokenSampler(vocab, s, (seed + i) % 2**32, grammar), max_tokens=max_tokens,
-                    stops=stops, piece=piece, is_end=is_end, emit=events.put,
+                    stops=stops, piece=piece, is_end=is_end, emit=emitter(i),
                     logprobs=Logprobs(request.logprobs, n_vocab, piece) if request.logprobs is not None else None))
         except BaseException:
             for choice in choices:
@@ -559,8 +569,12 @@ class Engine:
         tool_name = tool_format.name if tool_format else None
 
         def finish(task: Task) -> None:
-            for choice in task.choices:
-                events.put(choice.completion(loaded.name, len(tokens), task.cached, task.started, tool_name))
+            answers = [c.completion(loaded.name, len(tokens), task.cached, task.started, tool_name)
+                       for c in task.choices]
+            if len(answers) > 1:  # one event: the first answer, with them all and their usage summed
+                answers[0] = dataclasses.replace(
+                    answers[0], completion_tokens=sum(a.completion_tokens for a in answers), choices=tuple(answers))
+            events.put(answers[0])
 
         def closed(task: Task) -> None:  # also for answers cut short by a client that left
             if task.started:

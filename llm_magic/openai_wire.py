@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator
 from .errors import InvalidRequest
 from .tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request
 from .protocol import (
+    ChoiceDelta,
     SAMPLING_FIELDS, SSE_DONE, SSE_KEEPALIVE, Completion, Event, GenerationRequest,
     KeepAlive, LoggedText, ResponseFormat, Started, TokenLogprob, _Fields, _object_or_empty,
     _sampling, _type_name, check_message_list, looks_like_model_spec, parse_response_format, sse,
@@ -27,6 +28,7 @@ from .protocol import (
 DEFAULT_MODEL_ALIASES = ("default",)
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's own limit for /v1/completions
+MAX_N = 128  # OpenAI's own limit; the host allows at most its --parallel
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
 
 # Valid OpenAI fields that change nothing here; accepted so that clients sending them work.
@@ -74,14 +76,13 @@ def _model(f: _Fields, model_ids: Iterable[str]) -> str | None:
 
 
 def _common(f: _Fields, model_ids: Iterable[str]) -> dict:
-    f.integer("n", 1, 1)  # one choice per request
     if f.obj.get("logit_bias"):
         raise InvalidRequest("'logit_bias' is not supported by this host")
     _ignored_but_checked(f)
     options = _Fields(_object_or_empty(f.obj, "stream_options"), "stream_options.")
     options.reject_unknown(("include_usage", "include_obfuscation"))
     options.boolean("include_obfuscation")
-    return {"model": _model(f, model_ids), "stream": f.boolean("stream", False),
+    return {"model": _model(f, model_ids), "stream": f.boolean("stream", False), "n": f.integer("n", 1, MAX_N, 1),
             "include_usage": bool(options.boolean("include_usage", False))}
 
 
@@ -256,7 +257,8 @@ class OpenAIRenderer:
     tool_format: str | None = None  # how the model writes them (from ``Started``)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
-    _text_offset: int = 0
+    n: int = 1  # answers per request
+    _text_offsets: dict[int, int] = field(default_factory=dict)  # completions logprobs, per answer
 
     @property
     def _object(self) -> str:
@@ -267,88 +269,96 @@ class OpenAIRenderer:
         return {"id": prefix + self.id, "object": obj, "created": self.created, "model": model,
                 "system_fingerprint": self.fingerprint, "choices": choices}
 
-    def _logprobs(self, entries: Iterable[TokenLogprob] | None) -> dict | None:
+    def _logprobs(self, entries: Iterable[TokenLogprob] | None, index: int) -> dict | None:
         if entries is None:
             return None
         if self.chat:
             return chat_logprobs(entries)
-        rendered = completion_logprobs(entries, self._text_offset)
-        self._text_offset += sum(len(t) for t in rendered["tokens"])
+        rendered = completion_logprobs(entries, self._text_offsets.get(index, 0))
+        self._text_offsets[index] = self._text_offsets.get(index, 0) + sum(len(t) for t in rendered["tokens"])
         return rendered
 
     def answer(self, result: Completion) -> dict:
-        logprobs = self._logprobs(result.logprobs)
-        if self.chat:
-            message: dict = {"role": "assistant", "content": result.text, "refusal": None}
-            finish_reason = result.finish_reason
-            if self.tools and result.tool_format:
-                content, calls = FORMATS[result.tool_format].parse(result.text)
-                if calls:
-                    message.update(content=content or None, tool_calls=[c.as_openai() for c in calls])
-                    finish_reason = "tool_calls"
-            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
-        body = self._envelope(self._object, [choice], result.model)
+        body = self._envelope(self._object, [self._choice(c) for c in result.choices or (result,)], result.model)
         body["usage"] = result.openai_usage
         body["timings"] = result.timings
         return body
 
-    def _chunk(self, delta: str | None, finish_reason: str | None, model: str, first: bool = False) -> dict:
-        logprobs = self._logprobs(delta.logprobs) if isinstance(delta, LoggedText) else None
+    def _choice(self, result: Completion) -> dict:
+        logprobs = self._logprobs(result.logprobs, result.index)
+        if not self.chat:
+            return {"index": result.index, "text": result.text, "logprobs": logprobs,
+                    "finish_reason": result.finish_reason}
+        message: dict = {"role": "assistant", "content": result.text, "refusal": None}
+        finish_reason = result.finish_reason
+        if self.tools and result.tool_format:
+            content, calls = FORMATS[result.tool_format].parse(result.text)
+            if calls:
+                message.update(content=content or None, tool_calls=[c.as_openai() for c in calls])
+                finish_reason = "tool_calls"
+        return {"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def _chunk(self, delta: str | None, finish_reason: str | None, model: str, first: bool = False,
+               index: int = 0) -> dict:
+        logprobs = self._logprobs(delta.logprobs, index) if isinstance(delta, LoggedText) else None
         if self.chat:
             d: dict = {"role": "assistant", "content": ""} if first else {}
             if delta is not None:
                 d["content"] = str(delta)
-            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice], model)
-        choice = {"index": 0, "text": str(delta or ""), "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "text": str(delta or ""), "logprobs": logprobs, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice], model)
 
-    def _tool_stream(self) -> ToolStream | None:
-        if self.chat and self.tools and self.tool_format:
-            return ToolStream(FORMATS[self.tool_format])
-        return None
-
-    def _tool_chunks(self, calls: list[ToolCall], model: str) -> Iterator[str]:
+    def _tool_chunks(self, calls: list[ToolCall], model: str, index: int) -> Iterator[str]:
         """Tool calls as OpenAI streams them: the id and name first, then the arguments."""
         for i, call in enumerate(calls):
             for delta in ({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
                           {"index": i, "function": {"arguments": call.arguments}}):
-                choice = {"index": 0, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}
+                choice = {"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}
                 yield sse(self._envelope("chat.completion.chunk", [choice], model))
 
     def stream(self, events: Iterable[Event]) -> Iterator[str]:
         if self.chat:
-            yield sse(self._chunk(None, None, self.model, first=True))
-        tool_stream = self._tool_stream()
+            for index in range(self.n):
+                yield sse(self._chunk(None, None, self.model, first=True, index=index))
+        tool_streams: dict[int, ToolStream] = {}  # per answer, when the request offered tools
+
+        def tool_stream(index: int) -> ToolStream | None:
+            if not (self.chat and self.tools and self.tool_format):
+                return None
+            return tool_streams.setdefault(index, ToolStream(FORMATS[self.tool_format]))
+
         for event in events:
-            if isinstance(event, str):
-                if tool_stream is not None:
-                    text = tool_stream.feed(str(event))
-                    if text:
-                        yield sse(self._chunk(text, None, self.model))
+            if isinstance(event, (str, ChoiceDelta)):
+                index, text = (event.index, event.text) if isinstance(event, ChoiceDelta) else (0, event)
+                parser = tool_stream(index)
+                if parser is not None:
+                    plain = parser.feed(str(text))
+                    if plain:
+                        yield sse(self._chunk(plain, None, self.model, index=index))
                     continue
-                yield sse(self._chunk(event, None, self.model))
+                yield sse(self._chunk(text, None, self.model, index=index))
                 continue
             if isinstance(event, KeepAlive):
                 yield SSE_KEEPALIVE
                 continue
             if isinstance(event, Started):
                 self.model, self.tool_format = event.model, event.tool_format
-                tool_stream = tool_stream or self._tool_stream()
                 continue
             if not isinstance(event, Completion):
                 continue
-            finish_reason = event.finish_reason
-            if tool_stream is not None:
-                rest, calls = tool_stream.finish()
-                if rest:
-                    yield sse(self._chunk(rest, None, event.model))
-                if calls:
-                    yield from self._tool_chunks(calls, event.model)
-                    finish_reason = "tool_calls"
-            yield sse(self._chunk(None, finish_reason, event.model))
+            for answer in event.choices or (event,):
+                finish_reason = answer.finish_reason
+                parser = tool_stream(answer.index)
+                if parser is not None:
+                    rest, calls = parser.finish()
+                    if rest:
+                        yield sse(self._chunk(rest, None, event.model, index=answer.index))
+                    if calls:
+                        yield from self._tool_chunks(calls, event.model, answer.index)
+                        finish_reason = "tool_calls"
+                yield sse(self._chunk(None, finish_reason, event.model, index=answer.index))
             if self.include_usage:
                 usage_chunk = self._envelope(self._object + (".chunk" if self.chat else ""), [], event.model)
                 usage_chunk["usage"] = event.openai_usage

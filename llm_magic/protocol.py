@@ -52,6 +52,7 @@ class GenerationRequest:
     response_format: "ResponseFormat | None" = None  # constrain the output to JSON
     logprobs: int | None = None  # how many alternatives per token to report; None: no logprobs
     tools: ToolRequest | None = None  # tools the model may call (OpenAI's tools, tool_choice)
+    n: int = 1  # answers to write to the one prompt (OpenAI's n)
 
     @property
     def is_chat(self) -> bool:
@@ -90,6 +91,8 @@ class Completion:
     cached_tokens: int = 0  # of the prompt, found in the KV cache
     tool_format: str | None = None  # how the model writes tool calls (tool_calls.FORMATS), if offered
     logprobs: list[TokenLogprob] | None = None  # when asked
+    index: int = 0  # which of a request's answers this is
+    choices: tuple["Completion", ...] = ()  # with n > 1: every answer (this one sums their usage)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -124,6 +127,14 @@ class Started:
     tool_format: str | None = None  # how the model writes tool calls, when the request offers tools
 
 
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """A text delta of one of several answers (a request with n > 1)."""
+
+    index: int
+    text: str  # a LoggedText when logprobs were asked
+
+
 class KeepAlive:
     """Not from the engine: the server's tick while the model is busy, so proxies that cut idle
     connections (Cloudflare: about 100 s) keep the line open."""
@@ -132,7 +143,7 @@ class KeepAlive:
 KEEPALIVE = KeepAlive()
 
 # What the engine yields: Started, text deltas, then one Completion (plus the server's ticks).
-Event = Union[Started, str, Completion, KeepAlive]
+Event = Union[Started, str, ChoiceDelta, Completion, KeepAlive]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def create_app(
     def _openai(parse: Callable[..., GenerationRequest], chat: bool) -> Any:
         return _generation(parse, lambda body, gen_request, model, tool_format: OpenAIRenderer(
             chat=chat, model=model, include_usage=gen_request.include_usage, fingerprint=FINGERPRINT,
-            tools=gen_request.tools is not None, tool_format=tool_format))
+            tools=gen_request.tools is not None, tool_format=tool_format, n=gen_request.n))
 
     @app.post("/v1/responses")
     def responses() -> Any:

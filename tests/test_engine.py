@@ -406,3 +406,32 @@ def test_a_lone_generation_pauses_until_its_first_text_has_gone_out(engine: Engi
         del engine._loaded.context.decode
     assert isinstance(rest[-1], Completion) and rest[-1].completion_tokens == 20
     assert len(sizes) > steps
+
+
+def test_n_answers_share_one_prompt_and_each_draws_its_own_samples(engine: Engine) -> None:
+    from llm_magic.protocol import ChoiceDelta
+
+    sampling = Sampling(max_tokens=24, temperature=0.9, seed=3)
+    sizes = recording_batches(engine)
+    try:
+        events = list(engine.generate(GenerationRequest(prompt="My favourite animal is", sampling=sampling, n=3)))
+    finally:
+        del engine._loaded.context.decode
+    final = events[-1]
+    assert isinstance(final, Completion) and [c.index for c in final.choices] == [0, 1, 2]
+    streamed: dict[int, str] = {}
+    for event in events:
+        if isinstance(event, ChoiceDelta):
+            streamed[event.index] = streamed.get(event.index, "") + event.text
+    assert streamed == {c.index: c.text for c in final.choices}
+    assert final.completion_tokens == sum(c.completion_tokens for c in final.choices)
+    assert sizes[0] == final.prompt_tokens - final.cached_tokens  # the prompt was read once, in one slot
+    # answer i is the single answer with seed + i: the same samplers, run side by side
+    for choice in final.choices:
+        alone = Sampling(max_tokens=24, temperature=0.9, seed=3 + choice.index)
+        assert run(engine, prompt="My favourite animal is", sampling=alone)[1].text == choice.text
+
+
+def test_n_beyond_the_slots_is_a_clear_error(engine: Engine) -> None:
+    with pytest.raises(InvalidRequest, match="'n' is 5, but this host writes at most 4 answers at once"):
+        run(engine, prompt="Hi", n=5)

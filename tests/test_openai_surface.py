@@ -117,6 +117,29 @@ def test_chat_logprobs_with_the_openai_sdk(host: ApiHost) -> None:
     assert streamed == [t.token for t in content]
 
 
+def test_n_answers_with_the_openai_sdk_stream_or_not(host: ApiHost) -> None:
+    client = openai_client(host)
+    ask = dict(model="gpt-4o", messages=[{"role": "user", "content": "Name an animal."}], max_tokens=12,
+               temperature=1.0, seed=11, n=3)
+    completion = client.chat.completions.create(**ask)
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert len({c.message.content for c in completion.choices}) > 1  # three draws, not one thrice
+    streamed = {0: "", 1: "", 2: ""}
+    finished = set()
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1, 2}
+    assert streamed == {c.index: c.message.content for c in completion.choices}  # same seed, same answers
+    texts = openai_client(host).completions.create(model="davinci", prompt="One, two,", max_tokens=4,
+                                                   temperature=0, n=2, logprobs=1)
+    assert texts.choices[0].text == texts.choices[1].text  # greedy: both the same
+    assert "".join(texts.choices[1].logprobs.tokens) == texts.choices[1].text
+    assert texts.usage.completion_tokens == 8
+
+
 def test_completion_logprobs(host: ApiHost) -> None:
     completion = openai_client(host).completions.create(model="davinci", prompt="One, two,", max_tokens=5,
                                                         temperature=0, logprobs=2)

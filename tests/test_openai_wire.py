@@ -35,7 +35,7 @@ def test_openai_model_listed_id_means_default_and_other_names_are_specs() -> Non
 @pytest.mark.parametrize("body, message", [
     ({}, "'messages' is required"),
     ({"messages": "hi"}, "'messages' must be a list"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n' must be between 1 and 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "'n' must be between 1 and 128"),
     ({"messages": USER, "response_format": {"type": "yaml"}}, "'response_format.type' must be"),
     ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"schema": []}}}, "JSON Schema object"),
     ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be between 0 and 20"),
