@@ -5,12 +5,17 @@
 Measures, on the embedded SmolLM2-135M model with greedy sampling, interleaving the variants
 round by round so that machine drift hits each alike:
 
-- generation tokens/s: llama.cpp in-process (``Llama.create_completion`` at its best thread
-  count: the limit), our ``/api``, our ``/v1/completions`` streaming, ``llama_cpp.server``;
+- generation tokens/s, one stream: llama-cpp-python in-process (``Llama.create_completion``
+  at its best thread count), our ``/api``, our ``/v1/completions`` streaming, llama.cpp's own
+  C++ ``llama-server`` (built from the llama.cpp inside the installed llama-cpp-python: see
+  ``llama_server.py``) and llama-cpp-python's ``llama_cpp.server``;
 - per-request overhead (``max_tokens=1``) and time to the first streamed token;
 - a long chat (~1,500 tokens of history): next turn's time to first token, KV cache warm vs cold;
-- 1, 4 and 16 concurrent clients: aggregate tokens/s, p50/p95 latency, errors;
-- chat decode tokens/s plain, with JSON-schema structured output, and with logprobs;
+- 1, 4 and 16 concurrent streaming clients against llm_magic ``--parallel 1`` and ``4``,
+  llama-server ``-np 1`` and ``-np 4``, and ``llama_cpp.server``: aggregate tokens/s, p50/p95
+  time to first token and latency, errors;
+- chat decode tokens/s plain, with JSON-schema structured output, and with logprobs; ``n=4``
+  against one answer;
 - ``llm-magic serve`` start-up time to a healthy ``/health``.
 
 Prints a table, writes ``latest.json`` and ``concurrency.png`` into ``--out``. Every comparison
@@ -74,6 +79,24 @@ class LlamaCppServer:
              "--n_threads_batch", str(threads)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_healthy(self.url, "/v1/models")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class LlamaServer:
+    """llama.cpp's own C++ server, same model, threads and context; ``parallel`` slots."""
+
+    def __init__(self, binary: Path, model: Path, threads: int, parallel: int) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+             "--ctx-size", str(4096 * parallel), "--parallel", str(parallel), "--threads", str(threads),
+             "--threads-batch", str(threads), "--no-webui"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_healthy(self.url)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -148,12 +171,13 @@ def rotated(variants: dict, i: int) -> list:
     return items[shift:] + items[:shift]
 
 
-def throughput(llm, ours: str, theirs: str, rounds: int) -> dict:
-    s_ours, s_theirs = requests.Session(), requests.Session()
+def throughput(llm, ours: str, theirs: str, cpp: str, rounds: int) -> dict:
+    s_ours, s_theirs, s_cpp = requests.Session(), requests.Session(), requests.Session()
     variants = {
         "in-process": lambda: inprocess_completion(llm, GEN_TOKENS),
         "/api": lambda: api_completion(s_ours, ours, GEN_TOKENS),
         "/v1 stream": lambda: v1_stream(s_ours, ours, {"prompt": PROMPT, "max_tokens": GEN_TOKENS, "temperature": 0})[1:],
+        "llama-server": lambda: v1_completion(s_cpp, cpp, GEN_TOKENS),
         "llama_cpp.server": lambda: v1_completion(s_theirs, theirs, GEN_TOKENS),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -191,18 +215,39 @@ def features(ours: str, rounds: int) -> dict:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def overhead(llm, ours: str, theirs: str, n: int) -> dict:
-    s_ours, s_theirs = requests.Session(), requests.Session()
+def n_choices(ours: str, rounds: int, n: int = 4) -> dict:
+    """Wall time of one request for ``n`` answers against one for a single answer (sampled, so
+    that the answers differ; each is ``GEN_TOKENS`` long unless the model ends it)."""
+    session = requests.Session()
+    body = {"prompt": PROMPT, "max_tokens": GEN_TOKENS, "temperature": 0.8}
+    times: dict[int, list[float]] = {1: [], n: []}
+    tokens: dict[int, list[int]] = {1: [], n: []}
+    for i in range(rounds):
+        for k in ((1, n) if i % 2 else (n, 1)):
+            time.sleep(SETTLE_SECONDS)
+            started = time.perf_counter()
+            r = session.post(ours + "/v1/completions", json={**body, "n": k, "seed": i}, timeout=300)
+            times[k].append(time.perf_counter() - started)
+            r.raise_for_status()
+            tokens[k].append(r.json()["usage"]["completion_tokens"])
+    return {"n": n, "one_s": statistics.median(times[1]), "n_s": statistics.median(times[n]),
+            "one_tokens": statistics.median(tokens[1]), "n_tokens": statistics.median(tokens[n])}
+
+
+def overhead(llm, ours: str, theirs: str, cpp: str, n: int) -> dict:
+    s_ours, s_theirs, s_cpp = requests.Session(), requests.Session(), requests.Session()
     variants = {
         "in-process": lambda: inprocess_completion(llm, 1)[0],
         "/api": lambda: api_completion(s_ours, ours, 1)[0],
         "/v1": lambda: v1_completion(s_ours, ours, 1)[0],
+        "llama-server": lambda: v1_completion(s_cpp, cpp, 1)[0],
         "llama_cpp.server": lambda: v1_completion(s_theirs, theirs, 1)[0],
     }
     stream_body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     ttft_variants = {  # name: (the 1-token request that sets the state, the timed stream)
         "in-process": (variants["in-process"], lambda: inprocess_ttft(llm)),
         "/v1 stream": (variants["/v1"], lambda: v1_stream(s_ours, ours, stream_body)[0]),
+        "llama-server stream": (variants["llama-server"], lambda: v1_stream(s_cpp, cpp, stream_body)[0]),
         "llama_cpp.server stream": (variants["llama_cpp.server"], lambda: v1_stream(s_theirs, theirs, stream_body)[0]),
     }
     one_token = {name: [] for name in variants}
@@ -234,49 +279,55 @@ def long_chat(ours: str, rounds: int) -> dict:
     history.append({"role": "user", "content": "How many masts did the ship in fact 12 have?"})
     body = {"messages": history, "max_tokens": 16, "temperature": 0}
     warm, cold, prompt_tokens = [], [], 0
-    for _ in range(rounds):
+    for i in range(rounds):
         # warm: the previous request was this same conversation, so its prefix is in the KV cache
         v1_stream(session, ours, body, "/v1/chat/completions")
         history_turn = {**body, "messages": history + [{"role": "assistant", "content": "Four."},
                                                          {"role": "user", "content": "And fact 13?"}]}
         warm.append(v1_stream(session, ours, history_turn, "/v1/chat/completions")[0] * 1000)
-        # cold: another conversation in between evicts it
-        v1_stream(session, ours, {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2},
-                  "/v1/chat/completions")
-        cold.append(v1_stream(session, ours, history_turn, "/v1/chat/completions")[0] * 1000)
+        # cold: the same turn of a conversation no slot has seen (its system prompt differs)
+        unseen = [{"role": "system", "content": f"You are a careful archivist, number {i}."}, *history_turn["messages"][1:]]
+        cold.append(v1_stream(session, ours, {**history_turn, "messages": unseen}, "/v1/chat/completions")[0] * 1000)
         info = session.post(ours + "/v1/chat/completions", json={**history_turn, "max_tokens": 1}, timeout=300).json()
         prompt_tokens = info["usage"]["prompt_tokens"]
     return {"prompt_tokens": prompt_tokens, "warm_ttft_ms": statistics.median(warm),
             "cold_ttft_ms": statistics.median(cold)}
 
 
-def concurrency(ours: str, clients: int, per_client: int = 3, max_tokens: int = 32) -> dict:
+def concurrency(url: str, clients: int, per_client: int = 3, max_tokens: int = 64) -> dict:
+    """``clients`` streaming clients at once, each asking ``per_client`` times in turn."""
     latencies: list[float] = []
+    ttfts: list[float] = []
     errors = 0
     tokens = 0
 
-    def client() -> None:
+    def client(c: int) -> None:
         nonlocal errors, tokens
         session = requests.Session()
-        for _ in range(per_client):
-            started = time.perf_counter()
-            r = session.post(ours + "/v1/completions", timeout=600,
-                             json={"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
-            latencies.append((time.perf_counter() - started) * 1000)
-            if r.ok:
-                tokens += r.json()["usage"]["completion_tokens"]
-            else:
+        for i in range(per_client):
+            body = {"prompt": f"{PROMPT} (story {c}.{i})", "max_tokens": max_tokens, "temperature": 0}
+            try:
+                first, total, n = v1_stream(session, url, body)
+            except requests.RequestException:
                 errors += 1
+                continue
+            ttfts.append(first * 1000)
+            latencies.append(total * 1000)
+            tokens += n
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(client) for _ in range(clients)]:
+        for future in [pool.submit(client, c) for c in range(clients)]:
             future.result()
     wall = time.perf_counter() - started
-    latencies.sort()
-    return {"clients": clients, "requests": clients * per_client, "errors": errors,
-            "tokens_per_s": tokens / wall, "p50_ms": statistics.median(latencies),
-            "p95_ms": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
+
+    def pct(values: list[float], q: float) -> float:
+        values = sorted(values) or [0.0]
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {"clients": clients, "requests": clients * per_client, "errors": errors, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": pct(ttfts, 0.5), "ttft_p95_ms": pct(ttfts, 0.95),
+            "p50_ms": pct(latencies, 0.5), "p95_ms": pct(latencies, 0.95)}
 
 
 def startup_seconds(runs: int = 3) -> float:
@@ -320,24 +371,27 @@ def machine() -> dict:
             "llama_cpp_python": llama_cpp.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(table: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    clients = [r["clients"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(clients, [r["tokens_per_s"] for r in rows], "o-")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for server, rows in table.items():
+        clients = [r["clients"] for r in rows]
+        left.plot(clients, [r["tokens_per_s"] for r in rows], "o-", label=server)
+        right.plot(clients, [r["p50_ms"] for r in rows], "o-", label=server)
     left.set(title="Aggregate throughput", xlabel="concurrent clients", ylabel="tokens/s", xscale="log", ylim=(0, None))
-    right.plot(clients, [r["p50_ms"] for r in rows], "o-", label="p50")
-    right.plot(clients, [r["p95_ms"] for r in rows], "s--", label="p95")
-    right.set(title="Request latency (32 tokens)", xlabel="concurrent clients", ylabel="ms", xscale="log")
+    right.set(title="p50 latency, 64 tokens", xlabel="concurrent clients", ylabel="ms", xscale="log", yscale="log")
     for ax in (left, right):
-        ax.set_xticks(clients, [str(c) for c in clients])
-    right.legend()
+        ax.set_xticks(CLIENTS, [str(c) for c in CLIENTS])
+    left.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+CLIENTS = (1, 4, 16)
 
 
 def main() -> int:
@@ -348,53 +402,70 @@ def main() -> int:
 
     import llama_cpp
 
+    from llama_server import build
+
+    binary = build()  # first, so that its minutes of compiling are not measured beside anything
     model = embedded_model_path()
     threads = best_thread_count()
-    llm = llama_cpp.Llama(str(model), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
-    host = ApiHost(use_token=False, port=0, tunnel="none").start()
-    theirs = LlamaCppServer(model, threads)
+    llm = llama_cpp.Llama(str(model), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
+                          flash_attn=True)  # llama-server's default, and ours
+    hosts = {"llm_magic --parallel 4": ApiHost(use_token=False, port=0, tunnel="none").start(),
+             "llm_magic --parallel 1": ApiHost(use_token=False, port=0, tunnel="none",
+                                               extra_args=["--parallel", "1"]).start()}
+    peers = {"llama-server -np 4": LlamaServer(binary, model, threads, 4),
+             "llama-server -np 1": LlamaServer(binary, model, threads, 1),
+             "llama_cpp.server": LlamaCppServer(model, threads)}
+    urls = {**{name: h.url or "" for name, h in hosts.items()}, **{name: p.url for name, p in peers.items()}}
+    ours, theirs, cpp = urls["llm_magic --parallel 4"], urls["llama_cpp.server"], urls["llama-server -np 1"]
     try:
-        ours = host.url or ""
-        for warmup in (lambda: inprocess_completion(llm, 8), lambda: api_completion(requests.Session(), ours, 8),
-                       lambda: v1_completion(requests.Session(), theirs.url, 8)):
+        for warmup in (lambda: inprocess_completion(llm, 8), *[
+                lambda url=url: v1_completion(requests.Session(), url, 8) for url in urls.values()]):
             warmup()
         results = {
             "machine": machine(),
             "model": model.name,
             "threads": threads,
-            "throughput_tokens_per_s": throughput(llm, ours, theirs.url, args.rounds),
-            **overhead(llm, ours, theirs.url, n=20 * args.rounds),
+            "throughput_tokens_per_s": throughput(llm, ours, theirs, cpp, args.rounds),
+            **overhead(llm, ours, theirs, cpp, n=20 * args.rounds),
             "long_chat": long_chat(ours, max(2, args.rounds // 2)),
             "features_tokens_per_s": features(ours, max(3, args.rounds // 2)),
-            "concurrency": [concurrency(ours, n) for n in (1, 4, 16)],
+            "n_choices": n_choices(ours, max(3, args.rounds // 2)),
+            "concurrency": {name: [concurrency(url, n) for n in CLIENTS] for name, url in urls.items()},
         }
     finally:
-        theirs.stop()
-        host.stop()
+        for server in [*peers.values(), *hosts.values()]:
+            server.stop()
         llm.close()
     results["startup_s"] = startup_seconds()
 
     t = results["throughput_tokens_per_s"]
     o, f = results["one_token_ms"], results["ttft_ms"]
-    chat = results["long_chat"]
-    c1 = results["concurrency"][0]["tokens_per_s"]
+    chat, nc, table = results["long_chat"], results["n_choices"], results["concurrency"]
     results["ratios"] = {
         "api_vs_inprocess": t["/api"] / t["in-process"],
         "v1_stream_vs_inprocess": t["/v1 stream"] / t["in-process"],
+        "v1_stream_vs_llama_server": t["/v1 stream"] / t["llama-server"],
         "llama_cpp_server_vs_inprocess": t["llama_cpp.server"] / t["in-process"],
         "api_overhead_ms": o["/api"] - o["in-process"],
         "v1_overhead_ms": o["/v1"] - o["in-process"],
         "llama_cpp_server_overhead_ms": o["llama_cpp.server"] - o["in-process"],
         "ttft_ms_over_llama_cpp_server": f["/v1 stream"] - f["llama_cpp.server stream"],
         "kv_cache_speedup": chat["cold_ttft_ms"] / chat["warm_ttft_ms"],
-        "concurrency_16_vs_1": results["concurrency"][-1]["tokens_per_s"] / c1,
         "json_schema_vs_plain": results["features_tokens_per_s"]["json_schema"] / results["features_tokens_per_s"]["plain"],
         "logprobs_vs_plain": results["features_tokens_per_s"]["logprobs (top 5)"] / results["features_tokens_per_s"]["plain"],
+        "n4_time_vs_one": nc["n_s"] / nc["one_s"],
+        "clients4_vs_llama_server_np4": table["llm_magic --parallel 4"][1]["tokens_per_s"]
+        / table["llama-server -np 4"][1]["tokens_per_s"],
+        "clients16_vs_llama_server_np4": table["llm_magic --parallel 4"][2]["tokens_per_s"]
+        / table["llama-server -np 4"][2]["tokens_per_s"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results["concurrency"], args.out / "concurrency.png")
     print(report(results))
+    try:
+        plot(table, args.out / "concurrency.png")
+    except ImportError:
+        print("(no plot: pip install 'llm_magic[bench]' for matplotlib)")
     return 0
 
 
@@ -402,10 +473,10 @@ def report(r: dict) -> str:
     t, o, f, chat, ratios = r["throughput_tokens_per_s"], r["one_token_ms"], r["ttft_ms"], r["long_chat"], r["ratios"]
     m = r["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, llama-cpp-python {m['llama_cpp_python']}, "
-             f"{m['date']}; model {r['model']}, {r['threads']} threads, greedy", "",
-             f"{'generation, ' + str(GEN_TOKENS) + ' tokens':<34}{'tokens/s':>10}{'vs in-process':>16}"]
+             f"{m['date']}; model {r['model']}, {r['threads']} threads, greedy, flash attention", "",
+             f"{'generation, ' + str(GEN_TOKENS) + ' tokens':<34}{'tokens/s':>10}{'vs in-process':>16}{'vs llama-server':>17}"]
     for name, rate in t.items():
-        lines.append(f"  {name:<32}{rate:>10.1f}{rate / t['in-process']:>16.3f}")
+        lines.append(f"  {name:<32}{rate:>10.1f}{rate / t['in-process']:>16.3f}{rate / t['llama-server']:>17.3f}")
     lines += ["", f"{'max_tokens=1 request':<34}{'ms':>10}{'overhead ms':>16}"]
     for name, ms in o.items():
         lines.append(f"  {name:<32}{ms:>10.1f}{ms - o['in-process']:>16.1f}")
@@ -414,13 +485,18 @@ def report(r: dict) -> str:
     feats = r["features_tokens_per_s"]
     lines += ["", f"{'chat decode, by feature':<34}{'tokens/s':>10}{'vs plain':>16}"]
     lines += [f"  {name:<32}{rate:>10.1f}{rate / feats['plain']:>16.3f}" for name, rate in feats.items()]
+    nc = r["n_choices"]
+    lines += ["", f"n={nc['n']} answers in one request: {nc['n_s']:.2f} s ({nc['n_tokens']:.0f} tokens) against "
+              f"{nc['one_s']:.2f} s ({nc['one_tokens']:.0f} tokens) for one: {ratios['n4_time_vs_one']:.2f}x the time"]
     lines += ["", f"long chat ({chat['prompt_tokens']} prompt tokens), next turn's first token: "
               f"warm {chat['warm_ttft_ms']:.0f} ms, cold {chat['cold_ttft_ms']:.0f} ms, "
               f"{ratios['kv_cache_speedup']:.1f}x faster with the KV cache", "",
-              f"{'concurrent clients':<20}{'requests':>9}{'errors':>8}{'tokens/s':>10}{'p50 ms':>9}{'p95 ms':>9}"]
-    for c in r["concurrency"]:
-        lines.append(f"  {c['clients']:<18}{c['requests']:>9}{c['errors']:>8}{c['tokens_per_s']:>10.1f}"
-                     f"{c['p50_ms']:>9.0f}{c['p95_ms']:>9.0f}")
+              f"{'streaming clients, 64 tokens each':<34}{'clients':>8}{'errors':>7}{'tokens/s':>10}"
+              f"{'ttft p50':>10}{'p95':>8}{'latency p50':>13}{'p95':>8}"]
+    for name, rows in r["concurrency"].items():
+        for c in rows:
+            lines.append(f"  {name:<32}{c['clients']:>8}{c['errors']:>7}{c['tokens_per_s']:>10.1f}"
+                         f"{c['ttft_p50_ms']:>10.0f}{c['ttft_p95_ms']:>8.0f}{c['p50_ms']:>13.0f}{c['p95_ms']:>8.0f}")
     lines += ["", f"llm-magic serve to healthy: {r['startup_s']:.2f} s"]
     return "\n".join(lines)
 

@@ -138,6 +138,7 @@ class Task:
     cached: int = 0  # of those, found there when the task began
     started: float = 0.0
     arrived: float = field(default_factory=time.perf_counter)
+    handed_off: bool = False  # its first text went out (see FIRST_TEXT_WAIT)
 
     @property
     def reading(self) -> bool:
@@ -292,7 +293,6 @@ class Scheduler:
             raise ModelLoadError(f"llama.cpp could not decode (status {status})")
         if chunks:
             self._pace(time.perf_counter() - started, bool(writing))
-        handoff: threading.Event | None = None
         for task, n, index in chunks:
             lead = task.slots[0]
             lead.cache.extend(task.tokens[task.read:task.read + n])
@@ -304,14 +304,16 @@ class Scheduler:
                     slot.cache = list(lead.cache)
                 for slot in list(task.slots):
                     self._advance(slot, index)
-                handoff = task.first_text_passed
         for slot, index in writing:
             slot.cache.append(slot.next_token)  # type: ignore[arg-type]
             self._advance(slot, index)
-        if handoff is not None and len(self._running) == 1 and self._running[0].first_text_passed is handoff:
-            # Alone, the next decode would take every core from the threads that must send the
-            # first token (ours, the client's, a tunnel's): let them, briefly.
-            handoff.wait(FIRST_TEXT_WAIT)
+        if len(self._running) == 1:
+            task = self._running[0]
+            if task.first_text_passed is not None and not task.handed_off and any(c.text for c in task.choices):
+                # Alone, the next decode would take every core from the threads that must send
+                # the first text (ours, the client's, a tunnel's): let them, briefly.
+                task.handed_off = True
+                task.first_text_passed.wait(FIRST_TEXT_WAIT)
 
     def _pace(self, seconds: float, others_writing: bool) -> None:
         """Size the next prompt chunk: as large as keeps a step short, so that a client that
@@ -408,10 +410,8 @@ class Scheduler:
     def _end(self, task: Task) -> None:
         self._running.remove(task)
         self._hold_new = False
-        try:
-            task.finish(task)
-        finally:
-            task.close()
+        task.close()  # counted before its answer goes out, so /health agrees with what clients saw
+        task.finish(task)
 
     def _drop(self, task: Task) -> None:
         """Withdraw a task (its client left): free its slots, keeping what they cached."""

@@ -194,6 +194,7 @@ class Engine:
         embedding_model: Path | None = None,
         parallel: int = DEFAULT_PARALLEL,
         flash_attention: str = "auto",
+        kv_unified: bool = False,  # one KV cache shared by the slots: less memory, answers may vary
     ) -> None:
         if flash_attention not in FLASH_ATTENTION:
             raise ValueError(f"flash_attention must be one of {', '.join(FLASH_ATTENTION)}")
@@ -207,6 +208,7 @@ class Engine:
         self.policy = policy or ModelPolicy(has_token=False)
         self.parallel = max(1, parallel)
         self.flash_attention = flash_attention
+        self.kv_unified = kv_unified
         self.turnstile = Turnstile(max_queue, queue_timeout, capacity=self.parallel)
         self.stats = EngineStats()
         self.loading = True  # until the first load: /health says "loading"
@@ -347,6 +349,9 @@ class Engine:
         submitted = False
         try:
             loaded = self._ensure_loaded(key, name)
+            if seats > request.n:  # held them all to load the model: the others may go on now
+                self.turnstile.release(seats - request.n)
+                seats = request.n
             task = self._task(loaded, request, cancel, first_text_passed)
             yield Started(loaded.name, len(task.tokens), task.tool_format)
             self.scheduler.submit(task)
@@ -463,9 +468,9 @@ class Engine:
         settings = dict(n_ctx=key.ctx_length, n_seq=self.parallel, threads=self.threads,
                         flash_attention=self.flash_attention)
         try:
-            return BatchContext(model.model, **settings)
+            return BatchContext(model.model, unified=self.kv_unified, **settings)
         except ModelLoadError:
-            if self.parallel == 1:
+            if self.parallel == 1 or self.kv_unified:
                 raise
         context = BatchContext(model.model, unified=True, **settings)
         log.warning("there is no memory for %d KV caches of %d tokens: the slots share one, and an "

@@ -21,7 +21,7 @@ from .tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request
 from .protocol import (
     ChoiceDelta,
     SAMPLING_FIELDS, SSE_DONE, SSE_KEEPALIVE, Completion, Event, GenerationRequest,
-    KeepAlive, LoggedText, ResponseFormat, Started, TokenLogprob, _Fields, _object_or_empty,
+    KeepAlive, LoggedText, Started, TokenLogprob, _Fields, _object_or_empty,
     _sampling, _type_name, check_message_list, looks_like_model_spec, parse_response_format, sse,
 )
 

@@ -40,6 +40,9 @@ class TokenSampler:
         self._n_vocab = lib.llama_vocab_n_tokens(vocab)
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self.rules = None
+        # Without repetition penalties the chain keeps no history, so it may choose in C (which
+        # also notes the token) before the grammar is asked: a refused token leaves no trace.
+        self._choose_in_c = (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) == (1.0, 0.0, 0.0)
         try:
             for stage in _stages(lib, self._n_vocab, sampling, seed):
                 lib.llama_sampler_chain_add(self.chain, stage)
@@ -69,13 +72,15 @@ class TokenSampler:
         grammar) take note of it."""
         if self.rules is None:
             return self._lib.llama_sampler_sample(self.chain, ctx, index)  # chooses and accepts
-        return self._sample_constrained(logits_at(ctx, index, self._n_vocab))
+        first = self._lib.llama_sampler_sample(self.chain, ctx, index) if self._choose_in_c else None
+        return self._sample_constrained(logits_at(ctx, index, self._n_vocab), first)
 
-    def _sample_constrained(self, logits: Any) -> int:
+    def _sample_constrained(self, logits: Any, token: int | None) -> int:
         import numpy as np
 
         lib = self._lib
-        token = self._choose(self._all, self._all_array, logits, None)
+        if token is None:
+            token = self._choose(self._all, self._all_array, logits, None)
         self._one[0].id, self._one[0].logit, self._one[0].p = token, float(logits[token]), 0.0
         self._one_array.size, self._one_array.selected = 1, -1
         lib.llama_sampler_apply(self.rules, ctypes.byref(self._one_array))
@@ -83,14 +88,15 @@ class TokenSampler:
             token = next((t for data, array in self._shortlists
                           if (t := self._choose(data, array, logits, self.rules)) is not None), None)
             if token is None:  # none of the likeliest is allowed: ask about every token
-                token = self._choose(self._all, self._all_array, logits, self.rules, shortlist=False)
+                token = self._choose(self._all, self._all_array, logits, self.rules)
                 if token is None:
                     raise ModelLoadError("the grammar allows no token here")
         lib.llama_sampler_accept(self.rules, token)
-        lib.llama_sampler_accept(self.chain, token)
+        if not self._choose_in_c:
+            lib.llama_sampler_accept(self.chain, token)
         return token
 
-    def _choose(self, data: Any, array: Any, logits: Any, rules: Any, shortlist: bool = True) -> int | None:
+    def _choose(self, data: Any, array: Any, logits: Any, rules: Any) -> int | None:
         """A token sampled by the chain from ``data`` filled with the likeliest ``len(data)``
         tokens (all of them, in vocabulary order, when ``data`` is the whole vocabulary), after
         ``rules`` if given; None when ``rules`` allow none of them."""
@@ -99,7 +105,7 @@ class TokenSampler:
         lib = self._lib
         view = np.ctypeslib.as_array(data)  # the C structs as a numpy record array
         size = len(view)
-        if size == self._n_vocab or not shortlist:
+        if size == self._n_vocab:
             view["id"], view["logit"] = np.arange(self._n_vocab), logits
         else:
             best = np.argpartition(logits, -size)[-size:]

@@ -30,7 +30,7 @@ from .httpserver import MAX_BODY_BYTES, SOCKET_KEY, BodyTooLarge, loggable
 from .openai_wire import OpenAIRenderer, embeddings_answer, parse_chat, parse_completion, parse_embeddings
 from .responses_wire import ResponsesRenderer, parse_responses
 from .protocol import (
-    KEEPALIVE, Completion, Event, GenerationRequest, Started, api_answer, api_stream,
+    KEEPALIVE, ChoiceDelta, Completion, Event, GenerationRequest, Started, api_answer, api_stream,
     parse_api_request, sse,
 )
 
@@ -376,7 +376,7 @@ class _Pump:
                     continue
                 quiet_since = now
                 yield event  # type: ignore[misc]
-                if isinstance(event, str):  # the consumer is back for more: it passed it on
+                if isinstance(event, (str, ChoiceDelta)):  # the consumer is back for more: it passed it on
                     self._first_text_passed.set()
         finally:
             self.close()

@@ -5,7 +5,6 @@ context, and a SIGKILL of ``serve`` with its cloudflared."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -22,7 +21,6 @@ import requests
 
 from llm_magic import ApiHost
 
-from .conftest import free_port
 from .test_tunnel import cloudflared  # noqa: F401  (a fixture)
 
 TOKEN = "adversarial-token-" + "x" * 16

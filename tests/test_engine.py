@@ -435,3 +435,23 @@ def test_n_answers_share_one_prompt_and_each_draws_its_own_samples(engine: Engin
 def test_n_beyond_the_slots_is_a_clear_error(engine: Engine) -> None:
     with pytest.raises(InvalidRequest, match="'n' is 5, but this host writes at most 4 answers at once"):
         run(engine, prompt="Hi", n=5)
+
+
+def test_a_full_shared_cache_ends_the_newest_answer_and_the_others_go_on(model_path: Path) -> None:
+    """Slots that share one KV cache (the fallback when memory is short) can fill it: the
+    answer started last ends there (finish_reason "length", as at a context's end), the
+    others run to their end, and nobody gets an error."""
+    shared = Engine(model_path, ctx_length=512, parallel=2, kv_unified=True)
+    try:
+        shared.load_default()
+        long = dict(prompt="Once upon a time", sampling=Sampling(max_tokens=400, temperature=0))
+        first = shared.generate(GenerationRequest(**long))
+        assert isinstance(next(first), Started)
+        next(first)  # the first answer is being written
+        (second,) = run_together(shared, [long])
+        rest = list(first)
+        assert isinstance(rest[-1], Completion) and rest[-1].completion_tokens == 400
+        assert second.finish_reason == "length" and second.completion_tokens < 400
+        assert run(shared, prompt="Hi", sampling=Sampling(max_tokens=3))[1].completion_tokens == 3
+    finally:
+        shared.close()
