@@ -47,6 +47,17 @@ SETTLE_SECONDS = 0.03
 GEN_TOKENS = 128
 
 
+def new_session() -> requests.Session:
+    """A keep-alive session that retries once when a server has closed an idle connection
+    (llama-server closes them after 5 s): such a request never reached the server."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    s = requests.Session()
+    s.mount("http://", HTTPAdapter(max_retries=Retry(total=1, connect=1, read=1, status=0, allowed_methods=None)))
+    return s
+
+
 def free_port() -> int:
     import socket
 
@@ -172,7 +183,7 @@ def rotated(variants: dict, i: int) -> list:
 
 
 def throughput(llm, ours: str, theirs: str, cpp: str, rounds: int) -> dict:
-    s_ours, s_theirs, s_cpp = requests.Session(), requests.Session(), requests.Session()
+    s_ours, s_theirs, s_cpp = new_session(), new_session(), new_session()
     variants = {
         "in-process": lambda: inprocess_completion(llm, GEN_TOKENS),
         "/api": lambda: api_completion(s_ours, ours, GEN_TOKENS),
@@ -196,7 +207,7 @@ STORY_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "s
 def features(ours: str, rounds: int) -> dict:
     """Decode tokens/s (the host's own timings, prompt excluded) of a chat answer plain, with
     JSON-schema structured output, and with logprobs (top 5): what each feature costs."""
-    session = requests.Session()
+    session = new_session()
     base = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
             "max_tokens": GEN_TOKENS, "temperature": 0}
     variants = {
@@ -218,7 +229,7 @@ def features(ours: str, rounds: int) -> dict:
 def n_choices(ours: str, rounds: int, n: int = 4) -> dict:
     """Wall time of one request for ``n`` answers against one for a single answer (sampled, so
     that the answers differ; each is ``GEN_TOKENS`` long unless the model ends it)."""
-    session = requests.Session()
+    session = new_session()
     body = {"prompt": PROMPT, "max_tokens": GEN_TOKENS, "temperature": 0.8}
     times: dict[int, list[float]] = {1: [], n: []}
     tokens: dict[int, list[int]] = {1: [], n: []}
@@ -235,7 +246,7 @@ def n_choices(ours: str, rounds: int, n: int = 4) -> dict:
 
 
 def overhead(llm, ours: str, theirs: str, cpp: str, n: int) -> dict:
-    s_ours, s_theirs, s_cpp = requests.Session(), requests.Session(), requests.Session()
+    s_ours, s_theirs, s_cpp = new_session(), new_session(), new_session()
     variants = {
         "in-process": lambda: inprocess_completion(llm, 1)[0],
         "/api": lambda: api_completion(s_ours, ours, 1)[0],
@@ -268,7 +279,7 @@ def overhead(llm, ours: str, theirs: str, cpp: str, n: int) -> dict:
 
 
 def long_chat(ours: str, rounds: int) -> dict:
-    session = requests.Session()
+    session = new_session()
     facts = [f"Fact {i}: the lighthouse keeper's {i}th notebook describes a ship with {i % 7 + 2} masts, "
              f"painted {['red', 'blue', 'green', 'white'][i % 4]}, that arrived on a {['calm', 'stormy'][i % 2]} night."
              for i in range(40)]
@@ -303,7 +314,7 @@ def concurrency(url: str, clients: int, per_client: int = 3, max_tokens: int = 6
 
     def client(c: int) -> None:
         nonlocal errors, tokens
-        session = requests.Session()
+        session = new_session()
         for i in range(per_client):
             body = {"prompt": f"{PROMPT} (story {c}.{i})", "max_tokens": max_tokens, "temperature": 0}
             try:
@@ -419,7 +430,7 @@ def main() -> int:
     ours, theirs, cpp = urls["llm_magic --parallel 4"], urls["llama_cpp.server"], urls["llama-server -np 1"]
     try:
         for warmup in (lambda: inprocess_completion(llm, 8), *[
-                lambda url=url: v1_completion(requests.Session(), url, 8) for url in urls.values()]):
+                lambda url=url: v1_completion(new_session(), url, 8) for url in urls.values()]):
             warmup()
         results = {
             "machine": machine(),
