@@ -15,9 +15,10 @@ import select
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from flask import Flask, Response, request
+from flask import Flask, Response, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
 from . import __version__
@@ -37,8 +38,19 @@ from .protocol import (
 log = logging.getLogger("llm_magic.server")
 
 KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
-ROUTES = ("POST /api, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, "
-          "POST /v1/embeddings, GET /v1/models, GET /health")
+ROUTES = ("GET / (the chat page), POST /api, POST /v1/chat/completions, POST /v1/completions, "
+          "POST /v1/responses, POST /v1/embeddings, GET /v1/models, GET /health")
+WEB = Path(__file__).parent / "web"  # the chat page: static files, public, free of secrets
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}  # all /static serves: never HTML
+# The page runs only its own files: no inline script, nothing from elsewhere, so that text which
+# got past the sanitiser still could not run, load, or send anything.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 FINGERPRINT = f"llm_magic-{__version__}"  # OpenAI's system_fingerprint: which build answered
 
 
@@ -57,7 +69,7 @@ def create_app(
     comment, or leading whitespace before a JSON body). ``extra_status``: more for ``/health``.
     ``cors``: origins (or ``*``) whose browser pages may call the host; none by default.
     """
-    app = Flask("llm_magic")
+    app = Flask("llm_magic", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # Flask's own OPTIONS answer is empty HTML
     app.url_map.merge_slashes = False  # werkzeug would answer '//' with an HTML redirect
@@ -83,6 +95,19 @@ def create_app(
     @app.after_request
     def log_request(response: Response) -> Response:  # one line per request, never a body
         log.info("%s %s %s", request.method, loggable(request.path), response.status_code)
+        return response
+
+    @app.get("/")
+    def chat_page() -> Any:
+        return send_from_directory(WEB, "index.html", mimetype="text/html", max_age=0), PAGE_HEADERS
+
+    @app.get("/static/<path:name>")
+    def static_file(name: str) -> Any:
+        mimetype = STATIC_TYPES.get(Path(name).suffix)
+        if mimetype is None:
+            raise NotFound()
+        response = send_from_directory(WEB, name, mimetype=mimetype, max_age=3600)  # NotFound outside WEB
+        response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
     @app.get("/health")

@@ -24,6 +24,7 @@ def client_snippets(url: str, token: str | None) -> str:
     token_field = f"'token': '{token}', " if token else ""
     api_key = token or "none"
     return "\n".join([
+        f"browser:  open {url} to chat" + (" (paste the token once)" if token else ""),
         f"Jupyter:  %load_ext llm_magic  then  %llm connect {url}{token_arg}",
         f"curl:     curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
         """-d '{"messages": [{"role": "user", "content": "Hello!"}]}'""",
