@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from .decoding import Choice
 from .errors import LLMMagicError, ModelLoadError
+from .sampling import logits_at
 
 log = logging.getLogger("llm_magic.engine")
 
@@ -85,6 +86,7 @@ class BatchContext:
         self.unified = unified
         self.n_batch = lib.llama_n_batch(self.ctx)
         self.n_seq = n_seq
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         # the batch's arrays, looked up once: each is a ctypes pointer indexed per token
         b = self._batch
@@ -139,6 +141,7 @@ class Task:
     started: float = 0.0
     arrived: float = field(default_factory=time.perf_counter)
     handed_off: bool = False  # its first text went out (see FIRST_TEXT_WAIT)
+    kept_logits: Any = None  # its prompt's logits, kept by its slot: nothing to decode
 
     @property
     def reading(self) -> bool:
@@ -162,6 +165,9 @@ class Slot:
     choice: Choice | None = None
     next_token: int | None = None  # sampled, not yet in the cache
     last_used: float = 0.0
+    # The logits that follow the cache's last token, kept when an answer ends: a request whose
+    # prompt is exactly the cache samples from them instead of decoding its last token again.
+    logits: Any = None
 
 
 class Scheduler:
@@ -269,6 +275,11 @@ class Scheduler:
         ctx = self.context
         if ctx is None or not self._running:
             return
+        for task in [t for t in self._running if t.kept_logits is not None]:
+            logits, task.kept_logits = task.kept_logits, None
+            self._begin(task, lambda slot, logits=logits: self._advance(slot, logits, slot.choice.sampler.sample_from(logits)))
+        if not self._running:
+            return
         ctx.clear()
         writing = [(slot, ctx.add(slot.next_token, len(slot.cache), slot.seq, True))
                    for slot in self._slots if slot.next_token is not None]
@@ -298,15 +309,10 @@ class Scheduler:
             lead.cache.extend(task.tokens[task.read:task.read + n])
             task.read += n
             if index >= 0:  # the prompt is read: every choice samples its first token from it
-                for slot in task.slots[1:]:
-                    ctx.forget(slot.seq)
-                    ctx.copy(lead.seq, slot.seq)
-                    slot.cache = list(lead.cache)
-                for slot in list(task.slots):
-                    self._advance(slot, index)
+                self._begin(task, lambda slot, index=index: self._sample(slot, index))
         for slot, index in writing:
             slot.cache.append(slot.next_token)  # type: ignore[arg-type]
-            self._advance(slot, index)
+            self._sample(slot, index)
         if len(self._running) == 1:
             task = self._running[0]
             if task.first_text_passed is not None and not task.handed_off and any(c.text for c in task.choices):
@@ -324,13 +330,32 @@ class Scheduler:
         elif seconds > 2 * PROMPT_CHUNK_SECONDS and others_writing:
             self._chunk = max(self._chunk // 2, PROMPT_CHUNK_MIN)
 
-    def _advance(self, slot: Slot, index: int) -> None:
+    def _begin(self, task: Task, first: Callable[[Slot], None]) -> None:
+        """The prompt is in the first slot's cache: copy it to the others (n > 1), and let
+        every choice take its first token with ``first(slot)``."""
+        assert self.context is not None
+        lead = task.slots[0]
+        for slot in task.slots[1:]:
+            self.context.forget(slot.seq)
+            self.context.copy(lead.seq, slot.seq)
+            slot.cache = list(lead.cache)
+        for slot in list(task.slots):
+            first(slot)
+
+    def _sample(self, slot: Slot, index: int) -> None:
         """Sample the slot's next token from the batch's ``index``-th logits and write it."""
+        ctx = self.context
+        assert ctx is not None and slot.choice is not None
+        token = slot.choice.sampler.sample(ctx.ctx, index)
+        self._advance(slot, lambda: logits_at(ctx.ctx, index, ctx.n_vocab), token)
+
+    def _advance(self, slot: Slot, logits: Any, token: int) -> None:
+        """Write ``token``, chosen from ``logits`` (an array, or a function that returns it)."""
         choice, task = slot.choice, slot.task
-        assert choice is not None and task is not None and self.context is not None
-        token = choice.sampler.sample(self.context.ctx, index)
-        if choice.add(token, self.context.ctx, index):
-            self._release(slot)
+        assert choice is not None and task is not None
+        logits_of = logits if callable(logits) else (lambda: logits)
+        if choice.add(token, logits_of):
+            self._release(slot, kept=logits_of().copy() if callable(logits) else logits)
             if all(c.finish_reason is not None for c in task.choices):
                 self._end(task)
         else:
@@ -351,7 +376,11 @@ class Scheduler:
                 self._fail(task, ModelLoadError("no model is loaded"))
                 continue
             lead = _best_slot(free, task.tokens)
-            keep = min(_common_prefix(lead.cache, task.tokens), len(task.tokens) - 1)
+            shared = _common_prefix(lead.cache, task.tokens)
+            if shared == len(task.tokens) == len(lead.cache) and lead.logits is not None:
+                keep, task.kept_logits = shared, lead.logits  # all of it, and what follows it
+            else:
+                keep = min(shared, len(task.tokens) - 1)  # the last token is read again for its logits
             if keep < len(lead.cache) and not ctx.forget(lead.seq, keep):
                 ctx.forget(lead.seq)
                 keep = 0
@@ -360,7 +389,7 @@ class Scheduler:
             task.slots = [lead, *others[: len(task.choices) - 1]]
             now = time.perf_counter()
             for slot, choice in zip(task.slots, task.choices):
-                slot.task, slot.choice, slot.next_token, slot.last_used = task, choice, None, now
+                slot.task, slot.choice, slot.next_token, slot.last_used, slot.logits = task, choice, None, now, None
             task.read = task.cached = keep
             task.started = now
             self._running.append(task)
@@ -375,7 +404,7 @@ class Scheduler:
         if idle:
             slot = min(idle, key=lambda s: s.last_used)
             self.context.forget(slot.seq)
-            slot.cache = []
+            slot.cache, slot.logits = [], None
             return
         self._hold_new = True
         reading = [t for t in self._running if t.reading]
@@ -403,8 +432,8 @@ class Scheduler:
             if all(c.finish_reason is not None for c in task.choices):
                 self._end(task)
 
-    def _release(self, slot: Slot) -> None:
-        slot.task, slot.choice, slot.next_token = None, None, None
+    def _release(self, slot: Slot, kept: Any = None) -> None:
+        slot.task, slot.choice, slot.next_token, slot.logits = None, None, None, kept
         slot.last_used = time.perf_counter()
 
     def _end(self, task: Task) -> None:
@@ -450,10 +479,11 @@ def _best_slot(free: list[Slot], tokens: list[int]) -> Slot:
     """The free slot to write an answer to ``tokens`` in. One whose cache is mostly the start
     of this prompt (a conversation going on), with the longest such start; else one with
     nothing cached, else the one unused the longest. Sharing a little (a system prompt) is no
-    reason to take a slot: its cache holds someone else's conversation."""
+    reason to take a slot: its cache holds someone else's conversation. Among equal starts, the
+    slot with the least else cached (a prompt it holds exactly needs no decode at all)."""
     shared = [(n, slot) for slot in free if (n := _common_prefix(slot.cache, tokens)) and 2 * n >= len(slot.cache)]
     if shared:
-        return max(shared, key=lambda pair: pair[0])[1]
+        return max(shared, key=lambda pair: (pair[0], -len(pair[1].cache)))[1]
     return min(free, key=lambda slot: (bool(slot.cache), slot.last_used))
 
 

@@ -65,16 +65,16 @@ class Choice:
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
 
-    def add(self, token: int, ctx: Any, index: int) -> bool:
-        """Take the token sampled from the batch's ``index``-th logits; True when the choice
-        is complete (an end-of-generation token, a stop sequence, or ``max_tokens``)."""
+    def add(self, token: int, logits: Callable[[], Any]) -> bool:
+        """Take the token sampled from ``logits()``; True when the choice is complete (an
+        end-of-generation token, a stop sequence, or ``max_tokens``)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if self._is_end(token):  # what was held back for a possible stop sequence was not one
             return self.cut("stop")
         self.generated += 1
         if self.logprobs is not None:
-            self.logprobs.add(token, ctx, index)  # the logits that chose it are still the context's
+            self.logprobs.add(token, logits())
         text, stopped = self._scanner.feed(self._decoder.decode(self._piece(token)))
         self._send(text)
         if stopped:

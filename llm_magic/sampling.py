@@ -50,13 +50,14 @@ class TokenSampler:
                 self.rules = lib.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
                 if not self.rules:
                     raise ModelLoadError("llama.cpp could not compile the grammar for this request")
-                self._arrays()
         except BaseException:
             self.close()
             raise
 
     def _arrays(self) -> None:
-        """Candidate arrays for the grammar path, made once per request."""
+        """Candidate arrays for choosing in Python, made once per request when first needed."""
+        if hasattr(self, "_all"):
+            return
         lib = self._lib
         self._all = (lib.llama_token_data * self._n_vocab)()
         self._all_array = lib.llama_token_data_array(data=self._all, size=self._n_vocab, selected=-1, sorted=False)
@@ -72,13 +73,26 @@ class TokenSampler:
         grammar) take note of it."""
         if self.rules is None:
             return self._lib.llama_sampler_sample(self.chain, ctx, index)  # chooses and accepts
-        first = self._lib.llama_sampler_sample(self.chain, ctx, index) if self._choose_in_c else None
-        return self._sample_constrained(logits_at(ctx, index, self._n_vocab), first)
+        if self._choose_in_c:
+            first = self._lib.llama_sampler_sample(self.chain, ctx, index)  # the chain noted it
+            return self._sample_constrained(logits_at(ctx, index, self._n_vocab), first, noted=True)
+        return self._sample_constrained(logits_at(ctx, index, self._n_vocab), None, noted=False)
 
-    def _sample_constrained(self, logits: Any, token: int | None) -> int:
+    def sample_from(self, logits: Any) -> int:
+        """The next token from logits kept aside (a slot's, for a prompt it holds exactly)."""
+        self._arrays()
+        if self.rules is not None:
+            return self._sample_constrained(logits, None, noted=False)
+        token = self._choose(self._all, self._all_array, logits, None)
+        assert token is not None
+        self._lib.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _sample_constrained(self, logits: Any, token: int | None, noted: bool) -> int:
         import numpy as np
 
         lib = self._lib
+        self._arrays()
         if token is None:
             token = self._choose(self._all, self._all_array, logits, None)
         self._one[0].id, self._one[0].logit, self._one[0].p = token, float(logits[token]), 0.0
@@ -92,7 +106,7 @@ class TokenSampler:
                 if token is None:
                     raise ModelLoadError("the grammar allows no token here")
         lib.llama_sampler_accept(self.rules, token)
-        if not self._choose_in_c:
+        if not noted:
             lib.llama_sampler_accept(self.chain, token)
         return token
 
@@ -168,11 +182,11 @@ class Logprobs:
         raw = self._piece(token)
         return raw.decode("utf-8", errors="replace"), logprob, raw
 
-    def add(self, token: int, ctx: Any, index: int) -> None:
-        """Note ``token``, chosen from the batch's ``index``-th logits (still the context's)."""
+    def add(self, token: int, logits: Any) -> None:
+        """Note ``token``, chosen from ``logits``."""
         import numpy as np
 
-        logits = logits_at(ctx, index, self._n_vocab).astype(np.float64)
+        logits = logits.astype(np.float64)
         peak = logits.max()
         logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
         top: tuple = ()

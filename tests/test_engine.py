@@ -455,3 +455,20 @@ def test_a_full_shared_cache_ends_the_newest_answer_and_the_others_go_on(model_p
         assert run(shared, prompt="Hi", sampling=Sampling(max_tokens=3))[1].completion_tokens == 3
     finally:
         shared.close()
+
+
+def test_a_prompt_a_slot_holds_exactly_is_answered_from_its_kept_logits(engine: Engine) -> None:
+    """A request for exactly what a slot holds (the same prompt again, say) decodes nothing
+    before its first token: the slot kept the logits that follow it. The answer is the same."""
+    ask = dict(prompt="The capital of Italy is", sampling=Sampling(max_tokens=1, temperature=0))
+    first = run(engine, **ask)[1]
+    sizes = recording_batches(engine)
+    try:
+        again = run(engine, **ask)[1]
+        assert sizes == []  # nothing decoded at all
+        longer = run(engine, prompt="The capital of Italy is", sampling=Sampling(max_tokens=12, temperature=0))[1]
+    finally:
+        del engine._loaded.context.decode
+    assert again.text == first.text and again.cached_tokens == again.prompt_tokens
+    assert sizes[0] == 1  # its first decode was of the answer's first token, not the prompt's last
+    assert longer.text.startswith(first.text) and longer.completion_tokens == 12
