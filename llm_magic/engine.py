@@ -39,6 +39,7 @@ log = logging.getLogger("llm_magic.engine")
 
 DEFAULT_CTX = 4096
 EMBEDDING_CTX = 4096  # the longest input an embedding takes (also bounded by --ctx and the model)
+QUIET = object()  # from generate(tick=...): nothing happened for a tick
 DEFAULT_PARALLEL = 4  # slots: llama-server's default too; the KV cache is shared, so more cost no memory
 
 
@@ -316,7 +317,7 @@ class Engine:
     # -- generation ----------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
-                 first_text_passed: threading.Event | None = None) -> Iterator[Event]:
+                 first_text_passed: threading.Event | None = None, tick: float | None = None) -> Iterator[Event]:
         """Events for ``request``: ``Started``, text deltas, then a ``Completion``.
 
         Nothing happens until the first ``next()``; model checks, queueing, loading and prompt
@@ -325,7 +326,9 @@ class Engine:
         scheduler's thread, alongside others'; closing the iterator (or setting ``cancel``)
         withdraws the request within one token and frees its slot. ``first_text_passed``, if
         given, is set by the caller once it has sent the first text on: a generation running
-        alone pauses for it (see ``batching.FIRST_TEXT_WAIT``).
+        alone pauses for it (see ``batching.FIRST_TEXT_WAIT``). With ``tick``, once the
+        generation runs, ``QUIET`` comes after every ``tick`` seconds without an event, so that a
+        caller can look around (a client gone, a keep-alive due) in the thread that reads.
         """
         spec = ModelSpec.parse(request.model)
         self.policy.check(spec)
@@ -356,7 +359,7 @@ class Engine:
             yield Started(loaded.name, len(task.tokens), task.tool_format)
             self.scheduler.submit(task)
             submitted = True
-            yield from self._results(task)
+            yield from self._results(task, tick)
         finally:
             cancel.set()  # a task still running stops at the next step
             if task is not None and not submitted:
@@ -384,14 +387,16 @@ class Engine:
     def _is_resident(self, key: _ModelKey) -> bool:
         return self._loaded is not None and self._loaded.key == key
 
-    def _results(self, task: Task) -> Iterator[Event]:
-        """The events the scheduler sends for ``task``."""
+    def _results(self, task: Task, tick: float | None) -> Iterator[Any]:
+        """The events the scheduler sends for ``task`` (and ``QUIET`` every ``tick`` s of silence)."""
         while True:
             try:
-                item = task.events.get(timeout=1.0)
+                item = task.events.get(timeout=tick or 1.0)
             except queue.Empty:
                 if not self.scheduler.alive:
                     raise ModelLoadError("the engine stopped before the answer was complete") from None
+                if tick is not None:
+                    yield QUIET
                 continue
             if item is DROPPED:
                 return

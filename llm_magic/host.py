@@ -25,6 +25,7 @@ import requests
 from .errors import HostError
 
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
+HF_TOKEN_ENV = "HF_TOKEN"
 TUNNELS = ("cloudflared", "none")
 LOG_LINES_KEPT = 1000  # of a stopped server's log, for logs()
 
@@ -91,16 +92,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "proxies and tunnels do not cut the answer (default: %(default)s)")
 
 
-def _colab_secret(name: str) -> str | None:
-    """A secret from Colab's key panel, when running in Colab and the notebook may read it."""
-    if "google.colab" not in sys.modules:
-        return None
-    try:
-        from google.colab import userdata
+def notebook_secret(name: str) -> str | None:
+    """A secret from the notebook service's own store: Colab's key panel (🔑, with notebook
+    access granted) or Kaggle's Add-ons → Secrets (attached to the notebook). None elsewhere,
+    or when it is not set or not granted."""
+    if "google.colab" in sys.modules:
+        try:
+            from google.colab import userdata
 
-        return userdata.get(name) or None
-    except Exception:  # not granted, not set: Colab raises its own error types for each
-        return None
+            return userdata.get(name) or None
+        except Exception:  # not granted, not set: Colab raises its own error types for each
+            return None
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        try:
+            from kaggle_secrets import UserSecretsClient
+
+            return UserSecretsClient().get_secret(name) or None
+        except Exception:  # not attached, or no kaggle_secrets here: Kaggle raises its own types
+            return None
+    return None
 
 
 class HostState(str, enum.Enum):
@@ -137,7 +147,7 @@ class ApiHost:
         startup_timeout: float = 600.0,
     ) -> None:
         self.model = model
-        self.token = (token or os.environ.get(TOKEN_ENV) or _colab_secret(TOKEN_ENV) or new_token()) if use_token else None
+        self.token = (token or os.environ.get(TOKEN_ENV) or notebook_secret(TOKEN_ENV) or new_token()) if use_token else None
         # A notebook host opens the public tunnel by default, a terminal one does not.
         self.tunnel = tunnel or ("cloudflared" if "ipykernel" in sys.modules else "none")
         self.host, self.port = host, port
@@ -181,6 +191,9 @@ class ApiHost:
         """Start the server in the background; return once it answers ``/health``."""
         if self.state in (HostState.STARTING, HostState.RUNNING) and self.running:
             raise HostError(f"the host is already running at {self.url}; stop it first")
+        if not os.environ.get(HF_TOKEN_ENV) and (hf_token := notebook_secret(HF_TOKEN_ENV)):
+            # for private and gated hub models, downloaded here and (on request) by the server
+            os.environ[HF_TOKEN_ENV] = hf_token
         model_args = self._prepare_model()
         self._remove_run_dir()
         self._run_dir = Path(tempfile.mkdtemp(prefix="llm-magic-"))

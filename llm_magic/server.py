@@ -22,7 +22,7 @@ from flask import Flask, Response, request, send_from_directory
 from werkzeug.exceptions import HTTPException, NotFound
 
 from . import __version__
-from .engine import Engine
+from .engine import QUIET, Engine
 from .errors import (
     AuthenticationError, HostBusy, InvalidRequest, LLMMagicError, PayloadTooLarge, RequestTimeout,
 )
@@ -328,10 +328,11 @@ CHECK_SECONDS = 0.1  # how often a waiting response checks whether its client le
 
 
 class _Pump:
-    """Runs one generation in a thread of its own while the response waits for its events, so
-    that it can send keep-alives while llama.cpp is busy (waiting in the queue, loading,
-    evaluating a long prompt) and notice a client that left. Closing it withdraws the
-    generation, which frees its slot within a token.
+    """One generation, read so that the response can send keep-alives while llama.cpp is busy
+    (waiting in the queue, loading, evaluating a long prompt) and notice a client that left. Up
+    to ``Started`` (waiting in line, loading) the generation runs in a thread of its own; then
+    the response's thread reads it directly, the engine saying ``QUIET`` at each check interval.
+    Closing it withdraws the generation, which frees its slot within a token.
 
     It tells the engine when the first text has gone out: a generation running alone pauses
     until then, since the next token's decode keeps every core busy and on a small machine
@@ -342,31 +343,37 @@ class _Pump:
     def __init__(self, engine: Engine, gen_request: GenerationRequest) -> None:
         self._cancel = threading.Event()
         self._first_text_passed = threading.Event()
-        self._events = engine.generate(gen_request, self._cancel, self._first_text_passed)
+        self._events = engine.generate(gen_request, self._cancel, self._first_text_passed, tick=CHECK_SECONDS)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="llm-magic-request", daemon=True)
+        self._handed_over = False  # the thread stopped at Started: the rest is read by the response
+        self._direct = False  # the response's thread reads the generation itself
+        self._thread = threading.Thread(target=self._wait_in_line, name="llm-magic-request", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _wait_in_line(self) -> None:
         try:
             for event in self._events:
+                if isinstance(event, Started):
+                    # From here the response's own thread reads the events: one hand-over less
+                    # per token than relaying them through this thread.
+                    self._handed_over = True
+                    self._queue.put(event)
+                    return
                 self._queue.put(event)
                 if self._cancel.is_set():
                     break
         except BaseException as exc:  # handed to the request thread, which answers with it
             self._queue.put(_Failure(exc))
-        self._finish()
-
-    def _finish(self) -> None:
         try:
             self._events.close()
         finally:
             self._queue.put(_END)
-            self._done.set()
 
     def get(self, timeout: float) -> Event | object | None:
         """The next event, ``_QUIET`` after ``timeout`` s without one, ``None`` at the end."""
+        if self._direct:  # the engine itself says QUIET after each CHECK_SECONDS
+            event = next(self._events, None)
+            return _QUIET if event is QUIET else event
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
@@ -375,6 +382,9 @@ class _Pump:
             return None
         if isinstance(item, _Failure):
             raise item.exc
+        if isinstance(item, Started):
+            self._thread.join()  # it returns right after handing over
+            self._direct = True
         return item
 
     def events(self, keepalive: float, gone: Callable[[], bool], first: Event | None = None) -> Iterator[Event]:
@@ -409,8 +419,9 @@ class _Pump:
     def close(self) -> None:
         self._cancel.set()
         self._first_text_passed.set()
-        self._done.wait(timeout=1.0)  # it ends after the current token either way
-        self._thread.join(timeout=1.0)
+        self._thread.join(timeout=1.0)  # it leaves the line at once once cancelled
+        if self._handed_over and not self._thread.is_alive():
+            self._events.close()  # withdraws the generation: its slot is free within a step
 
 
 def _start(engine: Engine, gen_request: GenerationRequest, keepalive: float) -> tuple[Started | None, Iterator[Event]]:

@@ -139,6 +139,31 @@ def test_token_from_colab_secrets(monkeypatch) -> None:
     assert len(ApiHost().token) >= 24  # falls back to a new random token
 
 
+def test_token_and_hf_token_from_kaggle_secrets(monkeypatch) -> None:
+    import types
+
+    from llm_magic.host import notebook_secret
+
+    secrets = {"LLM_MAGIC_TOKEN": "kaggle-secret-token", "HF_TOKEN": "hf_kaggle"}
+
+    class UserSecretsClient:  # Kaggle's: raises when the secret is not attached to the notebook
+        def get_secret(self, name: str) -> str:
+            if name not in secrets:
+                raise ConnectionError(f"secret {name} not found")
+            return secrets[name]
+
+    monkeypatch.setitem(sys.modules, "kaggle_secrets", types.SimpleNamespace(UserSecretsClient=UserSecretsClient))
+    assert notebook_secret("LLM_MAGIC_TOKEN") is None  # not on Kaggle: not asked
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert ApiHost().token == "kaggle-secret-token"
+    assert notebook_secret("HF_TOKEN") == "hf_kaggle" and notebook_secret("OTHER") is None
+    monkeypatch.setenv("HF_TOKEN", "")  # so that the test's end restores it, whatever start() sets
+    monkeypatch.delenv("HF_TOKEN")
+    with ApiHost(use_token=False, port=0, tunnel="none") as host:
+        environ = Path(f"/proc/{host.pid}/environ").read_bytes().split(b"\0")
+        assert b"HF_TOKEN=hf_kaggle" in environ  # the server may download gated models too
+
+
 def test_new_tokens_never_start_like_an_option() -> None:
     from llm_magic.host import new_token
 
