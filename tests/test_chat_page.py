@@ -162,6 +162,14 @@ def test_a_wrong_token_is_a_clear_line_and_can_be_forgotten(page) -> None:
     assert page.evaluate("localStorage.getItem('llm_magic.token')") in (None, "")
 
 
+def test_a_request_the_host_refuses_shows_its_message(page) -> None:
+    enter_token(page)
+    set_max_tokens(page, 8, temperature=5)  # the field's max is 2, but typed values reach the host
+    send(page, "Hi")
+    line = page.wait_for_selector(".error-line")
+    assert "Error 400" in line.text_content() and "temperature" in line.text_content()
+
+
 def test_conversations_are_kept_across_a_reload_and_regenerate_and_edit_work(page) -> None:
     enter_token(page)
     set_max_tokens(page, 8)
