@@ -476,12 +476,14 @@ _NOTHING = object()
 
 
 def _best_slot(free: list[Slot], tokens: list[int]) -> Slot:
-    """The free slot to write an answer to ``tokens`` in. One whose cache is mostly the start
-    of this prompt (a conversation going on), with the longest such start; else one with
-    nothing cached, else the one unused the longest. Sharing a little (a system prompt) is no
-    reason to take a slot: its cache holds someone else's conversation. Among equal starts, the
-    slot with the least else cached (a prompt it holds exactly needs no decode at all)."""
-    shared = [(n, slot) for slot in free if (n := _common_prefix(slot.cache, tokens)) and 2 * n >= len(slot.cache)]
+    """The free slot to write an answer to ``tokens`` in. One whose cache starts this prompt
+    for at least half of the cache or half of the prompt (a conversation going on; a prompt
+    varied at its end), with the longest such start; else one with nothing cached, else the one
+    unused the longest. Sharing a little (a system prompt) is no reason to take a slot: its
+    cache holds someone else's conversation. Among equal starts, the slot with the least else
+    cached (a prompt it holds exactly needs no decode at all)."""
+    shared = [(n, slot) for slot in free if (n := _common_prefix(slot.cache, tokens))
+              and (2 * n >= len(slot.cache) or 2 * n >= len(tokens))]
     if shared:
         return max(shared, key=lambda pair: (pair[0], -len(pair[1].cache)))[1]
     return min(free, key=lambda slot: (bool(slot.cache), slot.last_used))
