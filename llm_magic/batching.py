@@ -10,12 +10,14 @@ answer depends on what is decoded beside it (see ``BatchContext``). A slot keeps
 the cache after its request ends; the next request takes the free slot whose tokens share the
 longest prefix with its prompt, so several people's conversations each keep their cache. If the
 cache is ever full (slots that share one, when memory is short), idle slots give theirs up
-first, then new work waits; a running answer is never cut off for newer work.
+first, then new prompts wait; a running answer is never cut off for newer work (only if the
+answers being written fill it on their own does the newest of them end, as at a context's end).
 
 A request with ``n`` choices holds ``n`` slots: its prompt is read once, in the first, and
 copied to the others (``llama_memory_seq_cp``) before each samples its own answer.
 
-Jobs other than decoding (loading, embeddings) run in the same thread between two steps: ggml's
+Other jobs (switching the context to a newly loaded model, embeddings) run in the same thread
+between two steps: ggml's
 CPU threads are an OpenMP team per calling thread, and two threads that compute in turn keep
 two teams that fight for the cores. Imports llama_cpp lazily, like ``engine.py``.
 """
