@@ -85,7 +85,6 @@ class BatchContext:
         self.memory = lib.llama_get_memory(self.ctx)
         # the most one sequence holds (llama.cpp may round the context up; the owner's --ctx holds)
         self.n_ctx = min(lib.llama_n_ctx_seq(self.ctx), n_ctx)
-        self.unified = unified
         self.n_batch = lib.llama_n_batch(self.ctx)
         self.n_seq = n_seq
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
@@ -470,8 +469,6 @@ class Scheduler:
         task.events.put(exc if isinstance(exc, LLMMagicError) else
                         ModelLoadError(f"generation failed ({type(exc).__name__}); see the host's log"))
 
-    def slots_busy(self) -> int:
-        return sum(1 for s in self._slots if s.task is not None)
 
 
 _NOTHING = object()
