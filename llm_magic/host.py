@@ -281,13 +281,16 @@ class ApiHost:
         self.state = HostState.STOPPED
         self._started_at = None
 
-    def run(self) -> None:
-        """Start, print the connection details, and block until Ctrl-C (the seed's call)."""
+    def connection_text(self) -> str:
+        """The block to show once the host is ready: URLs, token and client snippets."""
         from .snippets import connection_text
 
+        return connection_text(self.url or "", self.token, self.model_name or "", self.public_url, self.tunnel_note)
+
+    def run(self) -> None:
+        """Start, print the connection details, and block until Ctrl-C (the seed's call)."""
         self.start()
-        print(connection_text(self.url or "", self.token, self.model_name or "", self.public_url, self.tunnel_note),
-              flush=True)
+        print(self.connection_text(), flush=True)
         try:
             while self.running:
                 time.sleep(0.5)

@@ -21,7 +21,6 @@ from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 from .client import Answer, Client, Stream
 from .errors import LLMMagicError
 from .host import ApiHost, add_serve_arguments
-from .snippets import connection_text
 
 UPDATE_INTERVAL = 0.05  # seconds between in-place updates of a streaming answer
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
@@ -186,8 +185,7 @@ class LLMMagics(Magics):
         host.start()
         self.host, self._host_argv = host, argv
         self.client = Client(host.url, host.token)
-        text = connection_text(host.url or "", host.token, host.model_name or "", host.public_url, host.tunnel_note)
-        display({"text/plain": text + "\n\nThis notebook is connected: write a %%llm cell."}, raw=True)
+        display({"text/plain": host.connection_text() + "\n\nThis notebook is connected: write a %%llm cell."}, raw=True)
 
     def _require_host(self) -> ApiHost:
         if self.host is None:
