@@ -2,33 +2,62 @@
 
 from __future__ import annotations
 
+import shlex
+from typing import Any, Mapping, Sequence
+
 
 def connection_text(url: str, token: str | None, model: str, public_url: str | None = None,
-                    tunnel: str | None = None) -> str:
-    """The block a host prints once it is ready: where it is, the token, how to use it."""
+                    tunnel: str | None = None, *, streams: bool = True, device: Mapping[str, Any] | None = None,
+                    warnings: Sequence[str] = ()) -> str:
+    """The block a host shows once it is ready: where it is, the token, the device, how to use it.
+
+    ``streams=False`` (the tunnel delivers a stream all at once) makes the snippets ask for whole
+    answers, which then arrive as fast as they can, instead of a stream that looks frozen.
+    ``device``: the server's ``device``, ``gpu_layers`` and ``memory`` (see ``/health``)."""
     target = public_url or url
     lines = [f"llm_magic is serving {model}", f"  Local URL:  {url}"]
     if public_url:
         lines.append(f"  Public URL: {public_url}")
     if tunnel:
         lines.append(f"  Tunnel:     {tunnel}")
+    if device and device.get("device"):
+        parts = [str(device["device"])]
+        if device.get("gpu_layers"):
+            parts.append(f"layers on the GPU: {device['gpu_layers']}")
+        if device.get("memory"):
+            parts.append(str(device["memory"]))
+        lines.append("  Device:     " + "; ".join(parts))
     lines.append(f"  Token:      {token}" if token else "  Token:      none (anyone who can reach the URL may use it)")
-    lines += ["", "Use it from:", *("  " + line for line in client_snippets(target, token).splitlines())]
+    lines += [f"warning: {line}" for line in warnings]
+    if not streams:
+        lines.append("Streaming:  the tunnel delivers a streamed answer all at once, so the snippets below ask for "
+                     "whole answers")
+    lines += ["", "Use it from:", *("  " + line for line in client_snippets(target, token, streams=streams).splitlines())]
     return "\n".join(lines)
 
 
-def client_snippets(url: str, token: str | None) -> str:
-    """Short examples for curl, requests (seed payload), the openai SDK and llm_magic."""
-    auth = f' -H "Authorization: Bearer {token}"' if token else ""
-    token_arg = f" --token {token}" if token else ""
-    token_field = f"'token': '{token}', " if token else ""
-    api_key = token or "none"
+def token_option(token: str) -> str:
+    """``--token T`` for a command line: shell-quoted, and as ``--token=T`` when T starts with
+    '-' (an option parser would take ``--token -x`` for two options)."""
+    quoted = shlex.quote(token)
+    return f"--token={quoted}" if token.startswith("-") else f"--token {quoted}"
+
+
+def client_snippets(url: str, token: str | None, *, streams: bool = True) -> str:
+    """Short examples for the browser, Jupyter, the terminal, curl, requests (the seed's
+    payload), the openai SDK and llm_magic. Tokens are quoted for the shell or for Python."""
+    auth = f" -H {shlex.quote('Authorization: Bearer ' + token)}" if token else ""
+    token_arg = f" {token_option(token)}" if token else ""
+    token_field = f"'token': {token!r}, " if token else ""
+    api_key = repr(token or "none")
+    no_stream = "" if streams else "  then  %config LLMMagics.stream = False"
     return "\n".join([
         f"browser:  open {url} to chat" + (" (paste the token once)" if token else ""),
-        f"Jupyter:  %load_ext llm_magic  then  %llm connect {url}{token_arg}",
-        f"curl:     curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+        f"Jupyter:  %load_ext llm_magic  then  %llm connect {shlex.quote(url)}{token_arg}{no_stream}",
+        f"terminal: llm-magic ask --url {shlex.quote(url)}{token_arg}{'' if streams else ' --no-stream'} 'Hello!'",
+        f"curl:     curl {shlex.quote(url + '/v1/chat/completions')}{auth} -H 'Content-Type: application/json' "
         """-d '{"messages": [{"role": "user", "content": "Hello!"}]}'""",
-        f"requests: requests.post('{url}/api', json={{{token_field}'inputs': 'Hello!', 'parameters': {{}}}}).json()",
-        f"openai:   OpenAI(base_url='{url}/v1', api_key='{api_key}')",
-        f"python:   llm_magic.Client('{url}'" + (f", token='{token}')" if token else ")"),
+        f"requests: requests.post({url + '/api'!r}, json={{{token_field}'inputs': 'Hello!', 'parameters': {{}}}}).json()",
+        f"openai:   OpenAI(base_url={url + '/v1'!r}, api_key={api_key})",
+        f"python:   llm_magic.Client({url!r}" + (f", token={token!r})" if token else ")"),
     ])
