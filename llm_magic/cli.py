@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("huggingface_hub").propagate = False  # it has its own handler: one line per warning
     try:
         from .httpserver import HttpServer
         from .server import create_app

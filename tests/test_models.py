@@ -3,6 +3,7 @@ against a local stand-in for the hub."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,42 @@ def test_hub_that_cannot_be_reached_is_a_download_error(monkeypatch: pytest.Monk
         resolve_model(ModelSpec.parse("org/repo:Q4_K_M"))
     with pytest.raises(ModelDownloadError, match="not in the local cache"):
         resolve_model(ModelSpec.parse("org/repo:model.gguf"))
+
+
+def test_an_unreachable_hub_is_one_clear_line_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "llm_magic", "serve", "--port", "0", "--model", "org/mistyped:Q4_K_M"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1
+    # no retries (huggingface_hub retries a refused connection for about 25 s, warning twice each time)
+    assert result.stderr.splitlines() == [
+        f"error: cannot get org/mistyped:Q4_K_M: the hub cannot be reached ({env['HF_ENDPOINT']}: connection refused) "
+        "and the model is not in the local cache; check the connection (or HF_ENDPOINT), then retry"]
+
+
+def test_a_cached_model_is_served_when_the_hub_cannot_be_reached(hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as constants
+
+    from tests.conftest import free_port
+
+    first = resolve_model(ModelSpec.parse("test-org/SmolLM2-GGUF:Q4_1"))
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    assert resolve_model(ModelSpec.parse("test-org/SmolLM2-GGUF:Q4_1")) == first
+    assert resolve_model(ModelSpec.parse("test-org/SmolLM2-GGUF:SmolLM2.Q4_1.gguf")) == first
+    with pytest.raises(ModelDownloadError, match=r"SmolLM2\.Q8_0\.gguf .* not in the local cache: the hub cannot be reached"):
+        resolve_model(ModelSpec.parse("test-org/SmolLM2-GGUF:SmolLM2.Q8_0.gguf"))
+
+
+def test_a_mistyped_repo_on_a_reachable_hub_says_so(hub) -> None:
+    with pytest.raises(ModelNotFound, match="no model repository 'test-org/SmolLM2-GUFF' on the hub: check the spelling"):
+        resolve_model(ModelSpec.parse("test-org/SmolLM2-GUFF"))
 
 
 def test_a_download_that_fills_the_disk_is_a_clear_error(hub, tmp_path: Path) -> None:
