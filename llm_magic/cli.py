@@ -113,14 +113,16 @@ def serve(args: argparse.Namespace) -> int:
         url = f"http://{_display_host(args.host)}:{server.port}"
         public_url = None
         if args.tunnel == "cloudflared":
-            tunnel = _new_tunnel(server.port)
+            tunnel = _new_tunnel(server.port, token)
             public_url, tunnel_note = _open_tunnel(tunnel)
+        streams = tunnel is None or tunnel.streams is not False
         shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
-        print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note), flush=True)
+        print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note, streams=streams),
+              flush=True)
         print("\nPress Ctrl-C to stop.", flush=True)
         if args.ready_file:
             _write_ready_file(args.ready_file, {"url": url, "pid": os.getpid(), "model": name,
-                                                "public_url": public_url, "tunnel": tunnel_note})
+                                                "public_url": public_url, "tunnel": tunnel_note, "streams": streams})
         stop.wait()
     except _Stop:
         pass
@@ -133,14 +135,14 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_tunnel(port: int) -> Any:
+def _new_tunnel(port: int, token: str | None) -> Any:
     from .tunnel import Tunnel
 
     def announce(new_url: str) -> None:
         if tunnel.restarts:  # the first URL is in the banner
             print(f"The tunnel restarted; new public URL: {new_url}", flush=True)
 
-    tunnel = Tunnel(port, on_change=announce)
+    tunnel = Tunnel(port, on_change=announce, token=token)
     return tunnel
 
 
@@ -155,7 +157,11 @@ def _open_tunnel(tunnel: Any) -> tuple[str | None, str]:
         return None, f"none: {exc.message}; serving locally only"
     if tunnel.state == "unverified":
         return public_url, "cloudflared (not answering yet: Cloudflare may need a moment)"
-    return public_url, "cloudflared (verified)"
+    if tunnel.streams is False:
+        return public_url, "cloudflared (verified; it buffers streams: answers arrive whole)"
+    if tunnel.streams is None:
+        return public_url, "cloudflared (verified; streaming not checked)"
+    return public_url, "cloudflared (verified; streams)"
 
 
 class _Stop(Exception):

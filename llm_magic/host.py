@@ -158,6 +158,7 @@ class ApiHost:
         self.public_url: str | None = None
         self.model_name: str | None = None
         self.tunnel_note: str | None = None  # what the server says of its tunnel
+        self.tunnel_streams = True  # False when the tunnel delivers streams all at once
         self._process: subprocess.Popen | None = None
         self._run_dir: Path | None = None  # a temporary folder for the log, from start to stop
         self.log_path: Path | None = None
@@ -242,6 +243,7 @@ class ApiHost:
                 info = json.loads(ready_file.read_text())
                 self.url, self.model_name = info["url"], info["model"]
                 self.public_url, self.tunnel_note = info.get("public_url"), info.get("tunnel")
+                self.tunnel_streams = info.get("streams", True) is not False
                 if self._health(timeout=2).get("status") == "ok":
                     return
             time.sleep(0.05)
@@ -285,7 +287,8 @@ class ApiHost:
         """The block to show once the host is ready: URLs, token and client snippets."""
         from .snippets import connection_text
 
-        return connection_text(self.url or "", self.token, self.model_name or "", self.public_url, self.tunnel_note)
+        return connection_text(self.url or "", self.token, self.model_name or "", self.public_url, self.tunnel_note,
+                               streams=self.tunnel_streams)
 
     def run(self) -> None:
         """Start, print the connection details, and block until Ctrl-C (the seed's call)."""

@@ -39,7 +39,7 @@ log = logging.getLogger("llm_magic.server")
 
 KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
 ROUTES = ("GET / (the chat page), POST /api, POST /v1/chat/completions, POST /v1/completions, "
-          "POST /v1/responses, POST /v1/embeddings, GET /v1/models, GET /health")
+          "POST /v1/responses, POST /v1/embeddings, GET /v1/models, GET /health, POST /health/stream")
 WEB = Path(__file__).parent / "web"  # the chat page: static files, public, free of secrets
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}  # all /static serves: never HTML
 # The page runs only its own files: no inline script, nothing from elsewhere, so that text which
@@ -51,6 +51,9 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
+PROBE_EVENTS = 4  # POST /health/stream: events sent PROBE_INTERVAL s apart, and no model work
+PROBE_INTERVAL = 0.25
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 FINGERPRINT = f"llm_magic-{__version__}"  # OpenAI's system_fingerprint: which build answered
 
 
@@ -117,6 +120,21 @@ def create_app(
         if extra_status is not None:
             status.update(extra_status())
         return status
+
+    @app.post("/health/stream")
+    def stream_probe() -> Any:
+        """A few timed events, as a streamed answer is sent: whoever holds the token (the host,
+        through its own tunnel) can check that a stream arrives as it is sent."""
+        _authorize(token, None, body_token=False)
+
+        def events() -> Iterator[str]:
+            for i in range(PROBE_EVENTS):
+                if i:
+                    time.sleep(PROBE_INTERVAL)
+                yield sse({"probe": i, "of": PROBE_EVENTS, "interval": PROBE_INTERVAL})
+            yield sse("[DONE]")
+
+        return Response(events(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/api")
     def api() -> Any:
@@ -524,5 +542,4 @@ def _sse_response(chunks: Iterator[str], events: Iterator[Event]) -> Response:
                 if close:
                     close()
 
-    return Response(guarded(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(guarded(), mimetype="text/event-stream", headers=SSE_HEADERS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import json
 import logging
 import os
 import platform
@@ -28,6 +29,8 @@ from .errors import LLMMagicError
 log = logging.getLogger("llm_magic.tunnel")
 
 BINARY_ENV = "LLM_MAGIC_CLOUDFLARED"
+PROBE_PATH = "/health/stream"  # the server's timed probe stream (server.PROBE_EVENTS, PROBE_INTERVAL)
+PROBE_ATTEMPTS = 2  # a stream that seems buffered is asked again before the host says so
 _HOSTNAME = re.compile(r'userHostname="(https?://[^"]+)"')
 _STDERR_URL = re.compile(r"(https://[-a-z0-9]+\.trycloudflare\.com)")
 
@@ -112,6 +115,7 @@ class Tunnel:
         port: int,
         *,
         on_change: Callable[[str], None] | None = None,
+        token: str | None = None,
         attempts: int = 3,
         url_timeout: float = 30.0,
         verify_timeout: float = 30.0,
@@ -119,12 +123,14 @@ class Tunnel:
     ) -> None:
         self.port = port
         self.on_change = on_change
+        self._token = token  # for the streaming probe; never logged
         self.attempts = attempts
         self.url_timeout = url_timeout
         self.verify_timeout = verify_timeout
         self.max_restarts = max_restarts
         self.state = "stopped"  # starting, ready, unverified, restarting, failed, stopped
         self.public_url: str | None = None
+        self.streams: bool | None = None  # whether a stream through the tunnel arrives as sent; None: unknown
         self.restarts = 0
         self._binary: str | None = None
         self._process: subprocess.Popen | None = None
@@ -138,7 +144,8 @@ class Tunnel:
         return self._process.pid if self._process else None
 
     def status(self) -> dict:
-        return {"state": self.state, "public_url": self.public_url, "restarts": self.restarts}
+        return {"state": self.state, "public_url": self.public_url, "restarts": self.restarts,
+                "streams": self.streams}
 
     def start(self) -> str:
         """Open the tunnel; return its public URL (verified, or with a warning logged)."""
@@ -165,6 +172,10 @@ class Tunnel:
             self.state = "ready" if self._verify(url) else "unverified"
             if self.state == "unverified":
                 log.warning("%s does not answer yet; Cloudflare may need a moment", url)
+            self.streams = self.probe_streaming(url) if self.state == "ready" else None
+            if self.streams is False:
+                log.warning("the tunnel delivers a streamed answer all at once (it buffers): answers will "
+                            "not appear word by word through %s", url)
             if self.on_change:
                 self.on_change(url)
             return url
@@ -230,6 +241,44 @@ class Tunnel:
                 pass
             self._stopping.wait(1.0)
         return False
+
+    def probe_streaming(self, url: str) -> bool | None:
+        """Whether events streamed through ``url`` arrive as they are sent (True), all at once
+        (False, the tunnel buffers), or None when the probe could not run. The server sends a
+        few events a fixed interval apart; arrivals spread over less than a third of that span
+        mean buffering. A buffered-looking result is checked once more before it counts."""
+        for _ in range(PROBE_ATTEMPTS):
+            arrivals, span = self._probe(url)
+            if arrivals is None or len(arrivals) < 2:
+                return None
+            if arrivals[-1] - arrivals[0] >= span / 3:
+                return True
+        return False
+
+    def _probe(self, url: str) -> tuple[list[float] | None, float]:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        arrivals: list[float] = []
+        span = 0.0
+        try:
+            with requests.post(url + PROBE_PATH, headers=headers, stream=True, timeout=(5, 10)) as response:
+                if response.status_code != 200:
+                    return None, span
+                pending = b""
+                # byte by byte: a larger read would wait for more than one event (it is ~60 bytes)
+                for byte in response.iter_content(chunk_size=1):
+                    pending += byte
+                    if not pending.endswith(b"\n\n"):
+                        continue
+                    event, pending = pending.strip(), b""
+                    if event == b"data: [DONE]":
+                        break
+                    arrivals.append(time.monotonic())
+                    if b'"interval"' in event:
+                        fields = json.loads(event[len(b"data: "):])
+                        span = fields["interval"] * (fields["of"] - 1)
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return None, span
+        return arrivals, span
 
     def _watch(self) -> None:
         """Restart cloudflared whenever it dies, until stopped."""

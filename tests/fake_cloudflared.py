@@ -7,6 +7,8 @@ serves a metrics page naming its public URL, like the real one. $FAKE_CLOUDFLARE
 - ``proxy``: names http://127.0.0.1:PORT, a proxy to TARGET that behaves like Cloudflare's edge:
   524 when the origin sends no response within $FAKE_CLOUDFLARED_IDLE seconds (default 100),
   and a cut connection when an answer goes quiet for that long;
+- ``buffer``: that proxy, but an edge that buffers event streams: a ``text/event-stream`` answer
+  reaches the client all at once, when it is complete (as some proxies and tunnels do);
 - ``fail``: prints cloudflared's error for an unreachable API and exits 1;
 - ``silent``: runs but never shows a URL.
 
@@ -38,8 +40,9 @@ def main(argv: list[str]) -> int:
         return 1
 
     url = f"https://{secrets.token_hex(4)}-fake-tunnel.trycloudflare.com"
-    if mode == "proxy":
-        proxy = ThreadingHTTPServer(("127.0.0.1", 0), _proxy_handler(target.hostname, target.port, idle))
+    if mode in ("proxy", "buffer"):
+        handler = _proxy_handler(target.hostname, target.port, idle, buffer_streams=mode == "buffer")
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         proxy.daemon_threads = True
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{proxy.server_port}"
@@ -68,7 +71,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _proxy_handler(host: str, port: int, idle: float) -> type:
+def _proxy_handler(host: str, port: int, idle: float, buffer_streams: bool = False) -> type:
     class Proxy(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -90,13 +93,20 @@ def _proxy_handler(host: str, port: int, idle: float) -> type:
                     self.send_header(key, value)
             self.send_header("Connection", "close")
             self.end_headers()
+            held = buffer_streams and "text/event-stream" in (response.getheader("Content-Type") or "")
+            kept = []
             try:
                 while True:
                     chunk = response.read1(65536)
                     if not chunk:
                         break
+                    if held:
+                        kept.append(chunk)
+                        continue
                     self.wfile.write(chunk)
                     self.wfile.flush()
+                if kept:
+                    self.wfile.write(b"".join(kept))
             except socket.timeout:
                 pass  # the answer went quiet for too long: the edge drops the connection
             except (BrokenPipeError, ConnectionResetError):

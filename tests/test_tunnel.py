@@ -99,7 +99,7 @@ def test_serve_shows_the_public_url_survives_a_killed_cloudflared_and_leaves_not
     s = Serve("--tunnel", "cloudflared", "--no-token")
     try:
         (pid, url), = cloudflared.starts()
-        assert f"Public URL: {url}" in s.output and "cloudflared (verified)" in s.output
+        assert f"Public URL: {url}" in s.output and "cloudflared (verified; streams)" in s.output
         os.kill(pid, signal.SIGKILL)
         (_, _), (new_pid, new_url) = cloudflared.wait_starts(2)
         assert new_url != url
@@ -110,7 +110,7 @@ def test_serve_shows_the_public_url_survives_a_killed_cloudflared_and_leaves_not
             assert time.monotonic() < deadline
             time.sleep(0.2)
         tunnel = requests.get(new_url + "/health", timeout=10).json()["tunnel"]
-        assert tunnel == {"state": "ready", "public_url": new_url, "restarts": 1}
+        assert tunnel == {"state": "ready", "public_url": new_url, "restarts": 1, "streams": True}
     finally:
         assert s.stop() == 0
     assert all(gone(pid) for pid, _ in cloudflared.starts())
@@ -138,6 +138,52 @@ def test_notebook_host_defaults_to_the_tunnel_and_stops_it(cloudflared, fresh_ma
     assert re.search(rf"public url\s+{re.escape(url)}", capsys.readouterr().out)
     assert sh.run_cell("%llm_host stop").success
     assert gone(pid)
+
+
+# -- streaming through the tunnel ------------------------------------------------------------------
+
+
+def test_a_tunnel_that_buffers_streams_is_noticed_and_the_snippets_ask_for_whole_answers(cloudflared) -> None:
+    cloudflared.mode("buffer")
+    s = Serve("--tunnel", "cloudflared", "--token", "probe-token-" + "x" * 20)
+    try:
+        (_, url), = cloudflared.starts()
+        assert "Tunnel:     cloudflared (verified; it buffers streams: answers arrive whole)" in s.output
+        assert "%config LLMMagics.stream = False" in s.output and "--no-stream" in s.output
+        health = requests.get(s.url + "/health", timeout=10).json()
+        assert health["tunnel"]["streams"] is False
+        # what the probe saw is what a streamed answer meets: through the edge it comes whole
+        stream = requests.post(url + "/v1/completions", stream=True, timeout=60,
+                               headers={"Authorization": "Bearer probe-token-" + "x" * 20},
+                               json={"prompt": "Once upon a time", "max_tokens": 40, "stream": True})
+        first = next(stream.iter_content(chunk_size=1))
+        assert first and stream.raw.tell() >= 0
+        rest = stream.raw.read()  # already here: the edge sent the whole answer at once
+        assert rest.rstrip().endswith(b"data: [DONE]")
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_tunnel_that_streams_is_said_to_stream_and_the_probe_needs_the_token(cloudflared) -> None:
+    s = Serve("--tunnel", "cloudflared", "--token", "probe-token-" + "x" * 20)
+    try:
+        (_, url), = cloudflared.starts()
+        assert "Tunnel:     cloudflared (verified; streams)" in s.output
+        assert "LLMMagics.stream" not in s.output
+        assert requests.get(s.url + "/health", timeout=10).json()["tunnel"]["streams"] is True
+        assert requests.post(url + "/health/stream", timeout=10).status_code == 401
+        tunnel = Tunnel(1, token="probe-token-" + "x" * 20)
+        assert tunnel.probe_streaming(url) is True and Tunnel(1, token="wrong").probe_streaming(url) is None
+    finally:
+        assert s.stop() == 0
+
+
+def test_api_host_shows_a_buffering_tunnel_in_its_connection_block(cloudflared) -> None:
+    cloudflared.mode("buffer")
+    with ApiHost(port=0, tunnel="cloudflared") as host:
+        assert host.tunnel_streams is False
+        block = host.connection_text()
+    assert "it buffers streams" in block and "%config LLMMagics.stream = False" in block
 
 
 # -- long answers through an edge that cuts idle connections ------------------------------------
