@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -32,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     serve.add_argument("--model-name", help=argparse.SUPPRESS)
 
+    gpu = commands.add_parser("gpu", help="show the GPU and whether llama-cpp-python can use it; --install one that can",
+                              description="Show the NVIDIA GPU, its CUDA, and whether the installed llama-cpp-python "
+                                          "can use it. With --install, install one that can: llama-cpp-python's "
+                                          "prebuilt CUDA wheel for this CUDA (about 1-2 minutes), else a source "
+                                          "build for this GPU's architecture alone (10-20 minutes on 2 cores).")
+    gpu.add_argument("--install", action="store_true", help="install a llama-cpp-python that uses the GPU")
+    gpu.add_argument("--dry-run", action="store_true", help="with --install: print the commands, run nothing")
+    gpu.add_argument("--log", type=Path, default=None, metavar="PATH",
+                     help="with --install: where the build's output goes (default: a temporary file)")
+
     ask = commands.add_parser("ask", help="ask a host and stream the answer to stdout",
                               description="Ask a host (or any OpenAI-compatible server) and stream the answer.")
     ask.add_argument("prompt", nargs="?", help="the question; '-' or nothing reads standard input")
@@ -49,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return serve(args) if args.command == "serve" else ask(args)
+        return {"serve": serve, "gpu": gpu, "ask": ask}[args.command](args)
     except LLMMagicError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -73,7 +84,8 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LLMMagicError(f"serving needs the host extra ({exc.name} is missing): "
                             "pip install 'llm_magic[host]'") from None
-    from .engine import Engine
+    from .engine import Engine, gpu_offload_supported
+    from .gpu import offload_warning
     from .models import ModelPolicy, ModelSpec, model_name, resolve_model
     from .snippets import connection_text
 
@@ -110,6 +122,9 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, _raise_stop)
     try:
         engine.load_default()  # /health says "loading" meanwhile
+        warnings = [w for w in [offload_warning(gpu_offload_supported())] if w and args.gpu_layers != 0]
+        for warning in warnings:
+            logging.getLogger("llm_magic.serve").warning("%s", warning)
         url = f"http://{_display_host(args.host)}:{server.port}"
         public_url = None
         if args.tunnel == "cloudflared":
@@ -117,12 +132,13 @@ def serve(args: argparse.Namespace) -> int:
             public_url, tunnel_note = _open_tunnel(tunnel)
         streams = tunnel is None or tunnel.streams is not False
         shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
-        print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note, streams=streams),
-              flush=True)
+        print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note, streams=streams,
+                              device=engine.device(), warnings=warnings), flush=True)
         print("\nPress Ctrl-C to stop.", flush=True)
         if args.ready_file:
             _write_ready_file(args.ready_file, {"url": url, "pid": os.getpid(), "model": name,
-                                                "public_url": public_url, "tunnel": tunnel_note, "streams": streams})
+                                                "public_url": public_url, "tunnel": tunnel_note, "streams": streams,
+                                                "device": engine.device(), "warnings": warnings})
         stop.wait()
     except _Stop:
         pass
@@ -187,6 +203,66 @@ def _watch_parent(pid: int, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         if os.getppid() != pid:
             stop.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu
+
+
+def gpu(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from . import gpu as nvidia
+    from .engine import gpu_offload_supported
+
+    offload = gpu_offload_supported()
+    print(nvidia.describe(offload, _llama_version()), flush=True)
+    if not args.install:
+        if warning := nvidia.offload_warning(offload):
+            print(f"warning: {warning}")
+        return 0
+    if not nvidia.has_nvidia_gpu():
+        raise LLMMagicError("no NVIDIA GPU here (no nvidia-smi, no /proc/driver/nvidia): on Colab choose a GPU "
+                            "runtime (Runtime > Change runtime type), on Kaggle a GPU accelerator")
+    if offload:
+        print("llama-cpp-python already uses the GPU: nothing to install.")
+        return 0
+    log_path = args.log or Path(tempfile.mkdtemp(prefix="llm-magic-gpu-")) / "install.log"
+    for step in nvidia.install_plan():
+        if args.dry_run:
+            env = " ".join(f"{k}={json.dumps(v)}" for k, v in step.env.items())
+            print(f"# {step.what} ({step.expected})\n{env + ' ' if env else ''}{' '.join(step.argv)}")
+            continue
+        if nvidia.run_step(step, log_path) and _offloads_now():
+            # the wheel went in alone (--no-deps, so that nothing else is replaced): now what it needs
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", nvidia.LLAMA_REQUIREMENT], check=False)
+            print(f"llama-cpp-python {_llama_version(fresh=True)} uses the GPU now. Start the host "
+                  "(a running one: %llm_host restart).")
+            return 0
+        print("  that did not give a llama-cpp-python with GPU offload; trying the next way", flush=True)
+    if args.dry_run:
+        return 0
+    raise LLMMagicError(f"could not install a llama-cpp-python that uses the GPU; see {log_path}")
+
+
+def _llama_version(fresh: bool = False) -> str | None:
+    if fresh:
+        out = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                             capture_output=True, text=True, timeout=120)
+        return out.stdout.strip() or None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
+
+
+def _offloads_now() -> bool:
+    """Whether the llama-cpp-python just installed offloads (asked in a fresh process)."""
+    code = "import llama_cpp; print(bool(llama_cpp.llama_supports_gpu_offload()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return out.stdout.strip() == "True"
 
 
 # ---------------------------------------------------------------------------------------------

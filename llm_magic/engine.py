@@ -218,6 +218,9 @@ class Engine:
         self._trained_ctx: dict[Path, int] = {}  # what each model loaded so far was trained for
         self.embedding_path = Path(embedding_model) if embedding_model else None
         self._embedding_model: _Loaded | None = None  # loaded at its first request
+        self._device: dict[str, str] = {}  # the resident model's device, layers offloaded, memory
+        self._gpu_memory: str | None = None
+        self._gpu_memory_at = 0.0
 
     # -- state ---------------------------------------------------------------------------
 
@@ -226,8 +229,23 @@ class Engine:
         """Name of the resident model."""
         return self._loaded.name if self._loaded else None
 
+    def device(self) -> dict[str, str]:
+        """Where the resident model runs: ``device`` ("CPU", "CUDA0 Tesla T4"), ``gpu_layers``
+        ("0 (CPU only)", "29 of 29") and ``memory`` (the model's weights and KV cache as llama.cpp
+        sizes them; on a GPU also the GPU's memory in use, asked of nvidia-smi at most every 10 s)."""
+        info = dict(self._device)
+        if info.get("device", "CPU") != "CPU":
+            from .gpu import gpu_memory_text
+
+            if time.monotonic() - self._gpu_memory_at > 10:
+                self._gpu_memory, self._gpu_memory_at = gpu_memory_text(), time.monotonic()
+            if self._gpu_memory:
+                info["memory"] += f"; {self._gpu_memory}"
+        return info
+
     def status(self) -> dict[str, Any]:
         return {
+            **self.device(),
             "status": "loading" if self.loading else "ok",
             "model": self.model or self.default_name,
             "default_model": self.default_name,
@@ -465,6 +483,8 @@ class Engine:
             log.warning("the context (%d) is larger than %s was trained for (%d): answers past that "
                         "may degrade", key.ctx_length, name, model.n_ctx_train())
         self._loaded = _Loaded(key, name, model, context, metadata=model.metadata())
+        self._device = _device_info(self._loaded)
+        self._gpu_memory_at = 0.0
         self.scheduler.call(lambda: self.scheduler.attach(context))
         return self._loaded
 
@@ -654,6 +674,46 @@ def _gpu_offload_supported() -> bool:
         return bool(_llama_cpp().llama_supports_gpu_offload())
     except (ModelLoadError, AttributeError):
         return False
+
+
+def gpu_offload_supported() -> bool | None:
+    """Whether the installed llama-cpp-python can offload layers to a GPU (built with CUDA,
+    Metal, …); None when llama-cpp-python is not installed."""
+    try:
+        _llama_cpp()
+    except ModelLoadError:
+        return None
+    return _gpu_offload_supported()
+
+
+def _mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def _device_info(loaded: _Loaded) -> dict[str, str]:
+    """The resident model's device, layers offloaded and memory (see ``Engine.device``)."""
+    from .gpu import device_name
+
+    lib = _llama_cpp()
+    model, key, meta = loaded.model.model, loaded.key, loaded.metadata
+    n_layer = lib.llama_model_n_layer(model)
+    layers = n_layer + 1  # as llama.cpp counts them ("offloaded 29/29 layers"): the output layer too
+    offloaded = 0 if key.gpu_layers == 0 or not _gpu_offload_supported() else (
+        layers if key.gpu_layers < 0 else min(key.gpu_layers, layers))
+    arch = meta.get("general.architecture", "")
+    n_head, n_head_kv = lib.llama_model_n_head(model), lib.llama_model_n_head_kv(model)
+    head = lib.llama_model_n_embd(model) // max(n_head, 1)
+    k_dim = int(meta.get(f"{arch}.attention.key_length") or head)
+    v_dim = int(meta.get(f"{arch}.attention.value_length") or head)
+    context = loaded.context
+    cells = lib.llama_n_ctx(context.ctx) if context is not None else 0
+    kv_bytes = cells * n_layer * n_head_kv * (k_dim + v_dim) * 2  # an f16 cache, llama.cpp's default
+    slots = "no context" if context is None else (
+        f"{context.n_seq} slot{'s' * (context.n_seq > 1)} of {context.n_ctx} tokens"
+        if cells >= context.n_seq * context.n_ctx else f"{context.n_seq} slots sharing {cells} tokens")
+    return {"device": device_name(offloaded),
+            "gpu_layers": f"{offloaded} of {layers}" if offloaded else "0 (CPU only)",
+            "memory": f"{_mib(lib.llama_model_size(model))} model + {_mib(kv_bytes)} KV cache ({slots})"}
 
 
 def chat_formats() -> list[str]:

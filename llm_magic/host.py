@@ -159,6 +159,8 @@ class ApiHost:
         self.model_name: str | None = None
         self.tunnel_note: str | None = None  # what the server says of its tunnel
         self.tunnel_streams = True  # False when the tunnel delivers streams all at once
+        self.device: dict[str, str] = {}  # device, gpu_layers, memory: where the model runs
+        self.warnings: list[str] = []  # what the server warned of at start (a GPU it cannot use)
         self._process: subprocess.Popen | None = None
         self._run_dir: Path | None = None  # a temporary folder for the log, from start to stop
         self.log_path: Path | None = None
@@ -244,6 +246,7 @@ class ApiHost:
                 self.url, self.model_name = info["url"], info["model"]
                 self.public_url, self.tunnel_note = info.get("public_url"), info.get("tunnel")
                 self.tunnel_streams = info.get("streams", True) is not False
+                self.device, self.warnings = info.get("device") or {}, info.get("warnings") or []
                 if self._health(timeout=2).get("status") == "ok":
                     return
             time.sleep(0.05)
@@ -288,7 +291,7 @@ class ApiHost:
         from .snippets import connection_text
 
         return connection_text(self.url or "", self.token, self.model_name or "", self.public_url, self.tunnel_note,
-                               streams=self.tunnel_streams)
+                               streams=self.tunnel_streams, device=self.device, warnings=self.warnings)
 
     def run(self) -> None:
         """Start, print the connection details, and block until Ctrl-C (the seed's call)."""
@@ -321,7 +324,9 @@ class ApiHost:
             return {}
 
     def status(self) -> dict[str, Any]:
-        """State, URLs, model, uptime, and the server's own counters when it answers."""
+        """State, URLs, model, uptime, and the server's own counters when it answers: among
+        them ``device`` ("CPU", "CUDA0 Tesla T4"), ``gpu_layers`` ("0 (CPU only)", "29 of 29")
+        and ``memory`` (weights and KV cache; on a GPU, its memory in use)."""
         if self.state == HostState.RUNNING and not self.running:
             self.state = HostState.FAILED
         info: dict[str, Any] = {"state": self.state.value, "url": self.url, "public_url": self.public_url,
