@@ -50,6 +50,7 @@ class Stream:
         self._response = response
         self._chat = chat
         self._parts: list[str] = []
+        self._calls: dict[int, dict] = {}
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -65,16 +66,30 @@ class Stream:
                 usage = chunk.get("usage") or usage
                 timings = chunk.get("timings") or timings
                 for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") if self._chat else choice.get("text")
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") if self._chat else choice.get("text")
                     if text:
                         self._parts.append(text)
                         yield text
+                    for call in delta.get("tool_calls") or []:
+                        self._add_tool_call(call)
                     finish = choice.get("finish_reason") or finish
         except requests.RequestException as exc:
             raise HostUnreachable(f"the connection to the host broke mid-answer ({_reason(exc)})") from None
         finally:
             self._response.close()
-        self.answer = Answer("".join(self._parts), model, finish, usage, timings)
+        calls = [self._calls[i] for i in sorted(self._calls)]
+        self.answer = Answer("".join(self._parts), model, finish, usage, timings, calls)
+
+    def _add_tool_call(self, delta: dict) -> None:
+        """Stream deltas carry a call in pieces, by index: the id and name first, then the
+        arguments' text in fragments."""
+        call = self._calls.setdefault(delta.get("index", len(self._calls)),
+                                      {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call["id"] = delta.get("id") or call["id"]
+        function = delta.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
 
     @property
     def text(self) -> str:

@@ -5,48 +5,46 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
-import re
 import shlex
 import sys
 import time
-from typing import Any, Callable
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
 
-from IPython.core.error import UsageError
+from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import display
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 
+from . import conversation
+from .cells import CellErrors, interpolate
 from .client import Answer, Client, Stream
 from .errors import LLMMagicError
 from .host import ApiHost, add_serve_arguments
+from .python_tools import ToolBox
+from .rendering import Shown, answer_code, copyable_code, fixed_cell, pretty_json, tool_call_bundle
+
+__all__ = ["LLMMagics", "interpolate", "load_ipython_extension", "unload_ipython_extension"]
 
 UPDATE_INTERVAL = 0.05  # seconds between in-place updates of a streaming answer
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
+ERROR_CHARS = 6000  # of a traceback sent by %llm fix: its end, where the error is
+FIX_PROMPT = """Cell [{number}] of my Jupyter notebook failed.
 
+```python
+{source}
+```
 
-def interpolate(text: str, namespace: dict[str, Any]) -> str:
-    """Replace ``{name}`` (or ``{obj.attr}``) with its value from ``namespace``, in one pass:
-    ``{{``/``}}`` give literal braces, and braces inside a value are never expanded again.
-    A ``{name}`` that is not defined stays as it is (the text may be code)."""
+The error:
 
-    def replace(match: re.Match) -> str:
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            return token[0]
-        head, *attrs = match.group(1).split(".")
-        if head not in namespace:
-            return token
-        value = namespace[head]
-        try:
-            for attr in attrs:
-                value = getattr(value, attr)
-        except AttributeError:
-            return token
-        return str(value)
+```
+{traceback}
+```
 
-    return _PLACEHOLDER.sub(replace, text)
+Explain the cause in two or three sentences. Then give the whole corrected cell in one ```python code block."""
 
 
 class _Parser(MagicArgumentParser):
@@ -61,6 +59,10 @@ def _serve_parser() -> _Parser:
     parser.add_argument("command", choices=("start", "stop", "restart", "status", "logs"))
     parser.add_argument("-n", type=int, default=40, help="logs: how many lines (default: %(default)s)")
     add_serve_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "tunnel":  # the notebook's default differs from the terminal's
+            action.help = ("public tunnel; in a notebook the default is cloudflared (a public URL), set by "
+                           "%%config LLMMagics.tunnel; `llm-magic serve` on a terminal defaults to none")
     return parser
 
 
@@ -77,15 +79,28 @@ def _chat_parser() -> _Parser:
     parser.add_argument("--stop", action="append", metavar="S", help="stop sequence (repeatable)")
     parser.add_argument("--seed", type=int, metavar="N")
     parser.add_argument("-o", "--output", metavar="NAME", help="also keep the answer in variable NAME")
-    parser.add_argument("--format", choices=("markdown", "text", "code"), help="how to show the answer")
+    parser.add_argument("--format", choices=("markdown", "text", "code"),
+                        help="how to show the answer; code: its code also goes into a new cell below")
     parser.add_argument("--no-stream", action="store_true", help="show the answer when it is complete")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--json", action="store_true",
+                      help="answer with a JSON object (constrained on the host); _llm holds it parsed")
+    data.add_argument("--schema", metavar="NAME",
+                      help="answer with JSON matching NAME, a pydantic model class or a JSON-schema dict; "
+                           "_llm holds the validated object")
+    parser.add_argument("--tools", metavar="F,G",
+                        help="Python functions the model may call: the magic runs each call and feeds "
+                             "the result back until the answer is text")
+    parser.add_argument("--tool-choice", choices=("auto", "required"), default="auto",
+                        help="with --tools, required: the model must call a tool first (later rounds: auto)")
     return parser
 
 
 def _line_parser() -> _Parser:
     parser = _Parser("llm", description="Connect to a host and manage the conversation.")
-    parser.add_argument("command", choices=("connect", "reset", "history", "status", "models"))
-    parser.add_argument("url", nargs="?", help="connect: the host URL (default: $LLM_MAGIC_URL)")
+    parser.add_argument("command", choices=("connect", "reset", "history", "status", "models", "fix", "save", "load"))
+    parser.add_argument("target", nargs="?", metavar="URL|PATH",
+                        help="connect: the host URL (default: $LLM_MAGIC_URL); save, load: the file")
     parser.add_argument("--token", help="connect: the access token (default: $LLM_MAGIC_TOKEN)")
     return parser
 
@@ -107,24 +122,6 @@ def _with_help(parser_factory: Callable[[], _Parser], intro: str) -> Callable:
     return decorate
 
 
-class _Shown:
-    """An answer as Jupyter shows it (Markdown, text or a code block) and a terminal prints it."""
-
-    def __init__(self, text: str, fmt: str) -> None:
-        self.text, self.fmt = text, fmt
-
-    def _repr_markdown_(self) -> str | None:
-        if self.fmt == "text":
-            return None
-        if self.fmt == "code":
-            body = re.sub(r"^```[\w+-]*\n|\n?```\s*$", "", self.text.strip())
-            return f"```\n{body}\n```"
-        return self.text
-
-    def __repr__(self) -> str:
-        return self.text
-
-
 @magics_class
 class LLMMagics(Magics):
     """The llm_magic magics. Defaults are settable with ``%config LLMMagics.<name> = value``."""
@@ -136,14 +133,18 @@ class LLMMagics(Magics):
     stream = Bool(True, help="%%llm: stream answers into the cell").tag(config=True)
     tunnel = CaselessStrEnum(("cloudflared", "none"), "cloudflared",
                              help="%llm_host start: default --tunnel").tag(config=True)
+    confirm_tools = Bool(False, help="%%llm --tools: ask before running each call the model makes").tag(config=True)
+    max_tool_rounds = Int(5, help="%%llm --tools: rounds of tool calls before the model must answer in text"
+                          ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self.host: ApiHost | None = None
         self._host_argv: list[str] = []
         self.client: Client | None = None
-        self.history: list[dict[str, str]] = []
+        self.history: list[dict[str, Any]] = []
         self.last_answer: Answer | None = None
+        self.cell_errors = CellErrors(shell)
 
     # -- %llm_host ---------------------------------------------------------------------------
 
@@ -185,7 +186,8 @@ class LLMMagics(Magics):
         host.start()
         self.host, self._host_argv = host, argv
         self.client = Client(host.url, host.token)
-        display({"text/plain": host.connection_text() + "\n\nThis notebook is connected: write a %%llm cell."}, raw=True)
+        text = host.connection_text() + "\n\nThis notebook is connected: write a %%llm cell."
+        display({"text/plain": text}, raw=True)
 
     def _require_host(self) -> ApiHost:
         if self.host is None:
@@ -200,9 +202,17 @@ class LLMMagics(Magics):
         print("The host stopped.")
 
     def _host_restart(self, args: argparse.Namespace, argv: list[str]) -> None:
+        """The same flags again, and the same token and port: connected clients carry on."""
         host = self._require_host()
+        argv = ["start", *argv[1:]] if len(argv) > 1 else self._host_argv  # new flags, else the last ones
+        old = _serve_parser().parse_args(argv)
+        if host.token and not old.token:
+            old.token = host.token
+        port = urllib.parse.urlsplit(host.url).port if host.url else None
+        if port:
+            old.port = port
         host.stop()
-        self._host_start(_serve_parser().parse_args(self._host_argv), self._host_argv)
+        self._host_start(old, argv)
 
     def _host_status(self, args: argparse.Namespace, argv: list[str]) -> None:
         status = self._require_host().status()
@@ -214,7 +224,9 @@ class LLMMagics(Magics):
                      ("slots busy", f"{status['slots_busy']} of {status['slots']}" if "slots" in status
                       else status.get("busy")),
                      ("tokens generated", status.get("completion_tokens")),
-                     ("tokens/s", status.get("tokens_per_second"))]
+                     ("tokens/s", status.get("tokens_per_second")),
+                     ("device", status.get("device")), ("gpu layers", status.get("gpu_layers")),
+                     ("memory", status.get("memory"))]
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows if v is not None))
 
@@ -225,10 +237,23 @@ class LLMMagics(Magics):
 
     @line_cell_magic
     @_with_help(_chat_parser, "Chat with the connected host.\n\n"
-                "As a cell magic, the cell is the next user turn (``{name}`` inserts a variable,\n"
-                "``{{`` a literal brace); the answer streams into the output and is kept in ``_llm``::\n\n"
+                "As a cell magic, the cell is the next user turn; the answer streams into the output\n"
+                "and is kept in ``_llm``. In the cell, ``{name}`` inserts a variable (``{{`` a literal\n"
+                "brace), ``{In[3]}``, ``{Out[3]}``, ``{Err[3]}`` the source, result or traceback of\n"
+                "cell 3 (``-1``: the cell before), ``{Err}`` the last error::\n\n"
                 "  %%llm --system 'You are terse.'\n  Summarise {text} in one line.\n\n"
-                "As a line magic: %llm connect URL [--token T] | reset | history | status | models\n")
+                "  %%llm --schema City          # City: a pydantic model; _llm is a City\n"
+                "  Describe Paris.\n\n"
+                "  %%llm --tools weather,convert   # the model may call these functions\n"
+                "  What is the weather in Oslo, in Fahrenheit?\n\n"
+                "As a line magic:\n"
+                "  %llm connect URL [--token T]   connect to a host (after %llm_host start: automatic)\n"
+                "  %llm fix                       explain the last error; the fixed cell goes below\n"
+                "  %llm history | reset | status | models\n"
+                "  %llm save PATH | load PATH     keep the conversation in a file (OpenAI messages JSON)\n\n"
+                "A new cell from --format code or %llm fix: Jupyter Notebook, JupyterLab, VS Code and\n"
+                "Kaggle open it below; the IPython terminal puts it at the next prompt; Colab cannot,\n"
+                "so there the code shows with a Copy button.\n")
     def llm(self, line: str, cell: str | None = None) -> None:
         try:
             if cell is None:
@@ -248,7 +273,7 @@ class LLMMagics(Magics):
     def _line(self, line: str) -> None:
         args = _line_parser().parse_args(_split(line))
         if args.command == "connect":
-            url = args.url or os.environ.get("LLM_MAGIC_URL")
+            url = args.target or os.environ.get("LLM_MAGIC_URL")
             if not url:
                 raise UsageError("give the host's URL: %llm connect URL --token TOKEN")
             client = Client(url, args.token)
@@ -271,18 +296,43 @@ class LLMMagics(Magics):
                   f"conversation {turns} turn(s)")
         elif args.command == "models":
             print("\n".join(self._connected().models()))
+        elif args.command == "fix":
+            self._fix()
+        elif args.command == "save":
+            self._save(args.target)
+        elif args.command == "load":
+            self._load(args.target)
 
     def _show_history(self) -> None:
         if not self.history:
             print("The conversation is empty.")
             return
-        text = "\n\n".join(f"**{m['role']}**: {m['content']}" for m in self.history)
-        display(_Shown(text, "markdown"))
+        names = {call.get("id"): call["function"]["name"]
+                 for m in self.history for call in m.get("tool_calls") or []}
+        parts = []
+        for m in self.history:
+            if m["role"] == "tool":
+                parts.append(f"**tool** ({names.get(m.get('tool_call_id'), '?')}): {m['content']}")
+                continue
+            calls = [f"`{c['function']['name']}({c['function'].get('arguments', '')})`"
+                     for c in m.get("tool_calls") or []]
+            text = m.get("content") or ""
+            parts.append(f"**{m['role']}**: {text}" + (" → calls " + ", ".join(calls) if calls else ""))
+        display(Shown("\n\n".join(parts), "markdown"))
+
+    # -- a chat turn ---------------------------------------------------------------------------
 
     def _cell(self, line: str, cell: str) -> None:
         args = _chat_parser().parse_args(_split(line))
+        if args.complete and (args.json or args.schema or args.tools):
+            raise UsageError("--complete is a raw completion: --json, --schema and --tools need a chat turn")
+        if args.tools and (args.json or args.schema):
+            raise UsageError("--tools cannot be combined with --json or --schema yet: ask for the data in a "
+                             "second cell, with the tool results in the conversation")
+        schema = self._schema(args.schema) if args.schema else None
+        toolbox = self._toolbox(args.tools) if args.tools else None
         client = self._connected()
-        prompt = interpolate(cell, self.shell.user_ns).strip() if self.shell else cell.strip()
+        prompt = self._interpolate(cell).strip()
         if not prompt:
             raise UsageError("the cell is empty: write your message below %%llm")
         if args.new:
@@ -295,18 +345,225 @@ class LLMMagics(Magics):
                   "temperature": args.temperature if args.temperature is not None else self.temperature,
                   "top_p": args.top_p, "top_k": args.top_k, "stop": args.stop, "seed": args.seed,
                   "model": args.model}
+        as_json = args.json or schema is not None
+        if args.json:
+            params["response_format"] = {"type": "json_object"}
+        elif schema is not None:
+            params["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": args.schema, "schema": schema[0], "strict": True}}
+        fmt = "json" if as_json else (args.format or self.format)
+        live = self.stream and not args.no_stream
+        if args.complete:
+            stream = client.complete_stream(prompt, **params)
+            text, finished = self._show_stream(stream, fmt, live)
+            answer = stream.answer
+        else:
+            turn = [*self.history, {"role": "user", "content": prompt}]
+            messages, text, finished, answer = self._converse(client, turn, params, fmt, live, toolbox,
+                                                              args.tool_choice)
+            if finished:
+                self.history = messages
+        value: Any = text
+        error = None
+        if finished and as_json:
+            try:
+                value = self._parse_json(text, answer, schema, args.schema)
+            except UsageError as exc:
+                error = exc
+        if self.shell is not None:
+            self.shell.user_ns["_llm"] = value
+            if args.output:
+                self.shell.user_ns[args.output] = value
+        if answer is not None:
+            self.last_answer = answer
+            self._footer(answer)
+        if error is not None:
+            raise error
+        if finished and fmt == "code":
+            self._offer_code(answer_code(text), "The answer's code")
+
+    def _interpolate(self, cell: str) -> str:
+        if self.shell is None:
+            return cell
+        return interpolate(cell, self.shell.user_ns, self.shell, self.cell_errors)
+
+    def _converse(self, client: Client, turn: list[dict[str, Any]], params: dict[str, Any], fmt: str, live: bool,
+                  toolbox: ToolBox | None, tool_choice: str) -> tuple[list[dict[str, Any]], str, bool, Answer | None]:
+        """One chat turn; with tools, as many rounds as the model calls them. Returns the
+        conversation with this turn, the final text, whether it finished, and the last answer."""
+        messages = list(turn)
+        rounds = 0
+        results: dict[tuple[str, str], str] = {}  # the calls made in this turn, and what they gave
+        must_answer = False
+        while True:
+            extra: dict[str, Any] = {}
+            if toolbox is not None:
+                extra = {"tools": toolbox.specs,
+                         "tool_choice": "none" if must_answer else (tool_choice if rounds == 0 else "auto")}
+            stream = client.chat_stream(messages, **params, **extra)
+            text, finished = self._show_stream(stream, fmt, live)
+            answer = stream.answer
+            if not finished or answer is None:
+                return messages, text, False, answer
+            if not answer.tool_calls or must_answer:  # (a server that calls tools anyway is not followed)
+                messages.append({"role": "assistant", "content": text})
+                return messages, text, True, answer
+            assert toolbox is not None, "the host sent tool calls to a request that offered no tools"
+            calls = [dict(call, id=call.get("id") or f"call_{rounds}_{i}") for i, call in enumerate(answer.tool_calls)]
+            messages.append({"role": "assistant", "content": text or None, "tool_calls": calls})
+            repeated = True
+            for call in calls:
+                key = (call["function"]["name"], _canonical(call["function"].get("arguments")))
+                if key in results:  # the same call again: its result is known, and looping is likely
+                    result = results[key]
+                else:
+                    repeated = False
+                    result = results[key] = self._run_tool(toolbox, call)
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+            rounds += 1
+            if repeated:
+                print("(the model repeated a call it had made: now it must answer in text)")
+                must_answer = True
+            elif rounds >= self.max_tool_rounds:
+                print(f"(the model called tools {rounds} times: now it must answer in text; "
+                      "%config LLMMagics.max_tool_rounds raises the limit)")
+                must_answer = True
+
+    def _run_tool(self, toolbox: ToolBox, call: dict[str, Any]) -> str:
+        name, arguments = call["function"]["name"], call["function"].get("arguments") or "{}"
+        declined = False
+        if self.confirm_tools and not self._confirm(f"{name}({arguments})"):
+            result, declined = "Error: the user declined to run this call.", True
+        else:
+            result = toolbox.run(name, arguments)
+        bundle = tool_call_bundle(name, arguments, result, declined)
+        if self._rich():
+            display(bundle, raw=True)
+        else:
+            print(bundle["text/plain"])
+        return result
+
+    def _confirm(self, call: str) -> bool:
+        try:
+            reply = input(f"Run {call}? [y/N] ")
+        except (StdinNotImplementedError, EOFError):
+            print("(this front end cannot ask: the call was not run; %config LLMMagics.confirm_tools = False "
+                  "runs calls without asking)")
+            return False
+        return reply.strip().lower() in ("y", "yes")
+
+    def _toolbox(self, names: str) -> ToolBox:
+        namespace = self.shell.user_ns if self.shell is not None else {}
+        functions = {}
+        for name in [n.strip() for n in names.split(",") if n.strip()]:
+            if name not in namespace:
+                raise UsageError(f"--tools {name}: no such function in the notebook")
+            if not callable(namespace[name]):
+                raise UsageError(f"--tools {name}: a {type(namespace[name]).__name__}, not a function")
+            functions[name] = namespace[name]
+        if not functions:
+            raise UsageError("--tools: name the functions, separated by commas: --tools f,g")
+        return ToolBox(functions)
+
+    def _schema(self, name: str) -> tuple[dict[str, Any], Callable[[Any], Any]]:
+        """The JSON schema named by ``--schema`` and a function that turns a parsed answer into
+        the object kept in ``_llm`` (raising ``ValueError`` when it does not match)."""
+        namespace = self.shell.user_ns if self.shell is not None else {}
+        if name not in namespace:
+            raise UsageError(f"--schema {name}: no such name in the notebook "
+                             "(a pydantic model class or a JSON-schema dict)")
+        value = namespace[name]
+        if isinstance(value, type) and hasattr(value, "model_json_schema"):
+            return value.model_json_schema(), value.model_validate
+        if isinstance(value, dict):
+            return value, _json_schema_validator(name, value)
+        raise UsageError(f"--schema {name}: expected a pydantic model class or a JSON-schema dict, "
+                         f"not a {type(value).__name__}")
+
+    def _parse_json(self, text: str, answer: Answer | None, schema: tuple[dict, Callable] | None,
+                    name: str | None) -> Any:
+        """The answer as data; a clear error if it is not (the text stays in ``_llm``)."""
+        cut = answer is not None and answer.finish_reason == "length"
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            hint = "it stopped at max tokens: raise --max-tokens" if cut else str(exc)
+            raise UsageError(f"the answer is not valid JSON ({hint}); its text is in _llm") from None
+        if schema is None:
+            return data
+        try:
+            return schema[1](data)
+        except ValueError as exc:
+            first = str(exc).strip().splitlines()
+            raise UsageError(f"the answer does not match {name} ({' '.join(first[:3])}); its text is in _llm") \
+                from None
+
+    # -- %llm fix ------------------------------------------------------------------------------
+
+    def _fix(self) -> None:
+        client = self._connected()
+        error = self.cell_errors.last()
+        if error is None:
+            raise UsageError("no cell has failed since llm_magic was loaded: %llm fix explains the last error")
+        trace = error.traceback if len(error.traceback) <= ERROR_CHARS else "…" + error.traceback[-ERROR_CHARS:]
+        prompt = FIX_PROMPT.format(number=error.number, source=error.source.strip(), traceback=trace)
         turn = [*self.history, {"role": "user", "content": prompt}]
-        stream = client.complete_stream(prompt, **params) if args.complete else client.chat_stream(turn, **params)
-        text, finished = self._show_stream(stream, args.format or self.format, live=self.stream and not args.no_stream)
-        if finished and not args.complete:
-            self.history = [*turn, {"role": "assistant", "content": text}]
+        params = {"max_tokens": self.max_tokens, "temperature": self.temperature}
+        messages, text, finished, answer = self._converse(client, turn, params, "markdown", self.stream, None, "auto")
+        if answer is not None:
+            self.last_answer = answer
+            self._footer(answer)
+        if not finished:
+            return
+        self.history = messages
         if self.shell is not None:
             self.shell.user_ns["_llm"] = text
-            if args.output:
-                self.shell.user_ns[args.output] = text
-        if stream.answer is not None:
-            self.last_answer = stream.answer
-            self._footer(stream)
+        code = fixed_cell(text)
+        if code is None:
+            print("(the answer has no Python code block to offer as the fixed cell)")
+        else:
+            self._offer_code(code, f"The fixed cell [{error.number}]")
+
+    def _offer_code(self, code: str, what: str) -> None:
+        """Put code into a new cell below, where the front end can; else show it to copy."""
+        if not code or self.shell is None:
+            return
+        if "google.colab" in sys.modules:
+            display(copyable_code(code, f"{what} (Colab cannot open a new cell: copy it)"), raw=True)
+            return
+        self.shell.set_next_input(code, replace=False)
+        where = "in a new cell below" if self._rich() else "at the next prompt"
+        print(f"{what} is {where}, not run yet.")
+
+    # -- save and load -------------------------------------------------------------------------
+
+    def _save(self, path: str | None) -> None:
+        if not path:
+            raise UsageError("give a file: %llm save PATH")
+        if not self.history:
+            raise UsageError("the conversation is empty: nothing to save")
+        settings = {"system": self.system or None, "temperature": self.temperature, "max_tokens": self.max_tokens}
+        model = self.last_answer.model if self.last_answer is not None else None
+        saved = conversation.save(path, self.history, model, settings)
+        print(f"Saved {len(self.history)} messages to {saved}.")
+
+    def _load(self, path: str | None) -> None:
+        if not path:
+            raise UsageError("give a file: %llm load PATH")
+        messages, model, settings = conversation.load(path)
+        self.history = messages
+        for name in ("temperature", "max_tokens"):
+            if name in settings:
+                try:
+                    setattr(self, name, settings[name])
+                except Exception as exc:  # noqa: BLE001 — traitlets' TraitError: a bad value in the file
+                    raise UsageError(f"{path}: settings.{name}: {exc}") from None
+        turns = sum(m["role"] == "user" for m in messages)
+        kept = ", ".join(f"{k} {v}" for k, v in settings.items() if k in ("temperature", "max_tokens"))
+        print(f"Loaded {len(messages)} messages ({turns} turns)" + (f", held with {model}" if model else "")
+              + (f"; settings: {kept}" if kept else "") + ". The next %%llm cell continues it.")
+
+    # -- display -------------------------------------------------------------------------------
 
     def _rich(self) -> bool:
         return getattr(self.shell, "kernel", None) is not None  # a Jupyter kernel, not a terminal
@@ -314,12 +571,16 @@ class LLMMagics(Magics):
     def _show_stream(self, stream: Stream, fmt: str, live: bool) -> tuple[str, bool]:
         """Show the answer as it arrives; return its text and whether it finished."""
         rich = self._rich()
-        handle = display(_Shown("", fmt), display_id=True) if rich and live else None
+        live = live and (rich or fmt != "json")  # a terminal prints JSON once, pretty
+        handle = None  # shown at the first text: a round that only calls tools shows no empty answer
         last = 0.0
         try:
             for delta in stream:
-                if handle is not None and time.monotonic() - last >= UPDATE_INTERVAL:
-                    handle.update(_Shown(stream.text, fmt))
+                if rich and live and handle is None:
+                    handle = display(Shown(stream.text, fmt), display_id=True)
+                    last = time.monotonic()
+                elif handle is not None and time.monotonic() - last >= UPDATE_INTERVAL:
+                    handle.update(Shown(stream.text, fmt))
                     last = time.monotonic()
                 elif not rich and live:
                     sys.stdout.write(delta)
@@ -328,19 +589,27 @@ class LLMMagics(Magics):
             stream.close()  # the host stops generating
             print("\n(interrupted: the answer is not added to the conversation)")
             return stream.text, False
+        text = stream.text
+        if fmt == "json":
+            try:
+                text_shown = pretty_json(json.loads(text))
+            except ValueError:
+                text_shown = text
+        else:
+            text_shown = text
+        if not text and stream.answer is not None and stream.answer.tool_calls:
+            return text, True  # a round of tool calls: they show themselves
         if handle is not None:
-            handle.update(_Shown(stream.text, fmt))
+            handle.update(Shown(text_shown, fmt))
         elif rich:
-            display(_Shown(stream.text, fmt))
+            display(Shown(text_shown, fmt))
         elif live:
             sys.stdout.write("\n")
         else:
-            print(stream.text)
-        return stream.text, True
+            print(text_shown)
+        return text, True
 
-    def _footer(self, stream: Stream) -> None:
-        answer = stream.answer
-        assert answer is not None
+    def _footer(self, answer: Answer) -> None:
         tokens = answer.usage.get("completion_tokens")
         rate = answer.timings.get("predicted_per_second")
         parts = [answer.model or "?", f"{tokens} tokens" if tokens is not None else None,
@@ -353,6 +622,38 @@ class LLMMagics(Magics):
             print(f"[{footer}]")
 
 
+def _canonical(arguments: str | None) -> str:
+    """A call's arguments in one spelling, to recognise a repeated call."""
+    try:
+        return json.dumps(json.loads(arguments or "{}"), sort_keys=True)
+    except ValueError:
+        return arguments or ""
+
+
+def _json_schema_validator(name: str, schema: dict[str, Any]) -> Callable[[Any], Any]:
+    """Validation with ``jsonschema`` where it is installed (it is, wherever Jupyter is)."""
+    try:
+        import jsonschema
+    except ImportError:
+        print(f"(--schema {name}: answers are constrained on the host but not checked here: pip install jsonschema)")
+        return lambda data: data
+    try:
+        validator_class = jsonschema.validators.validator_for(schema)
+        validator_class.check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        raise UsageError(f"--schema {name} is not a valid JSON schema: {exc.message}") from None
+    validator = validator_class(schema)
+
+    def validate(data: Any) -> Any:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "the top level"
+            raise ValueError(f"at {where}: {error.message}")
+        return data
+
+    return validate
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -363,6 +664,7 @@ def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext llm_magic``."""
     magics = LLMMagics(shell=ipython)
     ipython.register_magics(magics)
+    magics.cell_errors.register()
     if magics not in ipython.configurables:
         ipython.configurables.append(magics)  # so that %config LLMMagics shows and sets it
 
@@ -372,4 +674,5 @@ def unload_ipython_extension(ipython: Any) -> None:
     for magics in [m for m in ipython.configurables if isinstance(m, LLMMagics)]:
         if magics.host is not None:
             magics.host.stop()
+        magics.cell_errors.unregister()
         ipython.configurables.remove(magics)

@@ -13,6 +13,7 @@ from llm_magic.models import embedded_model_path
 
 from .fakehub import FakeHub
 
+pytest_plugins = ["tests.shell_fixtures"]
 
 
 def free_port() -> int:

@@ -34,7 +34,43 @@ def test_quickstart_runs_top_to_bottom() -> None:
     assert "The host stopped." in outputs(by_source["%llm_host stop"])
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "client.ipynb", "colab_host.ipynb"])
+def test_superpowers_runs_top_to_bottom() -> None:
+    """Cells, errors, fix, code cells, schemas, tools, save/load in a real kernel: what a user sees."""
+    nb = nbformat.read(NOTEBOOKS / "superpowers.ipynb", as_version=4)
+    next_inputs: dict[int, str] = {}
+
+    def collect(cell, cell_index, execute_reply) -> None:
+        for payload in execute_reply["content"].get("payload", []):
+            if payload.get("source") == "set_next_input":
+                assert payload["replace"] is False  # a new cell, never the user's own
+                next_inputs[cell_index] = payload["text"]
+
+    NotebookClient(nb, timeout=180, kernel_name="python3", on_cell_executed=collect).execute()
+    cells = {c.source.splitlines()[0]: (i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source}
+
+    _, failing = cells['basket = ["apple", "banana"]']
+    assert failing.outputs[0]["ename"] == "KeyError"  # the one cell that fails, on purpose
+
+    index, fix = cells["%llm fix"]
+    assert "is in a new cell below, not run yet." in outputs(fix)
+    assert next_inputs[index].strip()  # the front end was sent the fixed cell
+    index, code = cells["%%llm --new --format code --max-tokens 80"]
+    assert "The answer's code is in a new cell below" in outputs(code) and next_inputs[index].strip()
+
+    assert "('City', 'Paris')" in outputs(cells["type(paris).__name__, paris.name"][1])
+    tools = outputs(cells["%%llm --new --tools exchange_rate --tool-choice required --max-tokens 80"][1])
+    assert "🔧 exchange_rate(currency=" in tools and "ran" in tools
+    history = outputs(cells["%llm history"][1])
+    assert "→ calls `exchange_rate(" in history and "**tool** (exchange_rate): " in history
+    saved = outputs(cells["%llm save {path}"][1])
+    assert saved.startswith("Saved ") and "llm-magic-conversation.json" in saved
+    count = saved.split()[1]
+    assert f"Loaded {count} messages" in outputs(cells["%llm reset"][1])  # the same conversation came back
+    assert "Local URL:  http://127.0.0.1:" in outputs(cells["%llm_host restart"][1])
+    assert "The host stopped." in outputs(cells["%llm_host stop"][1])
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "client.ipynb", "colab_host.ipynb", "superpowers.ipynb"])
 def test_notebooks_are_valid_and_stored_without_outputs(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
