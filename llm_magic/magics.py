@@ -61,8 +61,9 @@ def _serve_parser() -> _Parser:
     add_serve_arguments(parser)
     for action in parser._actions:
         if action.dest == "tunnel":  # the notebook's default differs from the terminal's
-            action.help = ("public tunnel; in a notebook the default is cloudflared (a public URL), set by "
-                           "%%config LLMMagics.tunnel; `llm-magic serve` on a terminal defaults to none")
+            action.help = ("public tunnel; %%llm_host start defaults to cloudflared (a public URL), in Jupyter "
+                           "and in the IPython terminal alike (%%config LLMMagics.tunnel = 'none' changes it); "
+                           "`llm-magic serve` defaults to none")
     return parser
 
 

@@ -240,7 +240,8 @@ def test_restart_keeps_the_token_and_the_port(shell, magics, hosted, capsys) -> 
 
 def test_help_is_truthful_about_the_tunnel_and_new_features(shell) -> None:
     host_doc = shell.find_line_magic("llm_host").__doc__
-    assert "in a notebook the default is cloudflared" in " ".join(host_doc.split())
+    help_text = " ".join(host_doc.split())
+    assert "%llm_host start defaults to cloudflared" in help_text and "`llm-magic serve` defaults to none" in help_text
     cell_doc = shell.find_cell_magic("llm").__doc__
     for text in ("{Err[3]}", "%llm fix", "--schema NAME", "--tools F,G", "%llm save PATH", "Colab cannot"):
         assert text in cell_doc
