@@ -426,7 +426,7 @@ class LLMMagics(Magics):
                 print("(the model repeated a call it had made: now it must answer in text)")
                 must_answer = True
             elif rounds >= self.max_tool_rounds:
-                print(f"(the model called tools {rounds} times: now it must answer in text; "
+                print(f"(after {rounds} round{'s' * (rounds > 1)} of tool calls the model must answer in text; "
                       "%config LLMMagics.max_tool_rounds raises the limit)")
                 must_answer = True
 

@@ -198,7 +198,7 @@ def test_tool_errors_declines_and_the_round_limit(shell, greedy, hosted, capsys,
     greedy.confirm_tools, greedy.max_tool_rounds = False, 1
     out, err = run(shell, "%%llm --new --tools secret_number --tool-choice required --max-tokens 60\n"
                           "What is Ada's secret number?", capsys)
-    assert not err and "(the model called tools 1 times: now it must answer in text" in out
+    assert not err and "(after 1 round of tool calls the model must answer in text" in out
     assert [m["role"] for m in greedy.history] == ["user", "assistant", "tool", "assistant"]
 
 
