@@ -115,3 +115,23 @@ def test_a_long_build_reports_its_progress(fake_gpu: Path, tmp_path: Path) -> No
     assert run_step(step, tmp_path / "build.log", say=said.append, every=0.1)
     assert said[0].startswith("Installing llama-cpp-python: a source build with CUDA for sm_75")
     assert any(line.endswith("of 3 build steps") for line in said) and said[-1].startswith("  done in")
+
+
+def test_install_tries_the_wheel_then_the_build_until_llama_cpp_offloads(fake_gpu: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from llm_magic import cli, gpu
+
+    # what a fresh process imports after the install: a llama_cpp with GPU offload
+    fake = tmp_path / "site" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '9.9.9+cu124'\ndef llama_supports_gpu_offload():\n    return True\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    steps = [gpu.Step("the prebuilt CUDA wheel", [sys.executable, "-c", "raise SystemExit(1)"], {}, "a minute"),
+             gpu.Step("a source build", [sys.executable, "-c", "print('[1/1] built')"], {}, "ten minutes")]
+    monkeypatch.setattr(gpu, "install_plan", lambda: steps)
+    assert cli.main(["gpu", "--install", "--log", str(tmp_path / "install.log")]) == 0
+    out = capsys.readouterr().out
+    assert "Installing llama-cpp-python: the prebuilt CUDA wheel (a minute)" in out
+    assert "that did not give a llama-cpp-python with GPU offload; trying the next way" in out
+    assert "Installing llama-cpp-python: a source build (ten minutes)" in out
+    assert "llama-cpp-python 9.9.9+cu124 uses the GPU now" in out
