@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     serve.add_argument("--model-name", help=argparse.SUPPRESS)
 
-    gpu = commands.add_parser("gpu", help="show the GPU and whether llama-cpp-python can use it; --install one that can",
+    gpu = commands.add_parser("gpu",
+                              help="show the GPU and whether llama-cpp-python can use it; --install one that can",
                               description="Show the NVIDIA GPU, its CUDA, and whether the installed llama-cpp-python "
                                           "can use it. With --install, install one that can: llama-cpp-python's "
                                           "prebuilt CUDA wheel for this CUDA (about 1-2 minutes), else a source "

@@ -200,8 +200,9 @@ def run_step(step: Step, log_path: Path, say: Callable[[str], None] = print, eve
 def describe(offload_supported: bool | None, llama_version: str | None) -> str:
     """What ``llm-magic gpu`` sees, one fact per line."""
     gpus = nvidia_gpus()
-    lines = [f"GPU:                {', '.join(f'{g.name} (compute capability {g.compute_cap})' for g in gpus)}"
-             if gpus else f"GPU:                {'an NVIDIA driver, but nvidia-smi lists none' if has_nvidia_gpu() else 'none'}",
+    seen = (", ".join(f"{g.name} (compute capability {g.compute_cap})" for g in gpus) if gpus
+            else "an NVIDIA driver, but nvidia-smi lists none" if has_nvidia_gpu() else "none")
+    lines = [f"GPU:                {seen}",
              f"CUDA (driver):      {driver_cuda_version() or 'unknown'}",
              f"CUDA (toolkit):     {toolkit_cuda_version() or 'no nvcc found'}",
              f"llama-cpp-python:   {llama_version or 'not installed'}"

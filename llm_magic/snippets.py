@@ -32,7 +32,8 @@ def connection_text(url: str, token: str | None, model: str, public_url: str | N
     if not streams:
         lines.append("Streaming:  the tunnel delivers a streamed answer all at once, so the snippets below ask for "
                      "whole answers")
-    lines += ["", "Use it from:", *("  " + line for line in client_snippets(target, token, streams=streams).splitlines())]
+    snippets = client_snippets(target, token, streams=streams).splitlines()
+    lines += ["", "Use it from:", *("  " + line for line in snippets)]
     return "\n".join(lines)
 
 
@@ -57,7 +58,8 @@ def client_snippets(url: str, token: str | None, *, streams: bool = True) -> str
         f"terminal: llm-magic ask --url {shlex.quote(url)}{token_arg}{'' if streams else ' --no-stream'} 'Hello!'",
         f"curl:     curl {shlex.quote(url + '/v1/chat/completions')}{auth} -H 'Content-Type: application/json' "
         """-d '{"messages": [{"role": "user", "content": "Hello!"}]}'""",
-        f"requests: requests.post({url + '/api'!r}, json={{{token_field}'inputs': 'Hello!', 'parameters': {{}}}}).json()",
+        f"requests: requests.post({url + '/api'!r}, "
+        f"json={{{token_field}'inputs': 'Hello!', 'parameters': {{}}}}).json()",
         f"openai:   OpenAI(base_url={url + '/v1'!r}, api_key={api_key})",
         f"python:   llm_magic.Client({url!r}" + (f", token={token!r})" if token else ")"),
     ])

@@ -58,7 +58,8 @@ def test_serve_on_a_gpu_machine_with_a_cpu_build_says_so_in_one_line(fake_gpu: P
             "warning: this machine has an NVIDIA GPU (Tesla T4), but the installed llama-cpp-python was built "
             "without GPU support, so the model runs on the CPU; fix: llm-magic gpu --install (a prebuilt CUDA "
             "build, about a minute), then start the host again"]
-        assert "  Device:     CPU; layers on the GPU: 0 (CPU only); 92 MiB model + 360 MiB KV cache (4 slots of 4096 tokens)" in s.output
+        assert ("  Device:     CPU; layers on the GPU: 0 (CPU only); "
+                "92 MiB model + 360 MiB KV cache (4 slots of 4096 tokens)") in s.output
         health = requests.get(s.url + "/health", timeout=10).json()
         assert (health["device"], health["gpu_layers"]) == ("CPU", "0 (CPU only)")
     finally:
@@ -117,14 +118,15 @@ def test_a_long_build_reports_its_progress(fake_gpu: Path, tmp_path: Path) -> No
     assert any(line.endswith("of 3 build steps") for line in said) and said[-1].startswith("  done in")
 
 
-def test_install_tries_the_wheel_then_the_build_until_llama_cpp_offloads(fake_gpu: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_install_tries_the_wheel_then_the_build_until_llama_cpp_offloads(
+        fake_gpu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from llm_magic import cli, gpu
 
     # what a fresh process imports after the install: a llama_cpp with GPU offload
     fake = tmp_path / "site" / "llama_cpp"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("__version__ = '9.9.9+cu124'\ndef llama_supports_gpu_offload():\n    return True\n")
+    (fake / "__init__.py").write_text("__version__ = '9.9.9+cu124'\n"
+                                      "def llama_supports_gpu_offload():\n    return True\n")
     monkeypatch.setenv("PYTHONPATH", str(fake.parent))
     steps = [gpu.Step("the prebuilt CUDA wheel", [sys.executable, "-c", "raise SystemExit(1)"], {}, "a minute"),
              gpu.Step("a source build", [sys.executable, "-c", "print('[1/1] built')"], {}, "ten minutes")]

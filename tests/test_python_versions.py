@@ -57,7 +57,8 @@ def used_names(tree: ast.AST) -> set[tuple[str, str]]:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 found.add((alias.name, ""))
-                aliases[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+                top = alias.name.split(".")[0]
+                aliases[alias.asname or top] = alias.name if alias.asname else top
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.add((node.module, ""))
             found.update((node.module, alias.name) for alias in node.names)
