@@ -266,6 +266,25 @@ def test_the_page_works_through_the_tunnel_on_a_phone(browser, cloudflared, tmp_
         context.close()
 
 
+def test_through_a_tunnel_that_buffers_streams_the_page_asks_for_whole_answers(browser, cloudflared) -> None:  # noqa: F811
+    cloudflared.mode("buffer")
+    with ApiHost(port=0, token=TOKEN, tunnel="cloudflared") as host:
+        assert host.tunnel_streams is False
+        context = browser.new_context(bypass_csp=True)
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        sent: list[dict] = []
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+        page.goto(host.public_url + "/")
+        enter_token(page)
+        page.wait_for_function("document.querySelector('#status').title.includes('delivers answers whole')")
+        set_max_tokens(page, 12)
+        send(page, "Say hello.")
+        wait_until_done(page)
+        assert answers(page)[-1] and sent[-1]["stream"] is False
+        context.close()
+
+
 def test_screenshot_for_the_readme(browser, page_host: ApiHost) -> None:
     """Saves the README's picture when LLM_MAGIC_SCREENSHOT names a path; the page renders code
     highlighted and answers as Markdown either way."""

@@ -17,6 +17,7 @@
     token: localStorage.getItem(KEY.token) || "",
     needsToken: true,
     controller: null, // the AbortController of the answer being written
+    whole: false, // this page came through a tunnel that buffers streams: ask for whole answers
   };
 
   function load(key, fallback) {
@@ -173,6 +174,11 @@
       status.textContent = h.status === "loading" ? "loading" : busy ? `busy ${busy}/${h.slots}` : "ready";
       status.className = "status " + (h.status === "ok" && !busy ? "ok" : "busy");
       status.title = `${h.slots_busy}/${h.slots} slots busy, ${h.queue} waiting`;
+      // The host checked its tunnel: if it delivers a stream all at once, a stream would look
+      // frozen, so through that tunnel the page asks for whole answers.
+      const tunnel = h.tunnel || {};
+      state.whole = tunnel.streams === false && !!tunnel.public_url && new URL(tunnel.public_url).host === location.host;
+      if (state.whole) status.title += "; this tunnel delivers answers whole, so each appears when it is complete";
     } catch {
       status.textContent = "unreachable"; status.className = "status down";
     }
@@ -183,7 +189,8 @@
     const s = state.settings;
     const messages = c.messages.filter((m) => !m.failed).map((m) => ({ role: m.role, content: m.content }));
     if (s.system.trim()) messages.unshift({ role: "system", content: s.system });
-    return { messages, stream: true, stream_options: { include_usage: true },
+    const stream = state.whole ? { stream: false } : { stream: true, stream_options: { include_usage: true } };
+    return { messages, ...stream,
              temperature: Number(s.temperature), max_tokens: Number(s.max_tokens), top_p: Number(s.top_p) };
   }
 
@@ -222,25 +229,34 @@
       const response = await fetch("v1/chat/completions", { method: "POST", headers, body: JSON.stringify(requestBody(c)),
                                                             signal: controller.signal });
       if (!response.ok) throw new Error(await explain(response));
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          const event = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
-          for (const line of event.split("\n")) {
-            if (!line.startsWith("data: ") || line === "data: [DONE]") continue;  // ": keep-alive" comments too
-            const chunk = JSON.parse(line.slice(6));
-            if (chunk.error) throw new Error(`Error: ${chunk.error.message}`);
-            const delta = chunk.choices?.[0]?.delta?.content;
-            if (delta) { reply.content += delta; paint(); }
-            if (chunk.timings?.predicted_per_second) $("speed").textContent = `${chunk.timings.predicted_per_second.toFixed(1)} tokens/s`;
-            const finish = chunk.choices?.[0]?.finish_reason;
-            if (finish === "length") reply.note = "(cut at max tokens)";
+      if (!response.headers.get("Content-Type")?.startsWith("text/event-stream")) {
+        const whole = await response.json(); // leading keep-alive spaces are valid JSON
+        if (whole.error) throw new Error(`Error: ${whole.error.message}`);
+        reply.content = whole.choices?.[0]?.message?.content || "";
+        paint();
+        if (whole.timings?.predicted_per_second) $("speed").textContent = `${whole.timings.predicted_per_second.toFixed(1)} tokens/s`;
+        if (whole.choices?.[0]?.finish_reason === "length") reply.note = "(cut at max tokens)";
+      } else {
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const event = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+            for (const line of event.split("\n")) {
+              if (!line.startsWith("data: ") || line === "data: [DONE]") continue;  // ": keep-alive" comments too
+              const chunk = JSON.parse(line.slice(6));
+              if (chunk.error) throw new Error(`Error: ${chunk.error.message}`);
+              const delta = chunk.choices?.[0]?.delta?.content;
+              if (delta) { reply.content += delta; paint(); }
+              if (chunk.timings?.predicted_per_second) $("speed").textContent = `${chunk.timings.predicted_per_second.toFixed(1)} tokens/s`;
+              const finish = chunk.choices?.[0]?.finish_reason;
+              if (finish === "length") reply.note = "(cut at max tokens)";
+            }
           }
         }
       }
