@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     serve.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     serve.add_argument("--model-name", help=argparse.SUPPRESS)
+    # a tunnel opened by the parent (ApiHost), whose state it keeps in this file for /health
+    serve.add_argument("--tunnel-status", type=Path, help=argparse.SUPPRESS)
 
     gpu = commands.add_parser("gpu",
                               help="show the GPU and whether llama-cpp-python can use it; --install one that can",
@@ -106,7 +108,7 @@ def serve(args: argparse.Namespace) -> int:
                     policy=ModelPolicy(has_token=token is not None, allow_patterns=args.allow_model))
     tunnel = None
     app = create_app(engine, token=token, keepalive=args.keepalive, cors=args.cors,
-                     extra_status=lambda: {"tunnel": tunnel.status() if tunnel else None})
+                     extra_status=lambda: {"tunnel": tunnel.status() if tunnel else _read_status(args.tunnel_status)})
     try:
         server = HttpServer(app, args.host, args.port, held=args.max_queue + args.parallel)
     except OSError as exc:  # a port in use, an address not on this machine
@@ -130,7 +132,9 @@ def serve(args: argparse.Namespace) -> int:
         public_url = None
         if args.tunnel == "cloudflared":
             tunnel = _new_tunnel(server.port, token)
-            public_url, tunnel_note = _open_tunnel(tunnel)
+            from .tunnel import open_tunnel
+
+            public_url, tunnel_note = open_tunnel(tunnel)
         streams = tunnel is None or tunnel.streams is not False
         shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
         print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note, streams=streams,
@@ -163,24 +167,6 @@ def _new_tunnel(port: int, token: str | None) -> Any:
     return tunnel
 
 
-def _open_tunnel(tunnel: Any) -> tuple[str | None, str]:
-    """Start cloudflared; a tunnel that cannot start never stops the host, which keeps serving
-    locally. Returns the public URL and a line saying how the tunnel is."""
-    from .tunnel import TunnelError
-
-    try:
-        public_url = tunnel.start()
-    except TunnelError as exc:
-        return None, f"none: {exc.message}; serving locally only"
-    if tunnel.state == "unverified":
-        return public_url, "cloudflared (not answering yet: Cloudflare may need a moment)"
-    if tunnel.streams is False:
-        return public_url, "cloudflared (verified; it buffers streams: answers arrive whole)"
-    if tunnel.streams is None:
-        return public_url, "cloudflared (verified; streaming not checked)"
-    return public_url, "cloudflared (verified; streams)"
-
-
 class _Stop(Exception):
     """SIGINT or SIGTERM: stop serving."""
 
@@ -191,6 +177,15 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+
+
+def _read_status(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return None
 
 
 def _write_ready_file(path: Path, info: dict) -> None:

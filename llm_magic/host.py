@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -166,6 +167,7 @@ class ApiHost:
         self.log_path: Path | None = None
         self._last_log = ""  # the log's tail, kept when the folder is removed at stop
         self._started_at: float | None = None
+        self._tunnel: Any = None  # the cloudflared tunnel, kept here so that it outlives a restart
 
     def __repr__(self) -> str:
         where = f" {self.url}" if self.url else ""
@@ -179,8 +181,7 @@ class ApiHost:
 
     def _serve_args(self, ctx_length: int | None, gpu_layers: int | None, allow_models: Sequence[str],
                     max_queue: int | None, extra: Sequence[str]) -> list[str]:
-        args = ["--host", self.host, "--port", str(self.port), "--tunnel", self.tunnel]
-        args += ["--no-token"] if self.token is None else []
+        args = ["--no-token"] if self.token is None else []
         for flag, value in (("--ctx", ctx_length), ("--gpu-layers", gpu_layers), ("--max-queue", max_queue)):
             if value is not None:
                 args += [flag, str(value)]
@@ -202,8 +203,12 @@ class ApiHost:
         self._run_dir = Path(tempfile.mkdtemp(prefix="llm-magic-"))
         self.log_path = self._run_dir / "server.log"
         ready_file = self._run_dir / "ready.json"
-        command = [sys.executable, "-m", "llm_magic", "serve", *self._args, *model_args,
+        # The tunnel is opened here, not by the server: it then outlives a restart (same URL).
+        command = [sys.executable, "-m", "llm_magic", "serve", "--host", self.host, "--port", str(self.port),
+                   "--tunnel", "none", *self._args, *model_args,
                    "--ready-file", str(ready_file), "--exit-with-parent", str(os.getpid())]
+        if self.tunnel == "cloudflared":
+            command += ["--tunnel-status", str(self._tunnel_status_file)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop(TOKEN_ENV, None)
         if self.token:
@@ -215,6 +220,8 @@ class ApiHost:
         atexit.register(self.stop)
         try:
             self._wait_ready(ready_file)
+            if self.tunnel == "cloudflared":
+                self._open_tunnel()
         except BaseException:
             self.stop()
             self.state = HostState.FAILED
@@ -222,6 +229,57 @@ class ApiHost:
         self.state = HostState.RUNNING
         self._started_at = time.time()
         return self
+
+    def restart(self) -> "ApiHost":
+        """Stop and start again with the same token on the same port; a public tunnel stays
+        open, so the public URL stays too: clients carry on."""
+        port = urllib.parse.urlsplit(self.url).port if self.url else None
+        self.port = port or self.port
+        self.stop(keep_tunnel=True)
+        return self.start()
+
+    def take_tunnel(self, other: "ApiHost") -> None:
+        """Before ``start()``: reuse the tunnel of ``other`` (stopped with ``keep_tunnel=True``),
+        so that its public URL stays. It is used if the port and the token are the same."""
+        self._tunnel, other._tunnel = other._tunnel, None
+
+    @property
+    def _tunnel_status_file(self) -> Path:
+        assert self._run_dir is not None
+        return self._run_dir / "tunnel.json"
+
+    def _open_tunnel(self) -> None:
+        from .tunnel import Tunnel, open_tunnel, tunnel_note
+
+        port = urllib.parse.urlsplit(self.url).port if self.url else None
+        tunnel = self._tunnel
+        if tunnel is not None and tunnel.open and tunnel.port == port and tunnel.token == self.token:
+            tunnel.check()  # the new server answers through the old tunnel
+            note = tunnel_note(tunnel)
+        else:
+            if tunnel is not None:
+                tunnel.stop()
+            tunnel = self._tunnel = Tunnel(port, token=self.token, on_change=self._tunnel_moved)
+            _, note = open_tunnel(tunnel)
+        self.public_url, self.tunnel_note = tunnel.public_url, note
+        self.tunnel_streams = tunnel.streams is not False
+        self._write_tunnel_status()
+
+    def _tunnel_moved(self, url: str) -> None:
+        """cloudflared restarted (it died): a new public URL."""
+        if self._tunnel is not None and self._tunnel.restarts and self.state == HostState.RUNNING:
+            self.public_url = url
+            self._write_tunnel_status()
+            print(f"llm_magic: the tunnel restarted; new public URL: {url}", flush=True)
+
+    def _write_tunnel_status(self) -> None:
+        """For the server's /health (the chat page reads whether the tunnel streams)."""
+        if self._tunnel is None or self._run_dir is None:
+            return
+        path = self._tunnel_status_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._tunnel.status()))
+        tmp.replace(path)
 
     def _prepare_model(self) -> list[str]:
         """Download a hub model here, in the caller's process, so its progress bar shows in the
@@ -266,8 +324,12 @@ class ApiHost:
         shutil.rmtree(self._run_dir, ignore_errors=True)
         self._run_dir = self.log_path = None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s). Safe to call twice."""
+    def stop(self, timeout: float = 10.0, keep_tunnel: bool = False) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s) and the tunnel, unless
+        ``keep_tunnel`` (for a restart). Safe to call twice."""
+        if self._tunnel is not None and not keep_tunnel:
+            self._tunnel.stop()
+            self._tunnel = None
         process, self._process = self._process, None
         atexit.unregister(self.stop)
         if process is None:
@@ -334,7 +396,7 @@ class ApiHost:
         if self._started_at and self.running:
             info["uptime_s"] = round(time.time() - self._started_at, 1)
             health = self._health()
-            tunnel = health.get("tunnel") or {}
+            tunnel = self._tunnel.status() if self._tunnel is not None else {}
             if tunnel.get("public_url"):  # cloudflared may have restarted with a new URL
                 self.public_url = info["public_url"] = tunnel["public_url"]
                 info["tunnel"] = f"cloudflared ({tunnel.get('state')}, {tunnel.get('restarts', 0)} restarts)"

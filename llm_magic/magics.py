@@ -164,7 +164,7 @@ class LLMMagics(Magics):
         except LLMMagicError as exc:
             raise UsageError(exc.message) from None
 
-    def _host_start(self, args: argparse.Namespace, argv: list[str]) -> None:
+    def _host_start(self, args: argparse.Namespace, argv: list[str], previous: ApiHost | None = None) -> None:
         if self.host is not None and self.host.running:
             raise UsageError(f"a host is already running at {self.host.url}; "
                              "%llm_host stop (or restart) first")
@@ -184,6 +184,8 @@ class LLMMagics(Magics):
                         *(["--max-ctx", str(args.max_ctx)] if args.max_ctx else []),
                         *(["--embedding-model", args.embedding_model] if args.embedding_model else []),
                         *[arg for origin in args.cors for arg in ("--cors", origin)]])
+        if previous is not None:
+            host.take_tunnel(previous)  # a restart: the same public URL
         host.start()
         self.host, self._host_argv = host, argv
         self.client = Client(host.url, host.token)
@@ -203,7 +205,8 @@ class LLMMagics(Magics):
         print("The host stopped.")
 
     def _host_restart(self, args: argparse.Namespace, argv: list[str]) -> None:
-        """The same flags again, and the same token and port: connected clients carry on."""
+        """The same flags again (or the ones given), the same token, port and public tunnel:
+        connected clients carry on."""
         host = self._require_host()
         argv = ["start", *argv[1:]] if len(argv) > 1 else self._host_argv  # new flags, else the last ones
         old = _serve_parser().parse_args(argv)
@@ -212,8 +215,11 @@ class LLMMagics(Magics):
         port = urllib.parse.urlsplit(host.url).port if host.url else None
         if port:
             old.port = port
-        host.stop()
-        self._host_start(old, argv)
+        host.stop(keep_tunnel=True)
+        try:
+            self._host_start(old, argv, previous=host)
+        finally:
+            host.stop()  # closes the tunnel unless the new host took it
 
     def _host_status(self, args: argparse.Namespace, argv: list[str]) -> None:
         status = self._require_host().status()

@@ -143,6 +143,22 @@ class Tunnel:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def token(self) -> str | None:
+        """The token the streaming probe sends (the host's)."""
+        return self._token
+
+    @property
+    def open(self) -> bool:
+        return self.state not in ("stopped", "failed")
+
+    def check(self) -> bool:
+        """Ask the public URL for ``/health`` again: after the server behind the tunnel was
+        restarted on the same port, the tunnel (and its URL) carries on."""
+        ok = self.public_url is not None and self._verify(self.public_url)
+        self.state = "ready" if ok else "unverified"
+        return ok
+
     def status(self) -> dict:
         return {"state": self.state, "public_url": self.public_url, "restarts": self.restarts,
                 "streams": self.streams}
@@ -321,3 +337,24 @@ class Tunnel:
             self._watcher.join(15)
         self._kill()
         self.state = "stopped"
+
+
+def open_tunnel(tunnel: Tunnel) -> tuple[str | None, str]:
+    """Start cloudflared; a tunnel that cannot start never stops the host, which keeps serving
+    locally. Returns the public URL and a line saying how the tunnel is."""
+    try:
+        public_url = tunnel.start()
+    except TunnelError as exc:
+        return None, f"none: {exc.message}; serving locally only"
+    return public_url, tunnel_note(tunnel)
+
+
+def tunnel_note(tunnel: Tunnel) -> str:
+    """How an open tunnel is, in a few words."""
+    if tunnel.state == "unverified":
+        return "cloudflared (not answering yet: Cloudflare may need a moment)"
+    if tunnel.streams is False:
+        return "cloudflared (verified; it buffers streams: answers arrive whole)"
+    if tunnel.streams is None:
+        return "cloudflared (verified; streaming not checked)"
+    return "cloudflared (verified; streams)"

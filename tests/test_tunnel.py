@@ -140,6 +140,32 @@ def test_notebook_host_defaults_to_the_tunnel_and_stops_it(cloudflared, fresh_ma
     assert gone(pid)
 
 
+def test_a_restart_keeps_the_public_url_token_and_port(cloudflared, fresh_magics, capsys) -> None:
+    sh, magics = fresh_magics
+    assert sh.run_cell("%llm_host start --port 0").success
+    (pid, url), = cloudflared.starts()
+    local, token, server = magics.host.url, magics.host.token, magics.host.pid
+    for restart in ("%llm_host restart", "%llm_host restart --ctx 2048"):  # the same flags, then new ones
+        assert sh.run_cell(restart).success
+        host = magics.host
+        assert (host.url, host.token, host.public_url) == (local, token, url) and host.pid != server
+        assert f"Public URL: {url}" in capsys.readouterr().out
+        server = host.pid
+    assert cloudflared.starts() == [(pid, url)]  # one cloudflared all along: the URL never changed
+    # a remote client holding the old URL and token carries on, through the tunnel
+    assert Client(url, token).chat("hi", max_tokens=2).model == host.model_name
+    # the server learns how the tunnel is from its parent (the chat page reads it)
+    assert requests.get(local + "/health", timeout=10).json()["tunnel"]["public_url"] == url
+    assert sh.run_cell("%llm_host stop").success
+    assert gone(pid)
+
+    with ApiHost(port=0, tunnel="cloudflared") as api_host:  # the same from Python
+        public = api_host.public_url
+        api_host.restart()
+        assert api_host.public_url == public and len(cloudflared.starts()) == 2
+    assert gone(cloudflared.starts()[1][0])
+
+
 # -- streaming through the tunnel ------------------------------------------------------------------
 
 
