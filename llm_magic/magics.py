@@ -289,6 +289,11 @@ class LLMMagics(Magics):
             self.client = client
             model = health.get("model") or ", ".join(health.get("models", []))
             print(f"Connected to {client.url} ({model}).")
+            tunnel = health.get("tunnel") if isinstance(health.get("tunnel"), dict) else {}
+            if tunnel.get("streams") is False and tunnel.get("public_url") == client.url and self.stream:
+                self.stream = False  # a stream would show nothing, then everything: say so instead
+                print("Its tunnel delivers streams all at once, so answers will show when complete "
+                      "(%config LLMMagics.stream = True to stream anyway).")
         elif args.command == "reset":
             self.history.clear()
             print("New conversation.")

@@ -204,11 +204,18 @@ def test_a_tunnel_that_streams_is_said_to_stream_and_the_probe_needs_the_token(c
         assert s.stop() == 0
 
 
-def test_api_host_shows_a_buffering_tunnel_in_its_connection_block(cloudflared) -> None:
+def test_api_host_shows_a_buffering_tunnel_and_a_notebook_connecting_through_it_does_not_stream(
+        cloudflared, fresh_magics, capsys) -> None:
     cloudflared.mode("buffer")
+    sh, magics = fresh_magics
     with ApiHost(port=0, tunnel="cloudflared") as host:
         assert host.tunnel_streams is False
         block = host.connection_text()
+        assert sh.run_cell(f"%llm connect {host.url} --token {host.token}").success  # locally: streams
+        assert magics.stream is True
+        assert sh.run_cell(f"%llm connect {host.public_url} --token {host.token}").success
+        assert "answers will show when complete" in capsys.readouterr().out and magics.stream is False
+        assert sh.run_cell("%%llm --max-tokens 3\nhi").success
     assert "it buffers streams" in block and "%config LLMMagics.stream = False" in block
 
 
