@@ -4,6 +4,8 @@ cell references, %llm fix, code into a new cell, --json/--schema, --tools, save/
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import requests
 from IPython.core.interactiveshell import InteractiveShell
 from pydantic import BaseModel
 
-from llm_magic.rendering import answer_code, fixed_cell
+from llm_magic.rendering import answer_code, copyable_code, fixed_cell
 
 from .shell_fixtures import run
 
@@ -85,6 +87,17 @@ def test_format_code_puts_the_code_in_the_next_cell_and_markdown_keeps_lines(she
                           "Write a Python function add(a, b) that returns a + b.", capsys)
     assert not err and "The answer's code is at the next prompt, not run yet." in out
     assert shell.rl_next_input == answer_code(shell.user_ns["_llm"]) and "def " in shell.rl_next_input
+
+
+def test_on_colab_the_code_comes_with_a_copy_button_instead(shell, greedy, hosted, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    shell.rl_next_input = None
+    out, err = run(shell, "%%llm --new --format code --max-tokens 40\nWrite print('hi') in Python.", capsys)
+    assert not err and shell.rl_next_input is None  # Colab would ignore a new cell: none is asked for
+    assert "The answer's code (Colab cannot open a new cell: copy it)" in out
+    assert answer_code(shell.user_ns["_llm"]) in out
+    bundle = copyable_code("x = '<b>'", "note")
+    assert "navigator.clipboard.writeText" in bundle["text/html"] and "x = &#x27;&lt;b&gt;&#x27;" in bundle["text/html"]
 
 
 class City(BaseModel):
