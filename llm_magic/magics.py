@@ -338,9 +338,6 @@ class LLMMagics(Magics):
         args = _chat_parser().parse_args(_split(line))
         if args.complete and (args.json or args.schema or args.tools):
             raise UsageError("--complete is a raw completion: --json, --schema and --tools need a chat turn")
-        if args.tools and (args.json or args.schema):
-            raise UsageError("--tools cannot be combined with --json or --schema yet: ask for the data in a "
-                             "second cell, with the tool results in the conversation")
         schema = self._schema(args.schema) if args.schema else None
         toolbox = self._toolbox(args.tools) if args.tools else None
         client = self._connected()
@@ -358,11 +355,14 @@ class LLMMagics(Magics):
                   "top_p": args.top_p, "top_k": args.top_k, "stop": args.stop, "seed": args.seed,
                   "model": args.model}
         as_json = args.json or schema is not None
+        data_format = None
         if args.json:
-            params["response_format"] = {"type": "json_object"}
+            data_format = {"type": "json_object"}
         elif schema is not None:
-            params["response_format"] = {"type": "json_schema",
-                                         "json_schema": {"name": args.schema, "schema": schema[0], "strict": True}}
+            data_format = {"type": "json_schema",
+                           "json_schema": {"name": args.schema, "schema": schema[0], "strict": True}}
+        if toolbox is None and data_format is not None:
+            params["response_format"] = data_format
         fmt = "json" if as_json else (args.format or self.format)
         live = self.stream and not args.no_stream
         if args.complete:
@@ -372,7 +372,7 @@ class LLMMagics(Magics):
         else:
             turn = [*self.history, {"role": "user", "content": prompt}]
             messages, text, finished, answer = self._converse(client, turn, params, fmt, live, toolbox,
-                                                              args.tool_choice)
+                                                              args.tool_choice, data_format)
             if finished:
                 self.history = messages
         value: Any = text
@@ -400,23 +400,38 @@ class LLMMagics(Magics):
         return interpolate(cell, self.shell.user_ns, self.shell, self.cell_errors)
 
     def _converse(self, client: Client, turn: list[dict[str, Any]], params: dict[str, Any], fmt: str, live: bool,
-                  toolbox: ToolBox | None, tool_choice: str) -> tuple[list[dict[str, Any]], str, bool, Answer | None]:
+                  toolbox: ToolBox | None, tool_choice: str, data_format: dict[str, Any] | None = None,
+                  ) -> tuple[list[dict[str, Any]], str, bool, Answer | None]:
         """One chat turn; with tools, as many rounds as the model calls them. Returns the
-        conversation with this turn, the final text, whether it finished, and the last answer."""
+        conversation with this turn, the final text, whether it finished, and the last answer.
+
+        With tools and a ``data_format`` (``--json``/``--schema``), a host constrains a reply to
+        tool calls or to JSON, not both: while the model calls tools its text replies are not
+        shown, and once it answers in text (or must answer), it is asked again for the data,
+        with tools off and the format on."""
         messages = list(turn)
         rounds = 0
         results: dict[tuple[str, str], str] = {}  # the calls made in this turn, and what they gave
         must_answer = False
         while True:
             extra: dict[str, Any] = {}
+            hidden = False
             if toolbox is not None:
                 extra = {"tools": toolbox.specs,
                          "tool_choice": "none" if must_answer else (tool_choice if rounds == 0 else "auto")}
+                if data_format is not None:
+                    if must_answer:
+                        extra["response_format"] = data_format
+                    else:
+                        hidden = True  # a text reply here is asked again, as data
             stream = client.chat_stream(messages, **params, **extra)
-            text, finished = self._show_stream(stream, fmt, live)
+            text, finished = self._show_stream(stream, fmt, live, quiet=hidden)
             answer = stream.answer
             if not finished or answer is None:
                 return messages, text, False, answer
+            if hidden and not answer.tool_calls:
+                must_answer = True  # done with tools: now the answer, as data
+                continue
             if not answer.tool_calls or must_answer:  # (a server that calls tools anyway is not followed)
                 messages.append({"role": "assistant", "content": text})
                 return messages, text, True, answer
@@ -580,8 +595,18 @@ class LLMMagics(Magics):
     def _rich(self) -> bool:
         return getattr(self.shell, "kernel", None) is not None  # a Jupyter kernel, not a terminal
 
-    def _show_stream(self, stream: Stream, fmt: str, live: bool) -> tuple[str, bool]:
-        """Show the answer as it arrives; return its text and whether it finished."""
+    def _show_stream(self, stream: Stream, fmt: str, live: bool, quiet: bool = False) -> tuple[str, bool]:
+        """Show the answer as it arrives (``quiet``: not at all); return its text and whether it
+        finished."""
+        if quiet:
+            try:
+                for _ in stream:
+                    pass
+            except KeyboardInterrupt:
+                stream.close()
+                print("\n(interrupted: the answer is not added to the conversation)")
+                return stream.text, False
+            return stream.text, True
         rich = self._rich()
         live = live and (rich or fmt != "json")  # a terminal prints JSON once, pretty
         handle = None  # shown at the first text: a round that only calls tools shows no empty answer

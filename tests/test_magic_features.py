@@ -134,7 +134,6 @@ def test_schema_gives_a_validated_object(shell, greedy, hosted, capsys) -> None:
     ("%%llm --tools nothing_here\nx", "--tools nothing_here: no such function in the notebook"),
     ("%%llm --tools number\nx", "--tools number: a int, not a function"),
     ("%%llm --tools ,\nx", "--tools: name the functions"),
-    ("%%llm --tools len --json\nx", "--tools cannot be combined with --json"),
 ])
 def test_schema_and_tool_mistakes_are_one_clear_line(shell, greedy, hosted, capsys, cell, message) -> None:
     shell.user_ns.update(number=5, badschema={"type": 12}, City=City)
@@ -187,6 +186,26 @@ def test_tools_run_in_the_notebook_and_the_result_reaches_the_model(shell, greed
 
     out, _ = run(shell, "%llm history", capsys)
     assert "→ calls `secret_number(" in out and "**tool** (secret_number): 7391" in out
+
+
+class Secret(BaseModel):
+    person: str
+    number: int
+
+
+def test_tools_then_data_the_result_of_the_call_becomes_a_validated_object(shell, greedy, hosted, capsys) -> None:
+    CALLS.clear()
+    shell.user_ns.update(secret_number=secret_number, Secret=Secret)
+    out, err = run(shell, "%%llm --new --tools secret_number --tool-choice required --schema Secret --max-tokens 60\n"
+                          "What is Ada's secret number?", capsys)
+    assert not err, err
+    assert CALLS and "🔧 secret_number(name=" in out
+    secret = shell.user_ns["_llm"]
+    assert isinstance(secret, Secret)
+    roles = [m["role"] for m in greedy.history]
+    assert roles[:3] == ["user", "assistant", "tool"] and roles[-1] == "assistant"
+    assert greedy.history[2]["content"] == "7391"  # the result was in the conversation the data came from
+    assert Secret.model_validate_json(greedy.history[-1]["content"]) == secret
 
 
 def test_tool_errors_declines_and_the_round_limit(shell, greedy, hosted, capsys, monkeypatch) -> None:

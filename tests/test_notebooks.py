@@ -60,6 +60,10 @@ def test_superpowers_runs_top_to_bottom() -> None:
     assert "('City', 'Paris')" in outputs(cells["type(paris).__name__, paris.name"][1])
     tools = outputs(cells["%%llm --new --tools exchange_rate --tool-choice required --max-tokens 80"][1])
     assert "🔧 exchange_rate(currency=" in tools and "ran" in tools
+    priced = outputs(cells["%%llm --new --tools exchange_rate --tool-choice required --schema Price "
+                           "--max-tokens 60"][1])
+    assert "🔧 exchange_rate(currency=" in priced
+    assert outputs(cells["_llm"][1]).startswith("Price(currency=")  # tools first, then a validated object
     history = outputs(cells["%llm history"][1])
     assert "→ calls `exchange_rate(" in history and "**tool** (exchange_rate): " in history
     saved = outputs(cells["%llm save {path}"][1])
