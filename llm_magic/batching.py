@@ -470,7 +470,6 @@ class Scheduler:
                         ModelLoadError(f"generation failed ({type(exc).__name__}); see the host's log"))
 
 
-
 _NOTHING = object()
 
 

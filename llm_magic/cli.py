@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import LLMMagicError
+from .files import write_atomically
 from .host import TOKEN_ENV, add_serve_arguments, new_token
 
 URL_ENV = "LLM_MAGIC_URL"
@@ -137,13 +138,14 @@ def serve(args: argparse.Namespace) -> int:
             public_url, tunnel_note = open_tunnel(tunnel)
         streams = tunnel is None or tunnel.streams is not False
         shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
+        device = engine.device()
         print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note, streams=streams,
-                              device=engine.device(), warnings=warnings), flush=True)
+                              device=device, warnings=warnings), flush=True)
         print("\nPress Ctrl-C to stop.", flush=True)
-        if args.ready_file:
-            _write_ready_file(args.ready_file, {"url": url, "pid": os.getpid(), "model": name,
-                                                "public_url": public_url, "tunnel": tunnel_note, "streams": streams,
-                                                "device": engine.device(), "warnings": warnings})
+        if args.ready_file:  # read by ApiHost in the parent
+            write_atomically(args.ready_file, json.dumps({
+                "url": url, "pid": os.getpid(), "model": name, "public_url": public_url, "tunnel": tunnel_note,
+                "streams": streams, "device": device, "warnings": warnings}))
         stop.wait()
     except _Stop:
         pass
@@ -186,12 +188,6 @@ def _read_status(path: Path | None) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # not written yet, or being replaced
         return None
-
-
-def _write_ready_file(path: Path, info: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(path)  # atomic: the parent never reads half a file
 
 
 def _watch_parent(pid: int, stop: threading.Event) -> None:

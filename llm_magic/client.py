@@ -75,7 +75,7 @@ class Stream:
                         self._add_tool_call(call)
                     finish = choice.get("finish_reason") or finish
         except requests.RequestException as exc:
-            raise HostUnreachable(f"the connection to the host broke mid-answer ({_reason(exc)})") from None
+            raise HostUnreachable(f"the connection to the host broke mid-answer ({connection_reason(exc)})") from None
         finally:
             self._response.close()
         calls = [self._calls[i] for i in sorted(self._calls)]
@@ -114,12 +114,14 @@ _KNOWN_REASONS = {
     "Temporary failure in name resolution": "unknown host name",
     "timed out": "timed out",
     "Connection reset": "connection reset",
+    "Network is unreachable": "network unreachable",
+    "No route to host": "no route to host",
     "RemoteDisconnected": "the host closed the connection",
     "CERTIFICATE_VERIFY_FAILED": "TLS certificate not trusted",
 }
 
 
-def _reason(exc: BaseException) -> str:
+def connection_reason(exc: BaseException) -> str:
     """The gist of a requests/urllib3 error, whose own text nests several layers deep."""
     text = str(exc)
     for needle, reason in _KNOWN_REASONS.items():
@@ -198,7 +200,7 @@ class Client:
                     time.sleep(0.5 * 2**attempt)
                     continue
                 raise HostUnreachable(
-                    f"cannot reach {self.url}: is the host running and the URL right? ({_reason(exc)})") from None
+                    f"cannot reach {self.url}: is the host running and the URL right? ({connection_reason(exc)})") from None
             except requests.Timeout:
                 raise HostUnreachable(f"{self.url} did not answer within {self.timeout[1]:.0f} s") from None
             if response.status_code in TRANSIENT_STATUSES and attempt < self.retries:

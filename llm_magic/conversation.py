@@ -9,12 +9,11 @@ A plain JSON list of messages loads too (what other tools save)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequest
+from .files import write_atomically
 
 FORMAT = "llm_magic.conversation"
 VERSION = 1
@@ -30,14 +29,7 @@ def save(path: str | Path, messages: list[dict[str, Any]], model: str | None, se
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InvalidRequest(f"cannot save to {path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".llm-conversation-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text)
     return path
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger("llm_magic.engine")
 DEFAULT_CTX = 4096
 EMBEDDING_CTX = 4096  # the longest input an embedding takes (also bounded by --ctx and the model)
 QUIET = object()  # from generate(tick=...): nothing happened for a tick
-DEFAULT_PARALLEL = 4  # slots: llama-server's default too; the KV cache is shared, so more cost no memory
+DEFAULT_PARALLEL = 4  # slots, as llama-server's default; each keeps its own KV cache of --ctx tokens
 
 
 def best_thread_count() -> int:
@@ -756,4 +756,3 @@ def _make_formatter(model: Any, metadata: dict[str, str], chat_format: str | Non
             f"unknown chat_format '{chat_format}'; leave it out to use the model's own template, "
             f"or use one of: {', '.join(chat_formats())}")
     return formatter
-

@@ -200,14 +200,15 @@ def run_step(step: Step, log_path: Path, say: Callable[[str], None] = print, eve
 def describe(offload_supported: bool | None, llama_version: str | None) -> str:
     """What ``llm-magic gpu`` sees, one fact per line."""
     gpus = nvidia_gpus()
+    driver, toolkit = driver_cuda_version(), toolkit_cuda_version()
     seen = (", ".join(f"{g.name} (compute capability {g.compute_cap})" for g in gpus) if gpus
             else "an NVIDIA driver, but nvidia-smi lists none" if has_nvidia_gpu() else "none")
     lines = [f"GPU:                {seen}",
-             f"CUDA (driver):      {driver_cuda_version() or 'unknown'}",
-             f"CUDA (toolkit):     {toolkit_cuda_version() or 'no nvcc found'}",
+             f"CUDA (driver):      {driver or 'unknown'}",
+             f"CUDA (toolkit):     {toolkit or 'no nvcc found'}",
              f"llama-cpp-python:   {llama_version or 'not installed'}"
              + ("" if offload_supported is None else (", with GPU offload" if offload_supported else ", CPU only"))]
-    tag = wheel_tag(toolkit_cuda_version(), driver_cuda_version())
+    tag = wheel_tag(toolkit, driver)
     if gpus or has_nvidia_gpu():
         lines.append(f"prebuilt wheel:     {WHEEL_INDEX.format(tag=tag) if tag else 'none for this CUDA'}")
     return "\n".join(lines)

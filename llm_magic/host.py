@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import requests
 
 from .errors import HostError
+from .files import write_atomically
 
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
 HF_TOKEN_ENV = "HF_TOKEN"
@@ -276,10 +277,7 @@ class ApiHost:
         """For the server's /health (the chat page reads whether the tunnel streams)."""
         if self._tunnel is None or self._run_dir is None:
             return
-        path = self._tunnel_status_file
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._tunnel.status()))
-        tmp.replace(path)
+        write_atomically(self._tunnel_status_file, json.dumps(self._tunnel.status()))
 
     def _prepare_model(self) -> list[str]:
         """Download a hub model here, in the caller's process, so its progress bar shows in the
@@ -413,4 +411,3 @@ class ApiHost:
         except FileNotFoundError:
             return ""
         return "\n".join(lines[-n:])
-

