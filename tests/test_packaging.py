@@ -131,7 +131,8 @@ def install_lines() -> list[tuple[str, str]]:
 
 def test_every_install_line_names_the_repository_or_a_clone() -> None:
     lines = install_lines()
-    assert {name for name, _ in lines} >= {"README.md", "quickstart.ipynb", "client.ipynb", "colab_host.ipynb"}
+    assert {name for name, _ in lines} >= {"README.md", "quickstart.ipynb", "client.ipynb", "colab_host.ipynb",
+                                         "superpowers.ipynb"}
     for name, line in lines:
         from_repo = f"llm_magic @ {SOURCE}" in line or f"llm_magic[host] @ {SOURCE}" in line \
             or f"llm_magic[host,tiny] @ {SOURCE}" in line
