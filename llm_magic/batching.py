@@ -278,7 +278,8 @@ class Scheduler:
             return
         for task in [t for t in self._running if t.kept_logits is not None]:
             logits, task.kept_logits = task.kept_logits, None
-            self._begin(task, lambda slot, logits=logits: self._advance(slot, logits, slot.choice.sampler.sample_from(logits)))
+            self._begin(task, lambda slot, logits=logits: self._guarded(
+                slot, lambda: self._advance(slot, logits, slot.choice.sampler.sample_from(logits))))
         if not self._running:
             return
         ctx.clear()
@@ -341,14 +342,29 @@ class Scheduler:
             self.context.copy(lead.seq, slot.seq)
             slot.cache = list(lead.cache)
         for slot in list(task.slots):
-            first(slot)
+            if slot.task is task:  # the task may have failed at an earlier choice
+                first(slot)
 
     def _sample(self, slot: Slot, index: int) -> None:
         """Sample the slot's next token from the batch's ``index``-th logits and write it."""
         ctx = self.context
-        assert ctx is not None and slot.choice is not None
-        token = slot.choice.sampler.sample(ctx.ctx, index)
-        self._advance(slot, lambda: logits_at(ctx.ctx, index, ctx.n_vocab), token)
+        assert ctx is not None
+        if slot.choice is None:  # its task failed earlier in this step
+            return
+        self._guarded(slot, lambda: self._advance(slot, lambda: logits_at(ctx.ctx, index, ctx.n_vocab),
+                                                   slot.choice.sampler.sample(ctx.ctx, index)))
+
+    def _guarded(self, slot: Slot, write: Callable[[], None]) -> None:
+        """Run ``write`` for the slot; if its sampling fails (a grammar that allows no token),
+        that task fails alone and every other answer goes on."""
+        task = slot.task
+        try:
+            write()
+        except Exception as exc:
+            if not isinstance(exc, LLMMagicError):
+                log.exception("sampling failed")
+            if task is not None and (task in self._running or any(s.task is task for s in self._slots)):
+                self._fail(task, exc)
 
     def _advance(self, slot: Slot, logits: Any, token: int) -> None:
         """Write ``token``, chosen from ``logits`` (an array, or a function that returns it)."""

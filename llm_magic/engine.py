@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .batching import DROPPED, FLASH_ATTENTION, BatchContext, Scheduler, Task
 from .decoding import Choice
 from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError, ModelNotAllowed
+from .grammar_check import GrammarChecker
 from .grammars import grammar_for, tool_grammar
 from .models import ModelPolicy, ModelSpec, model_name, resolve_model
 from .protocol import ChoiceDelta, Completion, Event, GenerationRequest, Started
@@ -214,6 +215,7 @@ class Engine:
         self.stats = EngineStats()
         self.loading = True  # until the first load: /health says "loading"
         self.scheduler = Scheduler()  # the one thread that runs llama.cpp's compute
+        self.grammars = GrammarChecker()
         self._loaded: _Loaded | None = None
         self._trained_ctx: dict[Path, int] = {}  # what each model loaded so far was trained for
         self.embedding_path = Path(embedding_model) if embedding_model else None
@@ -269,6 +271,7 @@ class Engine:
                 self._embedding_model.close()
                 self._embedding_model = None
         self.scheduler.stop()
+        self.grammars.close()
 
     # -- embeddings ----------------------------------------------------------------------
 
@@ -575,6 +578,8 @@ class Engine:
         max_tokens = min(s.max_tokens or budget, budget)
         seed = random.getrandbits(32) if s.seed is None or s.seed < 0 else s.seed % 2**32
         grammar = self._grammar(request, tool_format)
+        if grammar is not None:
+            self.grammars.check(grammar)  # compiled in a child first: a bad one cannot take the host down
         vocab, n_vocab = model.vocab, lib.llama_vocab_n_tokens(model.vocab)
         piece = functools.partial(self._piece, loaded)
         is_end = functools.partial(lib.llama_vocab_is_eog, vocab)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable
 
-from .errors import ModelLoadError
+from .errors import InvalidRequest, ModelLoadError
 from .protocol import LoggedText, Sampling, TokenLogprob
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back on (llama-cpp-python's default)
@@ -49,7 +49,7 @@ class TokenSampler:
             if grammar is not None:
                 self.rules = lib.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
                 if not self.rules:
-                    raise ModelLoadError("llama.cpp could not compile the grammar for this request")
+                    raise InvalidRequest("llama.cpp could not compile the structured-output grammar")
         except BaseException:
             self.close()
             raise
@@ -104,7 +104,8 @@ class TokenSampler:
             if token is None:  # none of the likeliest is allowed: ask about every token
                 token = self._choose(self._all, self._all_array, logits, self.rules)
                 if token is None:
-                    raise ModelLoadError("the grammar allows no token here")
+                    raise InvalidRequest("the structured-output grammar allows no next token here: the schema "
+                                         "may ask for something no text satisfies")
         lib.llama_sampler_accept(self.rules, token)
         if not noted:
             lib.llama_sampler_accept(self.chain, token)

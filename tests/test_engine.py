@@ -472,3 +472,35 @@ def test_a_prompt_a_slot_holds_exactly_is_answered_from_its_kept_logits(engine: 
     assert again.text == first.text and again.cached_tokens == again.prompt_tokens
     assert sizes[0] == 1  # its first decode was of the answer's first token, not the prompt's last
     assert longer.text.startswith(first.text) and longer.completion_tokens == 12
+
+
+def test_a_grammar_that_dead_ends_fails_its_own_answer_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_magic import sampling
+    from llm_magic.protocol import ResponseFormat
+
+    real = sampling.TokenSampler._sample_constrained
+    calls = {"n": 0}
+
+    def dead_end_at_the_fifth(self, logits, token, noted):  # as a grammar that allows nothing further
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise InvalidRequest("the structured-output grammar allows no next token here")
+        return real(self, logits, token, noted)
+
+    monkeypatch.setattr(sampling.TokenSampler, "_sample_constrained", dead_end_at_the_fifth)
+    plain = engine.generate(GenerationRequest(prompt="Count: one, two, three,", sampling=Sampling(max_tokens=30, temperature=0)))
+    try:
+        assert isinstance(next(plain), Started)
+        first = next(plain)  # the plain answer is being written when the other starts
+        long_text = {"type": "object", "properties": {"a": {"type": "string", "minLength": 20}}, "required": ["a"]}
+        constrained = engine.generate(GenerationRequest(prompt="JSON:", response_format=ResponseFormat(long_text),
+                                                        sampling=Sampling(max_tokens=30, temperature=0)))
+        with pytest.raises(InvalidRequest, match="allows no next token"):
+            list(constrained)
+        rest = list(plain)
+    finally:
+        plain.close()
+    assert calls["n"] == 5
+    assert isinstance(rest[-1], Completion) and rest[-1].finish_reason == "length"
+    assert rest[-1].text == first + "".join(e for e in rest[:-1] if isinstance(e, str))
+    assert rest[-1].completion_tokens == 30
