@@ -206,6 +206,11 @@ class Scheduler:
         return future.result(timeout=timeout)  # a job ends on its own; this only bounds the wait
 
     @property
+    def generating(self) -> bool:
+        """Whether answers are being written or wait for a slot (read from other threads)."""
+        return bool(self._running or self._pending)
+
+    @property
     def alive(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive()

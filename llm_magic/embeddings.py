@@ -3,7 +3,9 @@
 The context is created on an already loaded model (``llama_init_from_model``), so the weights
 are shared with the generating context and never loaded twice. Each input is one sequence,
 pooled (the model's own pooling; mean pooling for a model that has none, such as a chat model)
-and L2-normalised, as OpenAI's embeddings are. Called from the engine's compute thread only.
+and L2-normalised, as OpenAI's embeddings are. Short inputs are packed, up to ``SEQUENCES`` of
+them in one decode; the engine hands the compute thread one such group at a time, so that the
+generations running go on between two groups. Called from the engine's compute thread only.
 Imports llama_cpp lazily, like ``engine.py``.
 """
 
@@ -13,7 +15,23 @@ import ctypes
 import math
 from typing import Any, Sequence
 
-from .errors import InvalidRequest, ModelLoadError
+from .errors import ModelLoadError
+
+SEQUENCES = 16  # inputs computed together in one decode
+
+
+def packed(inputs: Sequence[Sequence[int]], n_tokens: int) -> list[list[Sequence[int]]]:
+    """``inputs`` in order, in groups of at most ``SEQUENCES`` inputs and ``n_tokens`` tokens
+    (an input longer than that alone), each of which ``EmbeddingContext.embed_many`` takes."""
+    groups: list[list[Sequence[int]]] = []
+    size = 0
+    for tokens in inputs:
+        if not groups or len(groups[-1]) == SEQUENCES or size + len(tokens) > n_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(tokens)
+        size += len(tokens)
+    return groups
 
 
 class EmbeddingContext:
@@ -26,7 +44,8 @@ class EmbeddingContext:
         self._model = model  # llama_model pointer; owned by whoever loaded it
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = n_ctx  # a whole input in one batch
-        params.n_seq_max = 1
+        params.n_seq_max = SEQUENCES
+        params.kv_unified = True  # any one input may use the whole context
         params.embeddings = True
         params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
         params.n_threads = params.n_threads_batch = threads
@@ -43,31 +62,34 @@ class EmbeddingContext:
         self.n_ctx = n_ctx
         self.n_embd = llama_cpp.llama_model_n_embd(model)
 
-    def embed(self, tokens: Sequence[int]) -> list[float]:
-        """The normalised embedding of one token sequence."""
+    def embed_many(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """The normalised embeddings of several token sequences (at most ``SEQUENCES``, and
+        ``n_ctx`` tokens together), computed in one decode, each sequence masked from the others."""
         lib = self._lib
-        if not tokens:
-            raise InvalidRequest("an input is empty: send some text")
-        if len(tokens) > self.n_ctx:
-            raise InvalidRequest(f"an input is {len(tokens)} tokens but the embedding context holds {self.n_ctx}")
-        batch = lib.llama_batch_init(len(tokens), 0, 1)
+        total = sum(len(tokens) for tokens in inputs)
+        if not inputs or len(inputs) > SEQUENCES or total > self.n_ctx or not all(inputs):
+            raise ValueError("a batch of embeddings must be packed within the context")
+        batch = lib.llama_batch_init(total, 0, 1)
         try:
-            for i, token in enumerate(tokens):
-                batch.token[i] = token
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = True
-            batch.n_tokens = len(tokens)
+            i = 0
+            for seq, tokens in enumerate(inputs):
+                for pos, token in enumerate(tokens):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, True
+                    batch.seq_id[i][0] = seq
+                    i += 1
+            batch.n_tokens = total
             lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
             if lib.llama_decode(self._ctx, batch) != 0:
-                raise ModelLoadError("llama.cpp could not compute this embedding")
-            pointer = lib.llama_get_embeddings_seq(self._ctx, 0)
-            vector = [float(x) for x in ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float))[: self.n_embd]]
+                raise ModelLoadError("llama.cpp could not compute these embeddings")
+            vectors = []
+            for seq in range(len(inputs)):
+                pointer = lib.llama_get_embeddings_seq(self._ctx, seq)
+                vector = [float(x) for x in ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float))[: self.n_embd]]
+                norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+                vectors.append([x / norm for x in vector])
         finally:
             lib.llama_batch_free(batch)
-        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-        return [x / norm for x in vector]
+        return vectors
 
     def close(self) -> None:
         if self._ctx:

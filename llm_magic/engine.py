@@ -40,6 +40,8 @@ log = logging.getLogger("llm_magic.engine")
 
 DEFAULT_CTX = 4096
 EMBEDDING_CTX = 4096  # the longest input an embedding takes (also bounded by --ctx and the model)
+EMBEDDING_TOKENS = 8 * EMBEDDING_CTX  # the most one embedding request computes
+EMBEDDING_GROUP_TOKENS = 512  # inputs computed in one go (a longer input alone), between decode steps
 QUIET = object()  # from generate(tick=...): nothing happened for a tick
 DEFAULT_PARALLEL = 4  # slots, as llama-server's default; each keeps its own KV cache of --ctx tokens
 
@@ -278,17 +280,18 @@ class Engine:
     def embed(self, inputs: Sequence[str | Sequence[int]], cancel: threading.Event | None = None) -> Embeddings:
         """One normalised vector per input (text, or token ids). From ``embedding_model`` when
         the host has one, else from the resident model in an embedding context sharing its
-        weights. Waits in line like a generation and computes in the compute thread, between
-        two decode steps of the generations running."""
+        weights. Waits in line like a generation; every input is tokenised and checked before
+        anything is computed; then the compute thread takes a group of inputs at a time, between
+        two decode steps of the generations running, and setting ``cancel`` (the client left)
+        stops it at the next group."""
         if self.embedding_path is not None:
             with self.turnstile.turn(cancel):
-                loaded = self._embedding_loaded()
-                return self.scheduler.call(lambda: self._embed(loaded, inputs))
+                return self._embed(self._embedding_loaded(), inputs, cancel)
         seats, key = self._take_seats(
             lambda: self._loaded.key if self._loaded else self._key(self.default_path, None, None), 1, cancel)
         try:
             loaded = self._ensure_loaded(key, self._loaded.name if self._loaded else self.default_name)
-            return self.scheduler.call(lambda: self._embed(loaded, inputs))
+            return self._embed(loaded, inputs, cancel)
         finally:
             self.turnstile.release(seats)
 
@@ -308,17 +311,46 @@ class Engine:
             self._embedding_model = _Loaded(key, model_name(self.embedding_path), model)
         return self._embedding_model
 
-    def _embed(self, loaded: _Loaded, inputs: Sequence[str | Sequence[int]]) -> Embeddings:
+    def _embed(self, loaded: _Loaded, inputs: Sequence[str | Sequence[int]],
+               cancel: threading.Event | None) -> Embeddings:
+        from .embeddings import packed
+
+        embedder = self.scheduler.call(lambda: self._embedder(loaded))
+        sequences = self._embedding_tokens(loaded, inputs, embedder.n_ctx)
+        vectors: list[list[float]] = []
+        cancel = cancel or threading.Event()
+        for group in packed(sequences, min(embedder.n_ctx, EMBEDDING_GROUP_TOKENS)):
+            if cancel.is_set():
+                raise Cancelled("the client left before its embeddings were computed")
+            started = time.perf_counter()
+            vectors += self.scheduler.call(lambda group=group: embedder.embed_many(group))
+            if self.scheduler.generating:  # as long again for the answers being written
+                cancel.wait(time.perf_counter() - started)
+        total = sum(len(tokens) for tokens in sequences)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += total
+        return Embeddings(vectors, loaded.name, total)
+
+    def _embedder(self, loaded: _Loaded) -> Any:
+        """The model's embedding context, made at its first use (in the compute thread)."""
         from .embeddings import EmbeddingContext
 
-        model = loaded.model
         if loaded.embedder is None:
+            model = loaded.model
             n_ctx = min(self.ctx_length, model.n_ctx_train() or self.ctx_length, EMBEDDING_CTX)
             loaded.embedder = EmbeddingContext(model.model, n_ctx, self.threads)
+        return loaded.embedder
+
+    def _embedding_tokens(self, loaded: _Loaded, inputs: Sequence[str | Sequence[int]], n_ctx: int) -> list[list[int]]:
+        """Every input as tokens, checked whole before any is computed: in the vocabulary, within
+        the embedding context, and all of them within ``EMBEDDING_TOKENS``."""
+        model = loaded.model
         n_vocab = _llama_cpp().llama_vocab_n_tokens(model.vocab)
-        vectors, total = [], 0
+        sequences, total = [], 0
         for i, item in enumerate(inputs):
             if isinstance(item, str):
+                if len(item.encode("utf-8")) > n_ctx * self._longest_piece(loaded):
+                    raise InvalidRequest(f"'input[{i}]' is longer than the embedding context ({n_ctx} tokens)")
                 tokens = model.tokenize(item.encode("utf-8"), add_bos=True, special=False)
             else:
                 tokens = list(item)
@@ -326,14 +358,16 @@ class Engine:
                 if bad is not None:
                     raise InvalidRequest(f"'input[{i}]' holds token {bad}, which is not in the model's "
                                          f"vocabulary (0 to {n_vocab - 1})")
-            try:
-                vectors.append(loaded.embedder.embed(tokens))
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"'input[{i}]': {exc.message}") from None
+            if not tokens:
+                raise InvalidRequest(f"'input[{i}]' is empty: send some text")
+            if len(tokens) > n_ctx:
+                raise InvalidRequest(f"'input[{i}]' is {len(tokens)} tokens but the embedding context holds {n_ctx}")
             total += len(tokens)
-        self.stats.requests += 1
-        self.stats.prompt_tokens += total
-        return Embeddings(vectors, loaded.name, total)
+            if total > EMBEDDING_TOKENS:
+                raise InvalidRequest(f"the inputs are more than {EMBEDDING_TOKENS} tokens together (at 'input[{i}]'); "
+                                     "send them in several requests")
+            sequences.append(tokens)
+        return sequences
 
     # -- generation ----------------------------------------------------------------------
 

@@ -504,3 +504,57 @@ def test_a_grammar_that_dead_ends_fails_its_own_answer_only(engine: Engine, monk
     assert isinstance(rest[-1], Completion) and rest[-1].finish_reason == "length"
     assert rest[-1].text == first + "".join(e for e in rest[:-1] if isinstance(e, str))
     assert rest[-1].completion_tokens == 30
+
+
+def test_embeddings_packed_together_equal_those_computed_alone(engine: Engine) -> None:
+    texts = ["hi", "The capital of France is Paris.", "def add(a, b): return a + b", "a" * 300]
+    together = engine.embed(texts).vectors
+    for text, vector in zip(texts, together):
+        alone = engine.embed([text]).vectors[0]
+        assert sum(a * b for a, b in zip(vector, alone)) > 0.9995  # the same, up to rounding
+
+
+def test_embedding_inputs_are_checked_whole_before_any_is_computed(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_magic.embeddings import EmbeddingContext
+
+    engine.embed(["warm"])  # the context exists
+    computed = []
+    real = EmbeddingContext.embed_many
+    monkeypatch.setattr(EmbeddingContext, "embed_many", lambda self, group: computed.append(len(group)) or real(self, group))
+    with pytest.raises(InvalidRequest, match=r"'input\[2047\]' holds token 99999999"):
+        engine.embed([*["some text"] * 2047, [99999999]])
+    with pytest.raises(InvalidRequest, match="more than 32768 tokens together"):
+        engine.embed(["word " * 3000] * 12)
+    assert computed == []
+
+
+def test_embeddings_stop_when_the_client_leaves_and_let_answers_go_on(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_magic.embeddings import EmbeddingContext
+    from llm_magic.errors import Cancelled
+
+    cancel = threading.Event()
+    groups = []
+    real = EmbeddingContext.embed_many
+
+    def counted(self, group):
+        groups.append(len(group))
+        if len(groups) == 3:
+            cancel.set()  # the client leaves during the third group
+        return real(self, group)
+
+    monkeypatch.setattr(EmbeddingContext, "embed_many", counted)
+    with pytest.raises(Cancelled):
+        engine.embed(["hi"] * 1000, cancel)
+    assert len(groups) == 3  # of 63
+
+    # while a long embedding request runs, an answer is written beside it, not after it
+    groups.clear()
+    done: list[str] = []
+    embedding = threading.Thread(target=lambda: (engine.embed(["word " * 90] * 24), done.append("embeddings")))
+    embedding.start()
+    while not groups:
+        time.sleep(0.01)
+    run(engine, prompt="Once upon a time", sampling=Sampling(max_tokens=20, temperature=0))
+    done.append("answer")
+    embedding.join(120)
+    assert done == ["answer", "embeddings"], (done, len(groups))
