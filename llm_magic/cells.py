@@ -79,10 +79,26 @@ class CellErrors:
         return self.by_cell[max(self.by_cell)] if self.by_cell else None
 
 
+def current_cell(shell: Any) -> int:
+    """The number of the cell that runs now, as ``In`` and ``Out`` count it.
+
+    ``shell.execution_count`` cannot say: while a stored cell runs (a kernel's execute_request,
+    ``run_cell(store_history=True)``), IPython 8 has it at this cell's number and IPython 9 at
+    the next one (it counts up before the cell runs, not after). The running cell's own
+    ``ExecutionResult`` (``displayhook.exec_result``) has its number in both. A cell that is not
+    stored (``run_cell`` by default) has none, and counts from the next number: ``-1`` is then
+    the last stored cell, in both versions."""
+    result = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    info = getattr(result, "info", None)
+    if result is not None and result.execution_count is not None and getattr(info, "store_history", False):
+        return result.execution_count
+    return shell.execution_count
+
+
 def _cell_number(shell: Any, text: str) -> int:
-    """``-1`` is the cell before the current one, as in ``In[-1]`` (well, ``_i``)."""
+    """``-1`` is the cell before the one that runs, as in ``In[-1]`` (well, ``_i``)."""
     n = int(text)
-    return shell.execution_count + n if n < 0 else n
+    return current_cell(shell) + n if n < 0 else n
 
 
 def cell_part(shell: Any, errors: CellErrors, part: str, number: int) -> str:

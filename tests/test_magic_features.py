@@ -53,6 +53,30 @@ def test_cells_and_errors_go_into_the_prompt(shell, greedy, hosted, capsys) -> N
         assert message in err and len(greedy.history) == turns  # nothing was sent
 
 
+def test_relative_cell_references_count_from_the_cell_that_runs(shell, greedy, hosted, capsys) -> None:
+    stored(shell, "side = 6\nside * 7", capsys)
+    # a stored cell, as a kernel's execute_request runs every cell: -1 is the cell before it
+    n, out = stored(shell, "%%llm --max-tokens 2\n{In[-1]} gave {Out[-1]}", capsys)
+    assert "tokens" in out and greedy.history[-2]["content"] == "side = 6\nside * 7 gave 42"
+    # a cell run without a number of its own (run_cell's default): -1 is the last numbered one
+    stored(shell, "side * 8", capsys)
+    _, err = run(shell, "%%llm --max-tokens 2\n{In[-1]} gave {Out[-1]}", capsys)
+    assert not err and greedy.history[-2]["content"] == "side * 8 gave 48"
+
+
+def test_relative_cell_references_do_not_depend_on_when_ipython_counts_up(shell, greedy, hosted, capsys) -> None:
+    """IPython 9 counts ``execution_count`` up as a stored cell starts, IPython 8 once it ends:
+    the cell here counts it up itself, so that whichever IPython runs it, it sees 9's numbers."""
+    stored(shell, "side = 5\nside * 5", capsys)
+    code = ("ip = get_ipython()\nip.execution_count += 1  # as IPython 9 has it while this cell runs\n"
+            "try:\n    ip.run_cell_magic('llm', '--max-tokens 2', '{In[-1]} gave {Out[-1]}')\n"
+            "finally:\n    ip.execution_count -= 1")
+    result = shell.run_cell(code, store_history=True)
+    capsys.readouterr()
+    assert result.success, result.error_in_exec
+    assert greedy.history[-2]["content"] == "side = 5\nside * 5 gave 25"
+
+
 def test_fix_explains_the_last_error_and_offers_the_cell(shell, greedy, hosted, capsys) -> None:
     shell.rl_next_input = None
     bad, _ = stored(shell, "numbers = [1, 2, 3]\nprint(sum(numbers) / len(numbrs))", capsys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -103,3 +104,37 @@ def test_host_ends_with_the_kernel() -> None:
             return
         time.sleep(0.1)
     pytest.fail(f"the server (pid {pid}) outlived its kernel")
+
+
+# A Python with another IPython (9.x, say) to run a second kernel with; read here, before the
+# tests' own environment (conftest.isolated_env) leaves out every LLM_MAGIC_ variable.
+OTHER_KERNEL_PYTHON = os.environ.get("LLM_MAGIC_KERNEL_PYTHON")
+
+
+@pytest.mark.parametrize("kernel", ["python3", "other"] if OTHER_KERNEL_PYTHON else ["python3"])
+def test_relative_cell_references_in_a_kernel_count_from_the_cell_that_runs(kernel, host, tmp_path, monkeypatch) -> None:
+    """A kernel stores every cell (execute_request), and IPython 9 counts a stored cell up before
+    it runs: ``{In[-1]}``/``{Out[-1]}`` must still be the cell before, not the cell itself.
+    With $LLM_MAGIC_KERNEL_PYTHON set, also in a kernel of that Python."""
+    import json
+
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    if kernel == "other":
+        spec = tmp_path / "kernels" / "other"
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(json.dumps({"argv": [OTHER_KERNEL_PYTHON, "-m", "ipykernel_launcher", "-f",
+                                                               "{connection_file}"],
+                                                      "display_name": "other", "language": "python"}))
+        monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    nb = new_notebook(cells=[
+        new_code_cell("%load_ext llm_magic"),
+        new_code_cell(f"%llm connect {host.url} --token {host.token}"),
+        new_code_cell("import IPython\nside = 6\nside * 7"),
+        new_code_cell("%%llm --max-tokens 2\n{In[-1]} gave {Out[-1]}"),
+        new_code_cell("print(IPython.__version__)\n"
+                      "print(get_ipython().magics_manager.registry['LLMMagics'].history[-2]['content'])"),
+    ])
+    NotebookClient(nb, timeout=120, kernel_name=kernel).execute()  # raises on any error
+    version, *sent = outputs(nb.cells[4]).splitlines()
+    assert sent == ["import IPython", "side = 6", "side * 7 gave 42"], (version, sent)
