@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence, Union
 
 import requests
 
-from .errors import BY_STATUS, HostBusy, HostUnreachable, LLMMagicError, ServerError
+from .errors import BY_STATUS, ContextLengthExceeded, HostBusy, HostUnreachable, LLMMagicError, ServerError
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 # What tunnels and proxies answer while a host restarts or a connection blips: worth a retry.
@@ -60,8 +60,8 @@ class Stream:
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
-                if "error" in chunk:
-                    raise _error_from_body(self._response.status_code, chunk, self._response.url)
+                if "error" in chunk:  # after the 200 went out, a failure comes as an event
+                    raise _error_from_body(_status_of(chunk["error"]), chunk, self._response.url)
                 model = chunk.get("model") or model
                 usage = chunk.get("usage") or usage
                 timings = chunk.get("timings") or timings
@@ -130,15 +130,35 @@ def connection_reason(exc: BaseException) -> str:
     return text if len(text) < 160 else text[:160] + "..."
 
 
+# An error's ``type`` -> its HTTP status, for errors that arrive in the body of a 200 (after a
+# keep-alive began the answer): OpenAI's shape on /v1 carries a string ``code``, not the status.
+_TYPE_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
+                "not_found_error": 404, "server_busy": 503, "model_load_error": 502}
+
+
+def _status_of(error: Any) -> int:
+    """The HTTP status an error object in a body stands for: ``/api`` writes it as ``code``,
+    ``/v1`` (OpenAI's shape) says it with ``type``."""
+    if not isinstance(error, dict):
+        return 500
+    code = error.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    return _TYPE_STATUS.get(str(error.get("type")), 500)
+
+
 def _error_from_body(status: int, body: Any, url: str) -> LLMMagicError:
     message = None
+    code = None
     if isinstance(body, dict):
         err = body.get("error", body.get("detail"))
         if isinstance(err, dict):
-            message = err.get("message")
+            message, code = err.get("message"), err.get("code")
         elif isinstance(err, str):
             message = err
     message = message or f"HTTP {status}"
+    if code == "context_length_exceeded":  # OpenAI's code, and ours on /v1: a subclass of InvalidRequest
+        return ContextLengthExceeded(message)
     cls = BY_STATUS.get(status)
     if status == 401:
         return cls(f"{message} — pass the host's token (token=..., --token or LLM_MAGIC_TOKEN)")  # type: ignore[misc]
@@ -237,7 +257,7 @@ class Client:
             raise ServerError(f"{self.url} sent an answer that is not JSON") from None
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
-            raise _error_from_body(int(error.get("code") or 500), data, self.url)
+            raise _error_from_body(_status_of(error), data, self.url)
         return data
 
     @staticmethod

@@ -7,12 +7,15 @@ says how to fix the problem. The library raises these; only the edges (``server.
 
 from __future__ import annotations
 
+import re
+
 
 class LLMMagicError(Exception):
     """Base class of every error llm_magic raises on purpose."""
 
     status: int = 500
     type: str = "server_error"
+    code: str | None = None  # OpenAI's string code; None: the one for the status (OPENAI_CODES)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -21,6 +24,13 @@ class LLMMagicError(Exception):
     def to_dict(self) -> dict:
         """The JSON error body every route answers with."""
         return {"error": {"message": self.message, "type": self.type, "code": self.status}}
+
+    def to_openai_dict(self) -> dict:
+        """The error body of the OpenAI-compatible ``/v1`` routes, in OpenAI's shape: ``param``
+        (the field at fault, where the message names one) and a string ``code``, which clients
+        such as LangChain and LiteLLM read to tell a context overflow from other 400s."""
+        return {"error": {"message": self.message, "type": self.type, "param": _param(self.message),
+                          "code": self.code or _openai_code(self)}}
 
 
 class InvalidRequest(LLMMagicError):
@@ -120,3 +130,50 @@ BY_STATUS: dict[int, type[LLMMagicError]] = {
     413: PayloadTooLarge,
     503: HostBusy,
 }
+
+
+class UnsupportedMediaType(LLMMagicError):
+    """A body sent as anything but JSON (a browser's form or text/plain post, say)."""
+
+    status = 415
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (with room for the answer) does not fit in the model's context."""
+
+    code = "context_length_exceeded"
+
+
+BY_STATUS[415] = UnsupportedMediaType
+
+# HTTP status -> OpenAI's string ``code`` for errors that have no more specific one.
+OPENAI_CODES: dict[int, str] = {
+    401: "invalid_api_key",
+    403: "model_not_allowed",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    502: "model_load_error",
+    503: "server_busy",
+}
+
+# Messages name the field at fault first, in quotes: 'messages[0].content' must be ...
+_PARAM = re.compile(r"^(?:unknown field )?'([A-Za-z_][\w.\[\]-]{0,120})'")
+# What the engine says when a prompt does not fit, until it raises ContextLengthExceeded itself.
+_CONTEXT_OVERFLOW = re.compile(r"tokens but the (?:model's|embedding) context holds|longer than the embedding context")
+
+
+def _param(message: str) -> str | None:
+    match = _PARAM.match(message)
+    return match.group(1) if match else None
+
+
+def _openai_code(error: LLMMagicError) -> str | None:
+    if isinstance(error, InvalidRequest) and _CONTEXT_OVERFLOW.search(error.message):
+        return "context_length_exceeded"
+    if isinstance(error, ModelNotFound):
+        return "model_not_found"
+    return OPENAI_CODES.get(error.status)

@@ -9,6 +9,7 @@ results, ``developer``, text parts). No Flask and no llama_cpp here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -17,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .errors import InvalidRequest
-from .tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request
+from .tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request, read_answer
 from .protocol import (
     ChoiceDelta,
     SAMPLING_FIELDS, SSE_DONE, SSE_KEEPALIVE, Completion, Event, GenerationRequest,
-    KeepAlive, LoggedText, Started, TokenLogprob, _Fields, _object_or_empty,
-    _sampling, _type_name, check_message_list, looks_like_model_spec, parse_response_format, sse,
+    KeepAlive, LoggedText, Sampling, Started, TokenLogprob, _Fields, _object_or_empty,
+    _sampling, _type_name, check_message_list, looks_like_model_spec, parse_logit_bias, parse_response_format, sse,
 )
 
 DEFAULT_MODEL_ALIASES = ("default",)
@@ -30,6 +31,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's own limit for /v1/completions
 MAX_N = 128  # OpenAI's own limit; the host allows at most its --parallel
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
+MAX_PROMPTS = 128  # prompts in one /v1/completions list; they run a few at a time, as slots allow
 
 # Valid OpenAI fields that change nothing here; accepted so that clients sending them work.
 IGNORED_FIELDS = (
@@ -75,9 +77,13 @@ def _model(f: _Fields, model_ids: Iterable[str]) -> str | None:
     return model
 
 
+def _openai_sampling(f: _Fields, max_tokens_keys: tuple[str, ...], default_max_tokens: int | None) -> Sampling:
+    """The sampling fields, with OpenAI's ``logit_bias`` (which ``/api`` does not take)."""
+    return dataclasses.replace(_sampling(f, max_tokens_keys, default_max_tokens),
+                               logit_bias=parse_logit_bias(f.obj.get("logit_bias")))
+
+
 def _common(f: _Fields, model_ids: Iterable[str]) -> dict:
-    if f.obj.get("logit_bias"):
-        raise InvalidRequest("'logit_bias' is not supported by this host")
     _ignored_but_checked(f)
     options = _Fields(_object_or_empty(f.obj, "stream_options"), "stream_options.")
     options.reject_unknown(("include_usage", "include_obfuscation"))
@@ -186,7 +192,7 @@ def parse_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
     return GenerationRequest(
         tools=tools,
         messages=parse_messages(body["messages"]),
-        sampling=_sampling(f, ("max_tokens", "max_completion_tokens"), None),
+        sampling=_openai_sampling(f, ("max_tokens", "max_completion_tokens"), None),
         response_format=response_format,
         logprobs=_chat_logprobs(f),
         **_common(f, model_ids),
@@ -202,19 +208,31 @@ def parse_completion(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequ
     if f.obj.get("suffix") is not None:
         raise InvalidRequest("'suffix' is not supported by this host")
     f.integer("best_of", 1, 1)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequest("'prompt' is required and must be a string (one prompt per request)")
+    prompts = _prompts(body.get("prompt"))
     logprobs = f.obj.get("logprobs")
     return GenerationRequest(
-        prompt=prompt,
-        sampling=_sampling(f, ("max_tokens",), OPENAI_COMPLETION_DEFAULT_MAX_TOKENS),
+        prompt=prompts[0],
+        prompts=prompts if len(prompts) > 1 else (),
+        sampling=_openai_sampling(f, ("max_tokens",), OPENAI_COMPLETION_DEFAULT_MAX_TOKENS),
         response_format=parse_response_format(f.obj.get("response_format")),
         logprobs=None if logprobs is None or logprobs is False else f.integer("logprobs", 0, MAX_COMPLETION_LOGPROBS),
         **_common(f, model_ids),
     )
+
+
+def _prompts(value: Any) -> tuple[str, ...]:
+    """``prompt``: a string, or a list of strings (one answer, or ``n``, per prompt)."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("'prompt' is required: a string, or a non-empty list of strings")
+    if len(value) > MAX_PROMPTS:
+        raise InvalidRequest(f"'prompt' holds more than {MAX_PROMPTS} prompts; send them in several requests")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            hint = " (token ids are not supported here: send text)" if isinstance(item, int) or isinstance(item, list) else ""
+            raise InvalidRequest(f"'prompt[{i}]' must be a string, not {_type_name(item)}{hint}")
+    return tuple(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +310,12 @@ class OpenAIRenderer:
         message: dict = {"role": "assistant", "content": result.text, "refusal": None}
         finish_reason = result.finish_reason
         if self.tools and result.tool_format:
-            content, calls = FORMATS[result.tool_format].parse(result.text)
+            cut = finish_reason == "length"  # then OpenAI reports the calls so far, the last one cut
+            content, calls = read_answer(result.tool_format, result.text, cut)
+            message["content"] = content
             if calls:
                 message.update(content=content or None, tool_calls=[c.as_openai() for c in calls])
-                finish_reason = "tool_calls"
+                finish_reason = finish_reason if cut else "tool_calls"
         return {"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _chunk(self, delta: str | None, finish_reason: str | None, model: str, first: bool = False,
@@ -352,12 +372,12 @@ class OpenAIRenderer:
                 finish_reason = answer.finish_reason
                 parser = tool_stream(answer.index)
                 if parser is not None:
-                    rest, calls = parser.finish()
+                    rest, calls = parser.finish(cut=finish_reason == "length")
                     if rest:
                         yield sse(self._chunk(rest, None, event.model, index=answer.index))
                     if calls:
                         yield from self._tool_chunks(calls, event.model, answer.index)
-                        finish_reason = "tool_calls"
+                        finish_reason = "length" if finish_reason == "length" else "tool_calls"
                 yield sse(self._chunk(None, finish_reason, event.model, index=answer.index))
             if self.include_usage:
                 usage_chunk = self._envelope(self._object + (".chunk" if self.chat else ""), [], event.model)

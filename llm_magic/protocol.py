@@ -34,6 +34,9 @@ class Sampling:
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # OpenAI's logit_bias: (token id, bias) pairs added to the logits before any other stage;
+    # -100 bans the token. Ids are checked against the vocabulary when the sampler is made.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class GenerationRequest:
     logprobs: int | None = None  # how many alternatives per token to report; None: no logprobs
     tools: ToolRequest | None = None  # tools the model may call (OpenAI's tools, tool_choice)
     n: int = 1  # answers to write to the one prompt (OpenAI's n)
+    # /v1/completions with a list of prompts: all of them (``prompt`` is the first). The engine
+    # writes one prompt per request; the server runs one generation per prompt and merges them.
+    prompts: tuple[str, ...] = ()
 
     @property
     def is_chat(self) -> bool:
@@ -272,6 +278,31 @@ def _sampling(f: _Fields, max_tokens_keys: tuple[str, ...], default_max_tokens: 
         stop=f.stop("stop"),
         seed=f.integer("seed", -1, SEED_LIMIT - 1),
     )
+
+
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: -100 to 100
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI's own limit is 300, llama.cpp has none
+
+
+def parse_logit_bias(value: Any, key: str = "logit_bias") -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: ``{"<token id>": bias}``, bias from -100 to 100."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{key}' must be an object mapping token ids (as strings) to a bias from -100 to 100, "
+                             f"not {_type_name(value)}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"'{key}' holds more than {MAX_LOGIT_BIAS} tokens")
+    pairs = []
+    for token, bias in value.items():
+        if not (isinstance(token, str) and token.isascii() and token.isdigit() and len(token) < 10):
+            raise InvalidRequest(f"'{key}': {json.dumps(token)[:40]} is not a token id; the keys are token ids "
+                                 "such as \"50256\"")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
+                or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+            raise InvalidRequest(f"'{key}.{token}' must be a number from -100 to 100, got {json.dumps(bias)[:40]}")
+        pairs.append((int(token), float(bias)))
+    return tuple(pairs)
 
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",

@@ -19,7 +19,7 @@ from .protocol import (
     SSE_KEEPALIVE, Completion, Event, GenerationRequest, KeepAlive, Sampling, Started, _Fields,
     _type_name, parse_response_format, sse,
 )
-from .tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request
+from .tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request, read_answer
 
 RESPONSES_FIELDS = (
     "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "text", "tools",
@@ -174,22 +174,29 @@ class ResponsesRenderer:
 
     @staticmethod
     def _message(item_id: str, text: str, status: str = "completed") -> dict:
-        return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []}
+        content = [] if status == "in_progress" else [
+            {"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+        return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
     @staticmethod
-    def _call(call: ToolCall, status: str = "completed") -> dict:
+    def _call(call: ToolCall, status: str | None = None) -> dict:
+        """A ``function_call`` item; its status: in_progress while streamed, else completed, or
+        incomplete for a call cut off by ``max_output_tokens``."""
+        status = status or ("completed" if call.complete else "incomplete")
         return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
-                "name": call.name, "arguments": call.arguments if status == "completed" else "", "status": status}
+                "name": call.name, "arguments": "" if status == "in_progress" else call.arguments, "status": status}
 
     def _split(self, result: Completion) -> tuple[str, list[ToolCall]]:
         if self.request.get("tools") and result.tool_format:
-            return FORMATS[result.tool_format].parse(result.text)
+            return read_answer(result.tool_format, result.text, result.finish_reason == "length")
         return result.text, []
 
     def answer(self, result: Completion) -> dict:
         text, calls = self._split(result)
-        output = ([self._message("msg_" + uuid.uuid4().hex, text)] if text or not calls else [])
+        cut = result.finish_reason == "length"
+        # a message cut off is incomplete; one followed by calls was finished before them
+        status = "incomplete" if cut and not calls else "completed"
+        output = ([self._message("msg_" + uuid.uuid4().hex, text, status)] if text or not calls else [])
         output += [self._call(c) for c in calls]
         return self._response("completed", output, result)
 
@@ -236,8 +243,9 @@ class ResponsesRenderer:
             if not isinstance(event, Completion):
                 continue
             calls: list[ToolCall] = []
+            cut = event.finish_reason == "length"
             if tool_stream is not None:
-                rest, calls = tool_stream.finish()
+                rest, calls = tool_stream.finish(cut)
                 if rest:
                     yield from text_delta(rest)
             if message["opened"] or not calls:
@@ -246,7 +254,7 @@ class ResponsesRenderer:
                 part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
                 yield self._event("response.output_text.done", **where, text=text, logprobs=[])
                 yield self._event("response.content_part.done", **where, part=part)
-                output.append(self._message(item_id, text))
+                output.append(self._message(item_id, text, "incomplete" if cut and not calls else "completed"))
                 yield self._event("response.output_item.done", output_index=0, item=output[-1])
             for call in calls:
                 index = len(output)

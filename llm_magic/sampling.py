@@ -147,9 +147,20 @@ class TokenSampler:
 
 
 def _stages(lib: Any, n_vocab: int, s: Sampling, seed: int) -> list[Any]:
-    """The samplers of llama-cpp-python's ``Llama._init_sampler``, in its order."""
-    stages = [lib.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty,
-                                               s.frequency_penalty, s.presence_penalty)]
+    """The samplers of llama-cpp-python's ``Llama._init_sampler``, in its order, after
+    OpenAI's ``logit_bias`` when the request has one (llama-server puts it first too)."""
+    stages: list[Any] = []
+    if s.logit_bias:
+        bad = next((token for token, _ in s.logit_bias if not 0 <= token < n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"'logit_bias': token {bad} is not in the model's vocabulary (0 to {n_vocab - 1})")
+        biases = (lib.llama_logit_bias * len(s.logit_bias))()
+        for entry, (token, bias) in zip(biases, s.logit_bias):
+            # OpenAI: -100 bans the token; an added -100 alone might not, against a peaked distribution
+            entry.token, entry.bias = token, float("-inf") if bias <= -100 else bias
+        stages.append(lib.llama_sampler_init_logit_bias(n_vocab, len(s.logit_bias), biases))  # llama.cpp copies them
+    stages.append(lib.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty,
+                                                   s.frequency_penalty, s.presence_penalty))
     if s.temperature < 0:
         stages.append(lib.llama_sampler_init_dist(seed))
     elif s.temperature == 0:

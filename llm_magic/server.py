@@ -1,12 +1,16 @@
 """The HTTP service — the only module that imports Flask (and its werkzeug).
 
 ``create_app(engine, token=...)`` builds the app: the seed's ``POST /api``, the OpenAI-compatible
-``/v1`` routes and ``GET /health``. Every failure on every route is JSON, never HTML. The HTTP
-server under it is ``httpserver.HttpServer``.
+``/v1`` routes and ``GET /health``. Every failure on every route is JSON, never HTML: in OpenAI's
+shape on ``/v1`` (``param`` and a string ``code``), in the seed's (``code``: the status) elsewhere.
+A body is read only when sent as ``application/json``: a browser sends anything else (a form,
+``text/plain``) from any web page without asking the host first, so no page a user visits can
+drive a host on their machine. The HTTP server under it is ``httpserver.HttpServer``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -24,11 +28,13 @@ from werkzeug.exceptions import HTTPException, NotFound
 from . import __version__
 from .engine import QUIET, Engine
 from .errors import (
-    AuthenticationError, HostBusy, InvalidRequest, LLMMagicError, PayloadTooLarge, RequestTimeout,
+    AuthenticationError, HostBusy, InvalidRequest, LLMMagicError, ModelNotFound, PayloadTooLarge, RequestTimeout,
+    UnsupportedMediaType,
 )
-from .errors import NotFound as NotFoundError
 from .httpserver import MAX_BODY_BYTES, SOCKET_KEY, BodyTooLarge, loggable
-from .openai_wire import OpenAIRenderer, embeddings_answer, parse_chat, parse_completion, parse_embeddings
+from .openai_wire import (
+    DEFAULT_MODEL_ALIASES, OpenAIRenderer, embeddings_answer, parse_chat, parse_completion, parse_embeddings,
+)
 from .responses_wire import ResponsesRenderer, parse_responses
 from .protocol import (
     KEEPALIVE, ChoiceDelta, Completion, Event, GenerationRequest, Started, api_answer, api_stream,
@@ -41,6 +47,7 @@ KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
 ROUTES = ("GET / (the chat page), POST /api, POST /v1/chat/completions, POST /v1/completions, "
           "POST /v1/responses, POST /v1/embeddings, GET /v1/models, GET /health, POST /health/stream")
 WEB = Path(__file__).parent / "web"  # the chat page: static files, public, free of secrets
+ICON_SECONDS = 86400  # browsers ask for /favicon.ico on every page; a day's cache spares them
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}  # all /static serves: never HTML
 # The page runs only its own files: no inline script, nothing from elsewhere, so that text which
 # got past the sanitiser still could not run, load, or send anything.
@@ -103,6 +110,12 @@ def create_app(
     @app.get("/")
     def chat_page() -> Any:
         return send_from_directory(WEB, "index.html", mimetype="text/html", max_age=0), PAGE_HEADERS
+
+    @app.get("/favicon.ico")
+    def favicon() -> Any:  # what every browser asks for; the page links it too
+        response = send_from_directory(WEB, "favicon.ico", mimetype="image/x-icon", max_age=ICON_SECONDS)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
     @app.get("/static/<path:name>")
     def static_file(name: str) -> Any:
@@ -170,7 +183,10 @@ def create_app(
         body = _json_body(max_body)
         _authorize(token, body, body_token=False)
         gen_request = parse(body, model_ids=(engine.default_name,))
-        started, events = _start(engine, gen_request, keepalive)
+        if len(gen_request.prompts) > 1:  # a list of prompts: one generation each, merged
+            started, events = _Fanout.start(engine, gen_request, keepalive)
+        else:
+            started, events = _start(engine, gen_request, keepalive)
         renderer = make_renderer(body, gen_request, started.model if started else engine.default_name,
                                  started.tool_format if started else None)
         if gen_request.stream:
@@ -196,6 +212,11 @@ def create_app(
         names = dict.fromkeys([engine.default_name, engine.model or engine.default_name, *engine.embedding_names])
         return {name: {"id": name, "object": "model", "created": created, "owned_by": "llm_magic"} for name in names}
 
+    def model_object(model_id: str) -> dict | None:
+        """A listed model, or the default one under the name every route accepts for it."""
+        objects = model_objects()
+        return objects.get(engine.default_name) if model_id in DEFAULT_MODEL_ALIASES else objects.get(model_id)
+
     @app.get("/v1/models")
     def models() -> Any:
         _authorize(token, None, body_token=False)
@@ -204,9 +225,9 @@ def create_app(
     @app.get("/v1/models/<path:model_id>")
     def model(model_id: str) -> Any:
         _authorize(token, None, body_token=False)
-        found = model_objects().get(model_id)
+        found = model_object(model_id)
         if found is None:
-            raise NotFoundError(f"no model '{loggable(model_id, 200)}' here; GET /v1/models lists them")
+            raise ModelNotFound(f"no model '{loggable(model_id, 200)}' here; GET /v1/models lists them")
         return found
 
     @app.errorhandler(LLMMagicError)
@@ -227,6 +248,8 @@ def create_app(
         message = messages.get(exc.code or 500, exc.description or exc.name)
         err = LLMMagicError(loggable(message))
         err.status, err.type = exc.code or 500, "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
+        if err.status == 404:
+            err.code = "unknown_url"  # OpenAI's word for a route it does not have
         return _error_response(err)
 
     @app.errorhandler(Exception)
@@ -237,11 +260,20 @@ def create_app(
     return app
 
 
+def _error_shape() -> Callable[[LLMMagicError], dict]:
+    """How this request's errors are written: OpenAI's shape on the OpenAI-compatible routes
+    (under ``/v1``), the seed's elsewhere. Asked while the request is at hand, for bodies that
+    are sent after it (streams)."""
+    if request.path.startswith("/v1/"):
+        return LLMMagicError.to_openai_dict
+    return LLMMagicError.to_dict
+
+
 def _error_response(exc: LLMMagicError) -> Response:
-    response = Response(json.dumps(exc.to_dict()), status=exc.status, mimetype="application/json")
+    response = Response(json.dumps(_error_shape()(exc)), status=exc.status, mimetype="application/json")
     if isinstance(exc, HostBusy):
         response.headers["Retry-After"] = str(exc.retry_after)
-    if exc.status in (408, 413):  # the rest of the body is not worth reading: end the connection
+    if exc.status in (408, 413, 415):  # the rest of the body is not worth reading: end the connection
         response.headers["Connection"] = "close"
     return response
 
@@ -275,6 +307,13 @@ def _read_body(max_body: int) -> bytes:
 
 
 def _json_body(max_body: int) -> Any:
+    # Before anything is read: a body that is not declared JSON is what a web page can send to
+    # any host without the browser asking it first (no CORS preflight), a form or text/plain.
+    if request.mimetype != "application/json":
+        sent = request.mimetype or "no Content-Type"
+        raise UnsupportedMediaType(
+            f"send the body as JSON with the header 'Content-Type: application/json' (this request "
+            f"sent {loggable(sent, 100)}); with curl: -H 'Content-Type: application/json', with requests: json=")
     raw = _read_body(max_body)
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
@@ -343,6 +382,9 @@ class _Failure:
 _END = object()
 _QUIET = object()  # no event within the wait
 CHECK_SECONDS = 0.1  # how often a waiting response checks whether its client left
+# The most a withdrawn generation is waited for, in case llama.cpp never ends its step; a step
+# ends within a second or so even on a busy machine.
+WITHDRAW_SECONDS = 30.0
 
 
 class _Pump:
@@ -434,12 +476,33 @@ class _Pump:
         finally:
             self.close()
 
-    def close(self) -> None:
+    def cancel(self) -> None:
+        """Withdraw the generation, from any thread; whoever reads it sees it end."""
         self._cancel.set()
         self._first_text_passed.set()
+
+    def close(self) -> None:
+        self.cancel()
         self._thread.join(timeout=1.0)  # it leaves the line at once once cancelled
         if self._handed_over and not self._thread.is_alive():
-            self._events.close()  # withdraws the generation: its slot is free within a step
+            self._withdraw()
+
+    def _withdraw(self) -> None:
+        """Read the cancelled generation to its end. The compute thread lets go of its slot at
+        its next step (the one under way cannot be stopped), and only then does the generation
+        end and give its seat back: /health, the next request and the request counts then agree
+        with what llama.cpp is doing (closing the generation at once gave the seat back while the
+        step ran on, so on a busy machine the next request found the slot still taken)."""
+        deadline = time.monotonic() + WITHDRAW_SECONDS
+        try:
+            for _ in self._events:  # QUIET every CHECK_SECONDS until it ends
+                if time.monotonic() > deadline:
+                    log.warning("a withdrawn generation did not end within %.0f s", WITHDRAW_SECONDS)
+                    break
+        except LLMMagicError:  # it failed as it was withdrawn: nobody is left to tell
+            pass
+        finally:
+            self._events.close()
 
 
 def _start(engine: Engine, gen_request: GenerationRequest, keepalive: float) -> tuple[Started | None, Iterator[Event]]:
@@ -460,6 +523,153 @@ def _start(engine: Engine, gen_request: GenerationRequest, keepalive: float) -> 
     if isinstance(first, Started):
         return first, pump.events(keepalive, gone)
     return None, pump.events(keepalive, gone, KEEPALIVE)
+
+
+class _Fanout:
+    """The prompts of one ``/v1/completions`` list, each its own generation, merged into one
+    answer: prompt i's choices take the indices i*n to i*n + n - 1, as OpenAI numbers them. At
+    most as many run at once as the host has slots for (each holds ``n``), the rest following
+    as they finish, so a long list neither fills the queue nor is refused as busy."""
+
+    def __init__(self, engine: Engine, gen_request: GenerationRequest, gone: Callable[[], bool]) -> None:
+        self._requests = [dataclasses.replace(gen_request, prompt=p, prompts=()) for p in gen_request.prompts]
+        self._n = gen_request.n
+        self._gone = gone
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (prompt index, event, _Failure or _END)
+        self._lock = threading.Lock()
+        self._next = 0  # the next prompt to start
+        self._pumps: list[_Pump] = []
+        self._cancelled = False
+        self._started = 0
+        self._first: Started | None = None
+        self._failure: BaseException | None = None
+        self._changed = threading.Condition(self._lock)  # a prompt started or failed
+        self._wave = max(1, min(len(self._requests), engine.parallel // max(1, self._n)))
+        for _ in range(self._wave):
+            threading.Thread(target=self._work, args=(engine,), name="llm-magic-prompt", daemon=True).start()
+
+    @classmethod
+    def start(cls, engine: Engine, gen_request: GenerationRequest,
+              keepalive: float) -> tuple[Started | None, Iterator[Event]]:
+        """As ``_start``: refusals of the prompts that start at once (too long, busy, ...)
+        become an HTTP error status, waiting up to ``keepalive`` s for them."""
+        fanout = cls(engine, gen_request, _client_gone_check())
+        deadline = time.monotonic() + keepalive
+        try:
+            with fanout._changed:
+                while fanout._failure is None and fanout._started < fanout._wave and time.monotonic() < deadline:
+                    fanout._changed.wait(CHECK_SECONDS)
+                    if fanout._gone():
+                        raise _ClientGone()
+                if fanout._failure is not None:
+                    raise fanout._failure
+        except BaseException:
+            fanout.close()
+            raise
+        ready = fanout._started >= fanout._wave
+        return fanout._first, fanout.events(keepalive, None if ready else KEEPALIVE)
+
+    def _take(self) -> int | None:
+        """The next prompt to run; None once there is none, or the answer was given up."""
+        with self._lock:
+            if self._cancelled or self._next >= len(self._requests):
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def _work(self, engine: Engine) -> None:
+        """One of ``_wave`` threads: run prompts one after another, passing their events on."""
+        while (index := self._take()) is not None:
+            pump = _Pump(engine, self._requests[index])
+            with self._lock:
+                self._pumps.append(pump)
+                if self._cancelled:  # the answer was given up as this one started
+                    pump.cancel()
+            try:
+                for event in pump.events(float("inf"), lambda: False):  # the response's thread watches
+                    if isinstance(event, Started):
+                        with self._changed:
+                            self._first, self._started = self._first or event, self._started + 1
+                            self._changed.notify_all()
+                    self._queue.put((index, event))
+            except BaseException as exc:  # handed to the response's thread, which answers with it
+                with self._changed:
+                    self._failure = self._failure or exc
+                    self._changed.notify_all()
+                self._queue.put((index, _Failure(exc)))
+                return
+            self._queue.put((index, _END))
+
+    def events(self, keepalive: float, first: Event | None) -> Iterator[Event]:
+        """The merged events: one ``Started``, every prompt's text as ``ChoiceDelta``, then one
+        ``Completion`` holding every choice; ``KEEPALIVE`` after each ``keepalive`` s of silence.
+        Ends early when the client left."""
+        try:
+            if first is not None:
+                yield first
+            done: dict[int, Completion] = {}
+            ended = 0
+            started_passed = False
+            quiet_since = checked = time.monotonic()
+            while ended < len(self._requests):
+                try:
+                    index, item = self._queue.get(timeout=CHECK_SECONDS)
+                except queue.Empty:
+                    index, item = -1, _QUIET
+                now = time.monotonic()
+                if now - checked >= CHECK_SECONDS:
+                    checked = now
+                    if self._gone():
+                        log.info("the client left; generation stopped")
+                        return
+                if item is _QUIET:
+                    if now - quiet_since >= keepalive:
+                        quiet_since = now
+                        yield KEEPALIVE
+                    continue
+                quiet_since = now
+                if isinstance(item, _Failure):
+                    raise item.exc
+                if item is _END:
+                    ended += 1
+                elif isinstance(item, Completion):
+                    done[index] = item
+                elif isinstance(item, Started) and not started_passed:
+                    started_passed = True
+                    yield item
+                elif isinstance(item, ChoiceDelta):
+                    yield ChoiceDelta(index * self._n + item.index, item.text)
+                elif isinstance(item, str):
+                    yield ChoiceDelta(index * self._n, item)
+            yield self._merged(done)
+        finally:
+            self.close()
+
+    def _merged(self, done: dict[int, Completion]) -> Completion:
+        """One completion for the whole list: every choice, usage summed."""
+        results = [done[i] for i in sorted(done)]
+        choices = tuple(dataclasses.replace(choice, index=i * self._n + choice.index, choices=())
+                        for i in sorted(done) for choice in done[i].choices or (done[i],))
+        timings: dict[str, float] = {}
+        for result in results:  # counts add up; the times overlap, as the prompts ran side by side
+            for key, value in result.timings.items():
+                timings[key] = timings.get(key, 0) + value if key.endswith("_n") else max(timings.get(key, 0), value)
+        for what in ("prompt", "predicted"):
+            if f"{what}_ms" in timings and timings[f"{what}_ms"] > 0:
+                timings[f"{what}_per_second"] = round(timings.get(f"{what}_n", 0) / timings[f"{what}_ms"] * 1000, 2)
+        return dataclasses.replace(
+            choices[0], choices=choices, timings=timings,
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            completion_tokens=sum(r.completion_tokens for r in results),
+            cached_tokens=sum(r.cached_tokens for r in results))
+
+    def close(self) -> None:
+        """Give the answer up: no prompt starts any more, and those running are withdrawn."""
+        with self._lock:
+            self._cancelled = True
+            pumps = list(self._pumps)
+        for pump in pumps:
+            pump.cancel()
 
 
 class _ClientGone(Exception):
@@ -488,6 +698,7 @@ def _json_response(events: Iterator[Event], render: Callable[[Completion], dict]
     JSON (errors keep their status, the connection stays open for the next request). A longer
     one becomes a stream: a space every ``keepalive`` seconds keeps proxies from cutting the
     connection (leading whitespace is valid JSON) and notices a client that left, then the JSON."""
+    shape = _error_shape()
     deadline = time.monotonic() + keepalive
     try:
         for event in events:
@@ -512,10 +723,10 @@ def _json_response(events: Iterator[Event], render: Callable[[Completion], dict]
                     last_sent = time.monotonic()
                     yield " "
         except LLMMagicError as exc:
-            yield json.dumps(exc.to_dict())
+            yield json.dumps(shape(exc))
         except Exception as exc:
             log.exception("internal error while generating")
-            yield json.dumps(LLMMagicError(f"internal error ({type(exc).__name__}); see the host's log").to_dict())
+            yield json.dumps(shape(LLMMagicError(f"internal error ({type(exc).__name__}); see the host's log")))
         finally:
             close = getattr(events, "close", None)
             if close:
@@ -527,15 +738,16 @@ def _json_response(events: Iterator[Event], render: Callable[[Completion], dict]
 def _sse_response(chunks: Iterator[str], events: Iterator[Event]) -> Response:
     """A streaming answer; ``events`` (what ``chunks`` renders) is closed with it, so that a
     client that leaves stops the generation."""
+    shape = _error_shape()
 
     def guarded() -> Iterator[str]:
         try:
             yield from chunks
         except LLMMagicError as exc:  # after the 200 went out, errors travel as an event
-            yield sse(exc.to_dict())
+            yield sse(shape(exc))
         except Exception as exc:
             log.exception("internal error while streaming")
-            yield sse(LLMMagicError(f"internal error ({type(exc).__name__}); see the host's log").to_dict())
+            yield sse(shape(LLMMagicError(f"internal error ({type(exc).__name__}); see the host's log")))
         finally:
             for iterator in (chunks, events):
                 close = getattr(iterator, "close", None)

@@ -10,8 +10,10 @@ One small class per format (as vLLM's tool parsers), chosen from the GGUF's chat
   constrained by a grammar (``grammars.tool_grammar``), so even a tiny model makes valid calls.
 
 Each format parses a finished text, and a ``ToolStream`` reads one incrementally: text is passed
-on until the format's marker shows up, then the rest is held and parsed at the end. Pure Python:
-no llama_cpp, no Flask; tested without a model.
+on until the format's marker shows up, then the rest is held and parsed at the end. An answer cut
+short by ``max_tokens`` is read as OpenAI reports one: the calls written whole, then the one cut
+off with the arguments written so far; the format's own syntax never reaches the client. Pure
+Python: no llama_cpp, no Flask; tested without a model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRequest
+from .partial_json import Node, read_values
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class ToolCall:
     name: str
     arguments: str  # JSON text, as OpenAI sends it
     id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+    complete: bool = True  # False: cut off by max_tokens, ``arguments`` is what was written so far
 
     def as_openai(self) -> dict:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
@@ -82,6 +86,33 @@ def _json_values(text: str) -> list[Any]:
             return values
         value, i = decoder.raw_decode(text, i)
         values.append(value)
+
+
+def _cut_calls(text: str, nodes: list[Node], key: str) -> list[ToolCall]:
+    """Tool calls from call objects read by ``read_values``: whole ones as ``_calls_from``
+    reads them; the one cut off with the name written whole, and its arguments so far."""
+    calls: list[ToolCall] = []
+    for node in nodes:
+        if node.end is not None:
+            calls += _calls_from(json.loads(text[node.start:node.end]), key)
+            continue
+        if node.kind != "object":
+            raise ValueError("not a tool call")
+        entries = dict(node.entries)
+        name = entries.get("name")
+        if name is None or name.kind != "string" or name.end is None:
+            break  # its name is not written yet: nothing to report
+        arguments = entries.get(key, entries.get("arguments"))
+        if arguments is None:
+            calls.append(ToolCall(name.value, "", complete=False))
+        elif arguments.end is not None:  # cut after the arguments, before the call's closing brace
+            calls += _calls_from({"name": name.value, key: json.loads(text[arguments.start:arguments.end])}, key)
+        elif arguments.kind == "string":  # arguments written as a JSON string: its text so far
+            calls.append(ToolCall(name.value, arguments.value, complete=False))
+        else:
+            calls.append(ToolCall(name.value, text[arguments.start:].rstrip(), complete=False))
+        break
+    return calls
 
 
 class ToolFormat:
@@ -115,6 +146,46 @@ class ToolFormat:
             return text, []
         return parts[0].strip(), calls
 
+    def parse_cut_calls(self, text: str) -> list[ToolCall] | None:
+        """The calls in the calls' text of an answer cut short: those written whole, then the
+        one cut off (see ``_cut_calls``); None where the text is no tool calls at all."""
+        try:
+            nodes = read_values(text)
+        except ValueError:
+            return None
+        calls_nodes: list[Node] = []
+        for node in nodes:  # a list of calls (mistral) counts as its calls
+            calls_nodes += node.entries if node.kind == "array" else [node]
+        try:
+            return _cut_calls(text, calls_nodes, self.argument_key)
+        except ValueError:
+            return None
+
+    def cut_at(self, text: str) -> tuple[int, list[ToolCall]] | None:
+        """For an answer cut short by ``max_tokens``: where its calls begin and the calls (see
+        ``parse_cut_calls``); None where it holds none. What follows the format's marker is
+        calls, whole or not, and never content."""
+        parts = self.split(text)
+        if parts is None:
+            return None
+        calls = self.parse_cut_calls(parts[1])
+        if calls is None and not self.surely_calls(parts[1]):
+            return None  # JSON the model wrote as its answer
+        return len(parts[0]), calls or []
+
+    def parse_cut(self, text: str) -> tuple[str, list[ToolCall]]:
+        """The content and the tool calls of an answer cut short by ``max_tokens``; a marker
+        cut in two at the very end is dropped too."""
+        found = self.cut_at(text)
+        if found is None:
+            return text[:len(text) - self.holds_back(text)], []
+        return text[:found[0]].strip(), found[1]
+
+    def surely_calls(self, text: str) -> bool:
+        """Whether text that starts like this format's calls is calls even if it does not read
+        as them (a format whose calls start with a marker, or that a grammar holds to them)."""
+        return bool(self.marker)
+
     def holds_back(self, text: str) -> int:
         """How many characters at the end of streamed ``text`` could start the marker."""
         for k in range(min(len(self.marker) - 1, len(text)), 0, -1):
@@ -131,6 +202,18 @@ class Hermes(ToolFormat):
         return [call for block in blocks if block.strip()
                 for value in _json_values(block) for call in _calls_from(value, "arguments")]
 
+    def parse_cut_calls(self, text: str) -> list[ToolCall] | None:
+        calls: list[ToolCall] = []
+        for block in re.split(r"</?tool_call>", text):  # one call per block, the last maybe cut
+            if block.strip():
+                found = super().parse_cut_calls(block)
+                if found is None:
+                    return calls or None
+                calls += found
+                if not found or not found[-1].complete:
+                    break
+        return calls
+
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -143,6 +226,19 @@ class Llama3(ToolFormat):
             before, _, after = text.partition(PYTHON_TAG)
             return before, after
         return super().split(text)
+
+    def parse_cut_calls(self, text: str) -> list[ToolCall] | None:
+        calls = super().parse_cut_calls(text)
+        if not calls:  # a bare JSON object is a call only once it reads as one: a "name" key
+            try:
+                nodes = read_values(text)
+            except ValueError:
+                return None
+            first = nodes[0] if nodes else None
+            keys = [k for k, _ in first.entries] if first is not None and first.kind == "object" else []
+            if keys and "name" not in keys and keys != ["type"]:
+                return None
+        return calls
 
 
 class Mistral(ToolFormat):
@@ -158,6 +254,23 @@ class Generic(ToolFormat):
             raise ValueError("not a tool call")
         return _calls_from(value["tool_calls"], "arguments")
 
+    def parse_cut_calls(self, text: str) -> list[ToolCall] | None:
+        try:
+            nodes = read_values(text)
+        except ValueError:
+            return None
+        top = nodes[0] if nodes else None
+        calls = dict(top.entries).get("tool_calls") if top is not None and top.kind == "object" else None
+        if calls is None or calls.kind != "array":
+            return []
+        try:
+            return _cut_calls(text, calls.entries, "arguments")
+        except ValueError:
+            return None
+
+    def surely_calls(self, text: str) -> bool:
+        return True  # the grammar lets a reply start with "{" only as the calls
+
     def system_prompt(self, request: ToolRequest) -> str:
         tools = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in request.callable]
         how = ("You must call a tool now." if request.choice == "required" else
@@ -168,6 +281,13 @@ class Generic(ToolFormat):
 
 
 FORMATS: dict[str, ToolFormat] = {f.name: f for f in (Hermes(), Llama3(), Mistral(), Generic())}
+
+
+def read_answer(tool_format: str, text: str, cut: bool) -> tuple[str, list[ToolCall]]:
+    """The content and tool calls of a finished answer in ``tool_format``; ``cut``: it was cut
+    short by ``max_tokens`` (then the last call may be incomplete)."""
+    fmt = FORMATS[tool_format]
+    return fmt.parse_cut(text) if cut else fmt.parse(text)
 
 
 def detect_format(template: str | None) -> ToolFormat:
@@ -259,8 +379,14 @@ class ToolStream:
         out, self.sent = self.text[self.sent:upto], max(self.sent, upto)
         return out
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """The content not yet passed on, and the tool calls (none if they do not parse)."""
+    def finish(self, cut: bool = False) -> tuple[str, list[ToolCall]]:
+        """The content not yet passed on, and the tool calls (none if they do not parse).
+        ``cut``: the answer was cut short by ``max_tokens`` (see ``ToolFormat.parse_cut``)."""
+        if cut:
+            found = self.format.cut_at(self.text)
+            if found is None:
+                return self.text[self.sent:len(self.text) - self.format.holds_back(self.text)], []
+            return self.text[self.sent:found[0]].rstrip(), found[1]
         parts = self.format.split(self.text) if self.in_calls else None
         if parts is not None:
             try:

@@ -111,6 +111,43 @@ def test_the_page_is_the_only_html_and_runs_only_its_own_files(page_host: ApiHos
         assert r.status_code == 404 and r.headers["Content-Type"] == "application/json", path
 
 
+def test_the_icon_is_served_and_linked(page_host: ApiHost) -> None:
+    r = requests.get(page_host.url + "/favicon.ico", timeout=30)  # what every browser asks for
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/x-icon"
+    assert r.content[:4] == b"\x00\x00\x01\x00" and r.headers["X-Content-Type-Options"] == "nosniff"
+    assert "max-age" in r.headers["Cache-Control"]
+    page = requests.get(page_host.url + "/", timeout=30).text
+    assert '<link rel="icon" href="favicon.ico" type="image/x-icon">' in page
+
+
+def test_the_page_logs_no_error_with_its_policy_in_force(browser, page_host: ApiHost) -> None:
+    """No console error in a whole exchange, and the icon the page links loads as an image under
+    the page's own Content-Security-Policy (before, /favicon.ico was a 404: a console error in
+    every browser)."""
+    context = browser.new_context()  # no bypass_csp: what a user's browser enforces
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(page_host.url + "/")
+    enter_token(page)
+    set_max_tokens(page, 6)
+    send(page, "Say hello.")
+    wait_until_done(page)
+    assert answers(page)[-1]
+    icon = page.evaluate("""async () => {
+        const image = new Image();
+        image.src = document.querySelector("link[rel~=icon]").href;
+        await image.decode();  // fails if the policy blocks it or it is no image
+        return [new URL(image.src).pathname, image.naturalWidth];
+    }""")
+    assert icon == ["/favicon.ico", 32]
+    assert not problems, problems
+    context.close()
+
+
 def test_token_send_and_watch_the_answer_stream_in(page, page_host: ApiHost) -> None:
     enter_token(page)
     page.wait_for_function("document.getElementById('model').textContent.includes('SmolLM2')")

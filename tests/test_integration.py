@@ -45,7 +45,7 @@ def test_seed_readme_client_code_gets_answers(host: ApiHost) -> None:
 
 def test_bad_requests_to_the_process_are_json_4xx_and_it_keeps_serving(host: ApiHost) -> None:
     for body in ('{"inputs": ', '{"token": "%s", "inputs": 5}' % host.token, "[]"):
-        r = requests.post(f"{host.url}/api", data=body, timeout=30)
+        r = requests.post(f"{host.url}/api", data=body, timeout=30, headers={"Content-Type": "application/json"})
         assert 400 <= r.status_code < 500 and r.json()["error"]["message"]
     r = requests.get(f"{host.url}/missing", timeout=30)
     assert r.status_code == 404 and r.headers["Content-Type"] == "application/json"

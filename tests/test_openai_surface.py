@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jsonschema
 import pytest
@@ -363,3 +364,208 @@ def test_client_structured_output_and_tool_calls(host: ApiHost) -> None:
     answer = client.chat("Weather in Rome?", tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100,
                          temperature=0)
     assert answer.finish_reason == "tool_calls" and answer.tool_calls[0]["function"]["name"] == "get_weather"
+
+
+ADD_TOOL = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+TWO_SUMS = "What is 2 + 3 and what is 4 + 5?"  # greedy, the tiny model calls add(2, 3) then add(4, 5)
+
+
+def streamed_calls(chunks) -> tuple[str, dict[int, dict], str | None]:
+    """Content, tool calls (by index) and finish_reason, put together from chat stream chunks."""
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return content, calls, finish
+
+
+def test_a_tool_call_cut_by_max_tokens_never_shows_the_hosts_format(host: ApiHost) -> None:
+    """The issue's case: tool_choice required and 8 tokens, too few for even the call's name."""
+    client = openai_client(host)
+    ask = dict(model="m", messages=[{"role": "user", "content": "What is 2 + 3?"}], tools=[ADD_TOOL],
+               tool_choice="required", max_tokens=8, temperature=0)
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert not choice.message.content  # it was '{ "tool_calls": [{"'
+    content, calls, finish = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    assert content == "" and calls == {} and finish == "length"
+    response = client.responses.create(model="m", input="What is 2 + 3?", tools=[RESPONSES_ADD], tool_choice="required",
+                                       max_output_tokens=8, temperature=0)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert "tool_calls" not in response.output_text and all(item.status == "incomplete" for item in response.output)
+
+
+RESPONSES_ADD = {"type": "function", "name": "add", "description": "Add two integers",
+                 "parameters": ADD_TOOL["function"]["parameters"]}
+
+
+@pytest.fixture(scope="module")
+def cut_in_second_call(host: ApiHost) -> int:
+    """A max_tokens that cuts the tiny model's greedy answer to TWO_SUMS inside its second
+    call's arguments, found from the tokens of its whole answer."""
+    whole = post(host, "/v1/chat/completions", {"messages": [{"role": "user", "content": TWO_SUMS}], "tools": [ADD_TOOL],
+                                                "tool_choice": "required", "max_tokens": 200, "temperature": 0,
+                                                "logprobs": True}).json()["choices"][0]
+    assert [json.loads(c["function"]["arguments"]) for c in whole["message"]["tool_calls"][:2]] == [
+        {"a": 2, "b": 3}, {"a": 4, "b": 5}]
+    text = ""
+    for k, entry in enumerate(whole["logprobs"]["content"], 1):
+        text += entry["token"]
+        if re.search(r'"arguments".*"arguments": \{\s*"a": 4', text):
+            return k
+    raise AssertionError(text)
+
+
+def assert_first_call_kept_and_second_cut(calls: list[tuple[str, str]]) -> None:
+    assert len(calls) == 2 and [name for name, _ in calls] == ["add", "add"], calls
+    assert json.loads(calls[0][1]) == {"a": 2, "b": 3}
+    assert calls[1][1].replace(" ", "") == '{"a":4'  # the arguments so far, as OpenAI sends them cut
+
+
+def test_a_second_call_cut_by_max_tokens_keeps_the_first(host: ApiHost, cut_in_second_call: int) -> None:
+    client = openai_client(host)
+    ask = dict(model="m", messages=[{"role": "user", "content": TWO_SUMS}], tools=[ADD_TOOL], tool_choice="required",
+               max_tokens=cut_in_second_call, temperature=0)
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    assert_first_call_kept_and_second_cut([(c.function.name, c.function.arguments) for c in choice.message.tool_calls])
+    content, calls, finish = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    assert content == "" and finish == "length"
+    assert_first_call_kept_and_second_cut([(calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)])
+
+    responses = dict(model="m", input=TWO_SUMS, tools=[RESPONSES_ADD], tool_choice="required",
+                     max_output_tokens=cut_in_second_call, temperature=0)
+    response = client.responses.create(**responses)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert [item.type for item in response.output] == ["function_call", "function_call"]
+    assert [item.status for item in response.output] == ["completed", "incomplete"]
+    assert_first_call_kept_and_second_cut([(item.name, item.arguments) for item in response.output])
+    with client.responses.stream(**responses) as stream:
+        events = list(stream)  # the SDK's get_final_response() waits for response.completed, as with OpenAI's
+    kinds = [event.type for event in events]
+    assert kinds[-1] == "response.incomplete" and "response.output_text.delta" not in kinds
+    final = events[-1].response
+    assert [item.status for item in final.output] == ["completed", "incomplete"]
+    assert_first_call_kept_and_second_cut([(item.name, item.arguments) for item in final.output])
+
+
+def test_langchain_round_trip_with_a_cut_second_call_keeps_the_first(host: ApiHost, cut_in_second_call: int) -> None:
+    """A LangChain agent step: the whole call is run, the cut one is reported as invalid, and
+    the conversation goes on (before, both came back as text and the whole call was lost)."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    llm = ChatOpenAI(base_url=host.url + "/v1", api_key=host.token, model="gpt-4o-mini", temperature=0,
+                     max_tokens=cut_in_second_call, max_retries=0)
+    message = llm.bind_tools([add], tool_choice="required").invoke(TWO_SUMS)
+    assert message.response_metadata["finish_reason"] == "length" and not message.content
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("add", {"a": 2, "b": 3})]
+    assert [c["name"] for c in message.invalid_tool_calls] == ["add"]
+    assert message.invalid_tool_calls[0]["args"].replace(" ", "") == '{"a":4'
+    call = message.tool_calls[0]
+    history = [HumanMessage(TWO_SUMS), message, ToolMessage(str(add.invoke(call["args"])), tool_call_id=call["id"])]
+    final = llm.bind(max_tokens=40).invoke(history)
+    assert final.content and not final.tool_calls
+
+
+@pytest.fixture(scope="module")
+def token_id(model_path):
+    """The model's token id for a piece of text that is one token."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
+
+    def token(text: str) -> int:
+        ids = vocab.tokenize(text.encode(), add_bos=False, special=False)
+        assert len(ids) == 1, ids
+        return ids[0]
+
+    return token
+
+
+def test_logit_bias_bans_and_forces_tokens_stream_or_not(host: ApiHost, token_id) -> None:
+    client = openai_client(host)
+    ask = dict(model="m", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0, logprobs=True)
+    first = client.chat.completions.create(**ask).choices[0].logprobs.content[0].token
+    banned = client.chat.completions.create(**ask, logit_bias={str(token_id(first)): -100})
+    assert banned.choices[0].logprobs.content[0].token != first  # greedy, yet the likeliest token never comes
+    cat = str(token_id(" cat"))
+    forced = client.completions.create(model="m", prompt="Hello", max_tokens=3, temperature=0, logit_bias={cat: 100})
+    assert forced.choices[0].text == " cat cat cat"
+    stream = client.completions.create(model="m", prompt="Hello", max_tokens=3, temperature=0.9, seed=4,
+                                       logit_bias={cat: 100}, stream=True)  # sampled: the bias still decides
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == " cat cat cat"
+    for bias, message in (({"49152": 1}, "not in the model's vocabulary (0 to 49151)"),
+                          ({cat: 101}, "from -100 to 100"), ({"cat": 1}, "is not a token id")):
+        r = post(host, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": bias})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"].startswith("logit_bias")
+
+
+def test_models_default_answers_as_the_default_model(host: ApiHost) -> None:
+    client = openai_client(host)
+    assert client.models.retrieve("default") == client.models.retrieve("SmolLM2-135M-Instruct.Q4_1")
+
+
+def test_a_list_of_prompts_gets_one_choice_per_prompt_stream_or_not(host: ApiHost) -> None:
+    client = openai_client(host)
+    prompts = ["One, two,", "Monday, Tuesday,", "A, B, C,", "Red, green,", "Paris is", "Water is"]  # more than slots
+    alone = [client.completions.create(model="m", prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    together = client.completions.create(model="m", prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.index for c in together.choices] == list(range(6))
+    assert [c.text for c in together.choices] == [a.choices[0].text for a in alone]  # greedy: the same answers
+    assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert together.usage.completion_tokens == 30
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in client.completions.create(model="m", prompt=prompts[:2], max_tokens=5, temperature=0, n=2,
+                                           stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+        usage = chunk.usage or None
+    # prompt i's choices are i*n .. i*n + n - 1, as OpenAI numbers them
+    assert texts == {0: alone[0].choices[0].text, 1: alone[0].choices[0].text,
+                     2: alone[1].choices[0].text, 3: alone[1].choices[0].text}
+    assert finished == {0, 1, 2, 3} and usage.completion_tokens == 20
+    r = post(host, "/v1/completions", {"prompt": ["Hi", "word " * 5000], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_clients_tell_a_context_overflow_from_other_bad_requests(host: ApiHost) -> None:
+    """OpenAI's error shape on /v1: the SDK's errors carry OpenAI's string code and the param,
+    through LangChain too, so that an agent can tell a history to trim from a bad request."""
+    import openai
+    from langchain_openai import ChatOpenAI
+
+    client = openai_client(host)
+    long = [{"role": "user", "content": "word " * 5000}]
+    with pytest.raises(openai.BadRequestError) as overflow:
+        client.chat.completions.create(model="m", messages=long, max_tokens=1)
+    assert overflow.value.code == "context_length_exceeded" and "context holds 4096" in overflow.value.message
+    with pytest.raises(openai.BadRequestError) as other:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=0)
+    assert other.value.code is None and other.value.param == "max_tokens"
+    with openai.OpenAI(base_url=host.url + "/v1", api_key="wrong", max_retries=0) as stranger, \
+            pytest.raises(openai.AuthenticationError) as refused:
+        stranger.models.list()
+    assert refused.value.code == "invalid_api_key"
+    llm = ChatOpenAI(base_url=host.url + "/v1", api_key=host.token, model="m", max_tokens=1, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as through_langchain:
+        llm.invoke("word " * 5000)
+    assert through_langchain.value.code == "context_length_exceeded"

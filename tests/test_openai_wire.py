@@ -59,8 +59,13 @@ def test_openai_completion() -> None:
     req = parse_openai_completion({"prompt": ["Once upon"], "max_tokens": 3})
     assert req.prompt == "Once upon" and req.sampling.max_tokens == 3
     assert parse_openai_completion({"prompt": "x"}).sampling.max_tokens == 16  # OpenAI's default
-    with pytest.raises(InvalidRequest, match="'prompt' is required"):
-        parse_openai_completion({"prompt": ["a", "b"]})
+    both = parse_openai_completion({"prompt": ["a", "b"], "n": 2})
+    assert (both.prompt, both.prompts, both.n) == ("a", ("a", "b"), 2)  # the server runs one generation each
+    assert parse_openai_completion({"prompt": ["a"]}).prompts == ()
+    for prompt, message in (([], "'prompt' is required"), ([1, 2], "token ids are not supported"),
+                            (["a", 5], "'prompt\\[1\\]' must be a string"), (["a"] * 129, "more than 128 prompts")):
+        with pytest.raises(InvalidRequest, match=message):
+            parse_openai_completion({"prompt": prompt})
     with pytest.raises(InvalidRequest, match="'echo'"):
         parse_openai_completion({"prompt": "x", "echo": True})
 
@@ -194,3 +199,46 @@ def test_completion_logprobs_in_legacy_shape() -> None:
     logprobs = OpenAIRenderer(chat=False).answer(result)["choices"][0]["logprobs"]
     assert logprobs == {"tokens": ["Hel", "lo"], "token_logprobs": [-0.5, -9999.0],
                         "top_logprobs": [{"Hel": -0.5, "He": -1.5}, {}], "text_offset": [0, 3]}
+
+
+CUT = '{"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "add", "arguments": {"a": 4, "b'
+
+
+def test_calls_cut_by_max_tokens_are_tool_calls_never_text() -> None:
+    """As OpenAI: the calls so far, the last with its arguments cut, finish_reason length."""
+    result = Completion(CUT, "m", "length", 3, 40, tool_format="generic")
+    choice = OpenAIRenderer(chat=True, tools=True).answer(result)["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None
+    assert [c["function"] for c in choice["message"]["tool_calls"]] == [
+        {"name": "add", "arguments": '{"a": 2, "b": 3}'}, {"name": "add", "arguments": '{"a": 4, "b'}]
+    chunks = _decode(list(OpenAIRenderer(chat=True, tools=True, tool_format="generic").stream(
+        [Started("m", 3, "generic"), CUT[:20], CUT[20:], result])))
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    assert not any(d.get("content") for d in deltas)  # the host's format never shows
+    streamed: dict[int, str] = {}
+    for d in deltas:
+        for call in d.get("tool_calls", []):
+            streamed[call["index"]] = streamed.get(call["index"], "") + call["function"]["arguments"]
+    assert streamed == {0: '{"a": 2, "b": 3}', 1: '{"a": 4, "b'}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    # cut before a name is written: no call to report, and still no format text
+    early = Completion('{ "tool_calls": [{"', "m", "length", 3, 8, tool_format="generic")
+    message = OpenAIRenderer(chat=True, tools=True).answer(early)["choices"][0]["message"]
+    assert message["content"] == "" and "tool_calls" not in message
+
+
+def test_a_cut_plain_answer_stays_text() -> None:
+    result = Completion("The weather is", "m", "length", 3, 3, tool_format="generic")
+    choice = OpenAIRenderer(chat=True, tools=True).answer(result)["choices"][0]
+    assert choice["message"]["content"] == "The weather is" and choice["finish_reason"] == "length"
+
+
+def test_logit_bias_is_parsed_and_checked() -> None:
+    req = parse_openai_chat({"messages": USER, "logit_bias": {"42": -100, "7": 5.5}})
+    assert req.sampling.logit_bias == ((42, -100.0), (7, 5.5))
+    assert parse_openai_completion({"prompt": "x", "logit_bias": {}}).sampling.logit_bias == ()
+    for bias, message in (({"a": 1}, "is not a token id"), ({"-1": 1}, "is not a token id"),
+                          ({"5": 101}, "'logit_bias.5' must be a number from -100 to 100"),
+                          ({"5": "x"}, "must be a number"), ([1], "must be an object")):
+        with pytest.raises(InvalidRequest, match=message):
+            parse_openai_chat({"messages": USER, "logit_bias": bias})

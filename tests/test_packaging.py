@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-WEB_FILES = ["index.html", "app.js", "app.css", "vendor/marked.umd.js", "vendor/purify.min.js",
+WEB_FILES = ["index.html", "app.js", "app.css", "favicon.ico", "vendor/marked.umd.js", "vendor/purify.min.js",
              "vendor/highlight.min.js", "vendor/hljs-light.min.css", "vendor/hljs-dark.min.css",
              "vendor/LICENSE.marked", "vendor/LICENSE.dompurify", "vendor/LICENSE.highlight.js", "vendor/README.md"]
 

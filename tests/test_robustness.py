@@ -74,6 +74,17 @@ def test_a_client_leaving_a_non_streaming_answer_frees_the_model_at_once() -> No
         assert "POST /v1/completions 499" in host.logs()  # not logged as answered
 
 
+def test_a_client_leaving_a_list_of_prompts_stops_them_all() -> None:
+    with ApiHost(use_token=False, port=0) as host:
+        body = b'{"prompt": ["%s", "%s"], "max_tokens": 3000, "temperature": 0}' % (b"word " * 100, b"story " * 100)
+        sock = raw_post(host, "/v1/completions", body)
+        assert wait_for(lambda: health(host)["slots_busy"] == 2)  # side by side
+        sock.close()
+        assert wait_for(lambda: not health(host)["busy"], within=3)
+        assert health(host)["completion_tokens"] < 2000
+        assert "POST /v1/completions 499" in host.logs()
+
+
 def test_a_client_leaving_the_queue_is_never_run() -> None:
     with ApiHost(use_token=False, port=0, extra_args=["--parallel", "1"]) as host:  # one slot: a line
         runner = requests.post(f"{host.url}/v1/completions", json={**LONG, "stream": True}, stream=True, timeout=60)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -38,13 +39,25 @@ def open_client(model_path: Path):
     e.close()
 
 
-def assert_error(response, status: int, match: str) -> dict:
+OPENAI_CODES = {401: "invalid_api_key", 403: "model_not_allowed", 404: "unknown_url", 405: "method_not_allowed",
+                413: "request_too_large", 415: "unsupported_media_type", 503: "server_busy"}
+
+
+def assert_error(response, status: int, match: str, code: str | None = None) -> dict:
+    """A JSON error: on /v1 in OpenAI's shape (``param``, a string ``code``: ``code``, else the
+    status's), elsewhere in the seed's (``code``: the status)."""
     assert response.status_code == status, response.data
     assert response.mimetype == "application/json"
     body = response.get_json()
-    assert set(body) == {"error"} and body["error"]["code"] == status
-    assert match in body["error"]["message"], body["error"]["message"]
-    return body["error"]
+    assert set(body) == {"error"}
+    error = body["error"]
+    if response.request.path.startswith("/v1/"):
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert error["code"] == (code or OPENAI_CODES.get(status)), error
+    else:
+        assert set(error) == {"message", "type", "code"} and error["code"] == status, error
+    assert match in error["message"], error["message"]
+    return error
 
 
 def sse_events(response) -> list:
@@ -136,7 +149,9 @@ def test_unknown_route_wrong_method_and_big_body_are_json(client, engine: Engine
     assert_error(client.get("/nope"), 404, "no route GET /nope")
     assert_error(client.get("/api"), 405, "GET is not allowed on /api")
     big = create_app(engine, token=None, max_body=1000).test_client()
-    assert_error(big.post("/api", data=b'{"inputs": "' + b"x" * 5000 + b'"}'), 413, "larger than 1000 bytes")
+    assert_error(big.post("/api", data=b'{"inputs": "' + b"x" * 5000 + b'"}', content_type="application/json"), 413,
+                 "larger than 1000 bytes")
+    assert_error(client.get("/v1/nope"), 404, "no route GET /v1/nope")  # OpenAI's unknown_url
 
 
 def test_prompt_longer_than_context_is_400(client) -> None:
@@ -202,7 +217,7 @@ def test_openai_stream_with_usage(client) -> None:
 def test_errors_in_openai_bodies_are_400(client) -> None:
     r = client.post("/v1/chat/completions", json={"messages": CHAT, "temperature": "hot"},
                     headers={"Authorization": f"Bearer {TOKEN}"})
-    assert_error(r, 400, "'temperature' must be a number, not a string")
+    assert assert_error(r, 400, "'temperature' must be a number, not a string")["param"] == "temperature"
 
 
 def test_the_response_tells_the_generation_when_its_first_text_has_gone_out() -> None:
@@ -254,3 +269,118 @@ def test_cors_is_off_by_default_and_answers_preflights_for_allowed_origins(engin
     assert "Access-Control-Allow-Origin" not in r.headers
     anyone = create_app(engine, token=TOKEN, cors=["*"]).test_client()
     assert anyone.get("/health", headers={"Origin": "https://x.example"}).headers["Access-Control-Allow-Origin"] == "https://x.example"
+
+
+# -- bodies must be declared JSON -------------------------------------------------------------
+
+BODY_ROUTES = {"/api": {"inputs": "x", "parameters": {"max_tokens": 1}},
+               "/v1/chat/completions": {"messages": CHAT, "max_tokens": 1},
+               "/v1/completions": {"prompt": "x", "max_tokens": 1},
+               "/v1/responses": {"input": "x", "max_output_tokens": 16},
+               "/v1/embeddings": {"input": "x"}}
+
+
+@pytest.mark.parametrize("path", BODY_ROUTES)
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_a_body_not_declared_json_is_a_415_and_runs_nothing(open_engine_client, path: str, content_type) -> None:
+    """What any web page may send a host on the user's machine without the browser asking it
+    first (a "simple" cross-site request): refused before it is read."""
+    engine, client = open_engine_client
+    before = engine.stats.requests
+    r = client.post(path, data=json.dumps(BODY_ROUTES[path]), content_type=content_type)
+    error = assert_error(r, 415, "'Content-Type: application/json'")
+    assert "curl: -H 'Content-Type: application/json'" in error["message"]
+    assert r.headers["Connection"] == "close"  # the body was never read
+    assert engine.stats.requests == before  # nothing generated
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON"])
+def test_json_with_parameters_is_read(open_engine_client, content_type: str) -> None:
+    _, client = open_engine_client
+    r = client.post("/api", data=json.dumps(BODY_ROUTES["/api"]), headers={"Content-Type": content_type})
+    assert r.status_code == 200, r.data
+
+
+@pytest.fixture(scope="module")
+def open_engine_client(model_path: Path):
+    e = Engine(model_path, policy=ModelPolicy(has_token=False))
+    e.load_default()
+    yield e, create_app(e, token=None).test_client()
+    e.close()
+
+
+# -- OpenAI's error shape on /v1, the seed's on /api ------------------------------------------
+
+
+def test_a_prompt_too_long_is_context_length_exceeded_on_v1(client) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    r = client.post("/v1/completions", json={"prompt": "word " * 5000, "max_tokens": 1}, headers=headers)
+    assert_error(r, 400, "context holds 4096", code="context_length_exceeded")
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 5000}]},
+                    headers=headers)
+    assert_error(r, 400, "context holds 4096", code="context_length_exceeded")
+    r = client.post("/v1/chat/completions", json={"messages": CHAT, "n": 0}, headers=headers)
+    assert assert_error(r, 400, "'n' must be between", code=None)["param"] == "n"  # other 400s have no code
+    assert_error(client.get("/v1/models/nope", headers=headers), 404, "GET /v1/models lists them",
+                 code="model_not_found")
+    r = client.post("/v1/embeddings", json={"input": "word " * 5000}, headers=headers)
+    assert assert_error(r, 400, "embedding context", code="context_length_exceeded")["param"] == "input[0]"
+    assert_error(client.post("/api", json={"token": TOKEN, "inputs": "word " * 5000}), 400, "context holds 4096")
+
+
+def test_models_default_is_the_default_model(client) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    listed = client.get("/v1/models", headers=headers).get_json()["data"][0]
+    r = client.get("/v1/models/default", headers=headers)
+    assert r.status_code == 200 and r.get_json() == listed
+    assert_error(client.get("/v1/models/default"), 401, "needs its access token")
+
+
+# -- a client that leaves ------------------------------------------------------------------------
+
+
+def test_a_withdrawn_generation_gives_its_seat_back_only_once_its_slot_is_free(model_path: Path) -> None:
+    """A decode step under way cannot be stopped: on a busy machine one takes a second or more.
+    The seat (what /health calls busy, what the next request waits for) came back at once, while
+    the step ran on with the slot, so /health said idle and counted nothing and the next request
+    still waited (tests/test_robustness.py, flaky under load). Here every step takes 0.5 s."""
+    from llm_magic.protocol import GenerationRequest, Sampling
+    from llm_magic.server import _Pump
+
+    e = Engine(model_path, policy=ModelPolicy(has_token=False), parallel=1)
+    e.load_default()
+    context = e._loaded.context
+    decode = context.decode
+
+    def slow_decode() -> int:
+        time.sleep(0.5)
+        return decode()
+
+    context.decode = slow_decode
+    try:
+        pump = _Pump(e, GenerationRequest(prompt="Once upon a time", sampling=Sampling(max_tokens=100, temperature=0)))
+        events = pump.events(keepalive=60, gone=lambda: False)
+        assert next(ev for ev in events if isinstance(ev, str))  # it runs: a step is under way or due
+        assert e.turnstile.busy
+        events.close()  # the client left
+        assert not e.turnstile.busy
+        assert e.stats.requests == 1 and 0 < e.stats.completion_tokens < 100  # counted before the seat is back
+        assert all(slot.task is None for slot in e.scheduler._slots)  # and its slot free
+    finally:
+        context.decode = decode
+        e.close()
+
+
+def test_a_list_of_prompts_with_one_too_long_is_a_400_and_leaves_nothing_running(open_engine_client) -> None:
+    engine, client = open_engine_client
+    r = client.post("/v1/completions", json={"prompt": ["Hi", "Hello", "word " * 5000, "Hey"], "max_tokens": 50})
+    assert_error(r, 400, "context holds 4096", code="context_length_exceeded")
+    deadline = time.monotonic() + 10
+    while engine.turnstile.busy:  # the other prompts, started beside it, are withdrawn
+        assert time.monotonic() < deadline, "a prompt of the refused list still runs"
+        time.sleep(0.05)
+    r = client.post("/v1/completions", json={"prompt": ["Hi", "Hello"], "max_tokens": 2, "n": 2, "logprobs": 1})
+    choices = r.get_json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert all("".join(c["logprobs"]["tokens"]) == c["text"] for c in choices)

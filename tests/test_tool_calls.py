@@ -97,3 +97,57 @@ def test_generic_history_for_a_template_without_tools() -> None:
     assert '"get_weather"' in history[0]["content"]
     assert json.loads(history[2]["content"]) == {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}
     assert history[3] == {"role": "user", "content": "Tool result (call_1): -3 C"}
+
+
+# Each format's calls, cut by max_tokens after the first call and inside the second's arguments.
+CUT = {
+    "hermes": ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_time", "arguments": {"zone": "Eu', "I will check."),
+    "llama3": ('{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {"zone": "Eu', ""),
+    "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", '
+                '"arguments": {"zone": "Eu', ""),
+    "generic": ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", '
+                '"arguments": {"zone": "Eu', ""),
+}
+
+
+@pytest.mark.parametrize("name", CUT)
+def test_calls_cut_short_keep_the_whole_ones_and_the_cut_ones_arguments_so_far(name: str) -> None:
+    text, content = CUT[name]
+    got_content, calls = FORMATS[name].parse_cut(text)
+    assert got_content == content
+    assert [(c.name, c.arguments, c.complete) for c in calls] == [
+        ("get_weather", '{"city": "Paris"}', True), ("get_time", '{"zone": "Eu', False)]
+    stream = ToolStream(FORMATS[name])
+    passed = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
+    rest, streamed = stream.finish(cut=True)
+    assert (passed + rest).strip() == content  # nothing of the format passed on as text
+    assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ('{ "tool_calls": [{"', "", []),  # no name yet: nothing to report, nothing shown
+    ('{"tool_calls": [{"name": "get_wea', "", []),  # a name cut in two is no name
+    ('{"tool_calls": [{"name": "f", "arguments": {"n": 1.', "", [("f", '{"n": 1.', False)]),
+    ('{"tool_calls": [{"name": "f", "arguments": {"n": 1}', "", [("f", '{"n": 1}', True)]),  # cut before "}"
+    ('{"tool_calls": [{"name": "f", "arguments": {"s": "a\\u00', "", [("f", '{"s": "a\\u00', False)]),
+])
+def test_generic_calls_cut_anywhere(text: str, content: str, calls: list) -> None:
+    got_content, got = FORMATS["generic"].parse_cut(text)
+    assert (got_content, [(c.name, c.arguments, c.complete) for c in got]) == (content, calls)
+
+
+def test_cut_text_that_is_no_call_stays_text() -> None:
+    assert FORMATS["hermes"].parse_cut("The answer is <tool_") == ("The answer is ", [])  # a marker cut in two
+    assert FORMATS["llama3"].parse_cut('{"answer": 42, "why": "bec') == ('{"answer": 42, "why": "bec', [])
+    assert FORMATS["generic"].parse_cut("Paris is") == ("Paris is", [])
+
+
+def test_cut_calls_read_whatever_the_text() -> None:
+    from llm_magic.partial_json import read_values
+
+    deep = '{"tool_calls": [{"name": "f", "arguments": ' + '[' * 100_000
+    assert FORMATS["generic"].parse_cut(deep) == ("", [])  # too deep to read: no call, and no text either
+    assert [(n.start, n.end) for n in read_values('{"a": 1} [2, 3] "x')] == [(0, 8), (9, 15), (16, None)]
+    assert read_values('{"a": tru')[0].entries[0][1].end is None
+    assert FORMATS["mistral"].parse_cut("[TOOL_CALLS]not json at all") == ("", [])
