@@ -569,3 +569,19 @@ def test_clients_tell_a_context_overflow_from_other_bad_requests(host: ApiHost) 
     with pytest.raises(openai.BadRequestError) as through_langchain:
         llm.invoke("word " * 5000)
     assert through_langchain.value.code == "context_length_exceeded"
+
+
+def test_client_raises_what_the_v1_error_says(host: ApiHost) -> None:
+    from llm_magic import Client
+    from llm_magic.client import _error_from_body, _status_of
+    from llm_magic.errors import ContextLengthExceeded, HostBusy, InvalidRequest
+
+    client = Client(host.url, host.token)
+    with pytest.raises(ContextLengthExceeded, match="context holds 4096"):  # an InvalidRequest, as before
+        client.complete("word " * 5000, max_tokens=1)
+    with pytest.raises(InvalidRequest, match="'temperature'"):
+        client.chat("x", temperature=9)
+    # an error after a keep-alive began the answer comes in a 200's body: its type says what it is
+    busy = {"error": {"message": "the host stayed busy", "type": "server_busy", "param": None, "code": "server_busy"}}
+    assert isinstance(_error_from_body(_status_of(busy["error"]), busy, host.url), HostBusy)
+    assert _status_of({"message": "x", "type": "invalid_request_error", "code": 400}) == 400  # /api's shape
