@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -81,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # A crash (SIGSEGV in llama.cpp, SIGABRT from a failed check) then leaves the Python stack of the
+    # thread that crashed in the log: with the exit signal, that says what the server was doing.
+    try:
+        faulthandler.enable(sys.stderr, all_threads=False)
+    except (RuntimeError, ValueError, AttributeError):  # a stderr without a file descriptor: no dump
+        pass
     logging.getLogger("huggingface_hub").propagate = False  # it has its own handler: one line per warning
     try:
         from .httpserver import HttpServer

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,11 +26,13 @@ import requests
 
 from .errors import HostError
 from .files import write_atomically
+from .logfile import ServerLog
 
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
 HF_TOKEN_ENV = "HF_TOKEN"
 TUNNELS = ("cloudflared", "none")
 LOG_LINES_KEPT = 1000  # of a stopped server's log, for logs()
+DEATH_LOG_LINES = 15  # of a dead server's log, in status()
 
 
 def new_token() -> str:
@@ -120,7 +123,138 @@ class HostState(str, enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
-    FAILED = "failed"
+    FAILED = "failed"  # it could not start, or its process died (then ``ApiHost.death`` says why)
+
+
+_SIGNAL_HINTS = {
+    "SIGKILL": "sent by the system's out-of-memory killer when memory runs out, or by kill -9",
+    "SIGSEGV": "a crash: a segmentation fault, in llama.cpp or the GPU driver",
+    "SIGABRT": "llama.cpp aborts this way when one of its checks fails",
+    "SIGBUS": "a crash: a bus error, often a model file changed or removed while in use",
+    "SIGILL": "an instruction this CPU lacks: llama-cpp-python was built for another CPU",
+    "SIGFPE": "a crash: an arithmetic error",
+    "SIGTERM": "something else asked it to stop",
+}
+
+
+def describe_exit(returncode: int) -> tuple[str, str | None]:
+    """Why a process ended, in words, and the name of the signal that ended it (if one did)."""
+    if returncode >= 0:
+        return f"it exited with code {returncode}", None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    hint = _SIGNAL_HINTS.get(name)
+    return f"it was killed by {name}" + (f" ({hint})" if hint else ""), name
+
+
+def last_error(log_text: str) -> str:
+    """The line of a log that best says what went wrong: its last ``error:`` line, else its last."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def _serve_args(no_token: bool, ctx_length: int | None, gpu_layers: int | None, allow_models: Sequence[str],
+                max_queue: int | None, extra: Sequence[str]) -> list[str]:
+    args = ["--no-token"] if no_token else []
+    for flag, value in (("--ctx", ctx_length), ("--gpu-layers", gpu_layers), ("--max-queue", max_queue)):
+        if value is not None:
+            args += [flag, str(value)]
+    for pattern in allow_models:
+        args += ["--allow-model", pattern]
+    return args + list(extra)
+
+
+def get_health(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    try:
+        response = requests.get(f"{url}/health", timeout=timeout)
+        return response.json() if response.ok else {}
+    except (requests.RequestException, ValueError):
+        return {}
+
+
+def prepare_model(model: str | None) -> list[str]:
+    """The ``serve`` arguments for ``model``. A hub model is downloaded here, in the caller's
+    process, so that its progress bar shows in the notebook; the server then loads the file."""
+    if not model:
+        return []
+    from .models import ModelSpec, resolve_model
+
+    spec = ModelSpec.parse(model)
+    if not spec.repo_id:
+        return ["--model", model]
+    return ["--model", str(resolve_model(spec)), "--model-name", str(spec)]
+
+
+class ServerProcess:
+    """One run of ``python -m llm_magic serve`` as a child process: its temporary folder (the
+    ready file, the tunnel's state), its log, its exit."""
+
+    def __init__(self) -> None:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="llm-magic-"))
+        self.ready_file = self.run_dir / "ready.json"
+        self.tunnel_file = self.run_dir / "tunnel.json"
+        self.log = ServerLog(self.run_dir / "server.log")
+        self.process: subprocess.Popen | None = None
+
+    def spawn(self, command: list[str], env: dict[str, str]) -> None:
+        # stdout and stderr go through a pipe to the log's writer (see logfile.py): llama.cpp
+        # writes to fd 2 itself, and the writer keeps the file within its cap whatever comes
+        out = self.log.pipe()
+        try:
+            self.process = subprocess.Popen([*command, "--ready-file", str(self.ready_file)], stdout=out,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        except BaseException:
+            self.log.settle(1)
+            raise
+        finally:
+            self.log.release()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """The ready file's contents once ``/health`` says ok; ``HostError`` if the process ends
+        first or ``timeout`` s pass."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HostError(f"the server stopped during start-up: {self.failure_reason()}")
+            if self.ready_file.exists():
+                info = json.loads(self.ready_file.read_text())
+                if get_health(info["url"], timeout=2).get("status") == "ok":
+                    return info
+            time.sleep(0.05)
+        raise HostError(f"the server did not become ready within {timeout:.0f} s; "
+                        f"its last log line: {self.failure_reason()}")
+
+    def failure_reason(self) -> str:
+        if not self.alive:
+            self.log.settle(2)  # its last words are written before they are read
+        return last_error(self.log.tail(200))
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s; then the log's writer finishes."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.log.settle()
+
+    def remove(self) -> str:
+        """Remove the folder; return the log's tail, kept for ``logs()``."""
+        self.log.settle()
+        kept = self.log.tail(LOG_LINES_KEPT)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return kept
 
 
 class ApiHost:
@@ -154,8 +288,8 @@ class ApiHost:
         self.tunnel = tunnel or ("cloudflared" if "ipykernel" in sys.modules else "none")
         self.host, self.port = host, port
         self.startup_timeout = startup_timeout
-        self._args = self._serve_args(ctx_length, gpu_layers, allow_models, max_queue, extra_args)
-        self.state = HostState.STOPPED
+        self._args = _serve_args(self.token is None, ctx_length, gpu_layers, allow_models, max_queue, extra_args)
+        self._state = HostState.STOPPED
         self.url: str | None = None
         self.public_url: str | None = None
         self.model_name: str | None = None
@@ -163,9 +297,9 @@ class ApiHost:
         self.tunnel_streams = True  # False when the tunnel delivers streams all at once
         self.device: dict[str, str] = {}  # device, gpu_layers, memory: where the model runs
         self.warnings: list[str] = []  # what the server warned of at start (a GPU it cannot use)
-        self._process: subprocess.Popen | None = None
-        self._run_dir: Path | None = None  # a temporary folder for the log, from start to stop
-        self.log_path: Path | None = None
+        self.death: str | None = None  # why the server died ("it was killed by SIGKILL (…)"), once it has
+        self.exit_code: int | None = None
+        self._server: ServerProcess | None = None
         self._last_log = ""  # the log's tail, kept when the folder is removed at stop
         self._started_at: float | None = None
         self._tunnel: Any = None  # the cloudflared tunnel, kept here so that it outlives a restart
@@ -180,15 +314,26 @@ class ApiHost:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def _serve_args(self, ctx_length: int | None, gpu_layers: int | None, allow_models: Sequence[str],
-                    max_queue: int | None, extra: Sequence[str]) -> list[str]:
-        args = ["--no-token"] if self.token is None else []
-        for flag, value in (("--ctx", ctx_length), ("--gpu-layers", gpu_layers), ("--max-queue", max_queue)):
-            if value is not None:
-                args += [flag, str(value)]
-        for pattern in allow_models:
-            args += ["--allow-model", pattern]
-        return args + list(extra)
+    @property
+    def state(self) -> HostState:
+        """The host's state; a running server whose process has ended is noticed here."""
+        server = self._server
+        if self._state == HostState.RUNNING and server is not None and not server.alive:
+            assert server.process is not None
+            self.exit_code = server.process.returncode
+            self.death = describe_exit(self.exit_code)[0]
+            server.log.settle(2)  # so that its last lines are in the log
+            self._state = HostState.FAILED
+        return self._state
+
+    @state.setter
+    def state(self, value: HostState) -> None:
+        self._state = value
+
+    @property
+    def log_path(self) -> Path | None:
+        """The server's log file, from start to stop (older parts rotate to ``.1``, ``.2``)."""
+        return self._server.log.path if self._server is not None else None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -199,28 +344,28 @@ class ApiHost:
         if not os.environ.get(HF_TOKEN_ENV) and (hf_token := notebook_secret(HF_TOKEN_ENV)):
             # for private and gated hub models, downloaded here and (on request) by the server
             os.environ[HF_TOKEN_ENV] = hf_token
-        model_args = self._prepare_model()
+        model_args = prepare_model(self.model)
         self._remove_run_dir()
-        self._run_dir = Path(tempfile.mkdtemp(prefix="llm-magic-"))
-        self.log_path = self._run_dir / "server.log"
-        ready_file = self._run_dir / "ready.json"
+        self.death = self.exit_code = None
+        server = self._server = ServerProcess()
         # The tunnel is opened here, not by the server: it then outlives a restart (same URL).
         command = [sys.executable, "-m", "llm_magic", "serve", "--host", self.host, "--port", str(self.port),
-                   "--tunnel", "none", *self._args, *model_args,
-                   "--ready-file", str(ready_file), "--exit-with-parent", str(os.getpid())]
+                   "--tunnel", "none", *self._args, *model_args, "--exit-with-parent", str(os.getpid())]
         if self.tunnel == "cloudflared":
-            command += ["--tunnel-status", str(self._tunnel_status_file)]
+            command += ["--tunnel-status", str(server.tunnel_file)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop(TOKEN_ENV, None)
         if self.token:
             env[TOKEN_ENV] = self.token  # not on the command line, where `ps` would show it
         self.state = HostState.STARTING
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env)
         atexit.register(self.stop)
         try:
-            self._wait_ready(ready_file)
+            server.spawn(command, env)
+            info = server.wait_ready(self.startup_timeout)
+            self.url, self.model_name = info["url"], info["model"]
+            self.public_url, self.tunnel_note = info.get("public_url"), info.get("tunnel")
+            self.tunnel_streams = info.get("streams", True) is not False
+            self.device, self.warnings = info.get("device") or {}, info.get("warnings") or []
             if self.tunnel == "cloudflared":
                 self._open_tunnel()
         except BaseException:
@@ -232,8 +377,8 @@ class ApiHost:
         return self
 
     def restart(self) -> "ApiHost":
-        """Stop and start again with the same token on the same port; a public tunnel stays
-        open, so the public URL stays too: clients carry on."""
+        """Stop (or clear away a server that died) and start again with the same token on the
+        same port; a public tunnel stays open, so the public URL stays too: clients carry on."""
         port = urllib.parse.urlsplit(self.url).port if self.url else None
         self.port = port or self.port
         self.stop(keep_tunnel=True)
@@ -244,17 +389,13 @@ class ApiHost:
         so that its public URL stays. It is used if the port and the token are the same."""
         self._tunnel, other._tunnel = other._tunnel, None
 
-    @property
-    def _tunnel_status_file(self) -> Path:
-        assert self._run_dir is not None
-        return self._run_dir / "tunnel.json"
-
     def _open_tunnel(self) -> None:
         from .tunnel import Tunnel, open_tunnel, tunnel_note
 
         port = urllib.parse.urlsplit(self.url).port if self.url else None
         tunnel = self._tunnel
         if tunnel is not None and tunnel.open and tunnel.port == port and tunnel.token == self.token:
+            tunnel.on_change = self._tunnel_moved  # this host's now (a restart's new host took it)
             tunnel.check()  # the new server answers through the old tunnel
             note = tunnel_note(tunnel)
         else:
@@ -275,76 +416,34 @@ class ApiHost:
 
     def _write_tunnel_status(self) -> None:
         """For the server's /health (the chat page reads whether the tunnel streams)."""
-        if self._tunnel is None or self._run_dir is None:
+        tunnel, server = self._tunnel, self._server  # (the tunnel's thread calls this too)
+        if tunnel is None or server is None:
             return
-        write_atomically(self._tunnel_status_file, json.dumps(self._tunnel.status()))
-
-    def _prepare_model(self) -> list[str]:
-        """Download a hub model here, in the caller's process, so its progress bar shows in the
-        notebook; the server then loads the cached file."""
-        if not self.model:
-            return []
-        from .models import ModelSpec, resolve_model
-
-        spec = ModelSpec.parse(self.model)
-        if not spec.repo_id:
-            return ["--model", self.model]
-        return ["--model", str(resolve_model(spec)), "--model-name", str(spec)]
-
-    def _wait_ready(self, ready_file: Path) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise HostError(f"the server stopped during start-up: {self._failure_reason()}")
-            if ready_file.exists():
-                info = json.loads(ready_file.read_text())
-                self.url, self.model_name = info["url"], info["model"]
-                self.public_url, self.tunnel_note = info.get("public_url"), info.get("tunnel")
-                self.tunnel_streams = info.get("streams", True) is not False
-                self.device, self.warnings = info.get("device") or {}, info.get("warnings") or []
-                if self._health(timeout=2).get("status") == "ok":
-                    return
-            time.sleep(0.05)
-        raise HostError(f"the server did not become ready within {self.startup_timeout:.0f} s; "
-                        f"its last log line: {self._failure_reason()}")
-
-    def _failure_reason(self) -> str:
-        lines = [line.strip() for line in self.logs(200).splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("error:")]
-        return (errors or lines or ["no output"])[-1]
+        try:
+            write_atomically(server.tunnel_file, json.dumps(tunnel.status()))
+        except OSError:  # the folder went with a stop meanwhile
+            pass
 
     def _remove_run_dir(self) -> None:
         """Keep the log's tail in memory (for ``logs()``), then remove the temporary folder."""
-        if self._run_dir is None:
-            return
-        self._last_log = self._read_log(LOG_LINES_KEPT)
-        shutil.rmtree(self._run_dir, ignore_errors=True)
-        self._run_dir = self.log_path = None
+        if self._server is not None:
+            self._last_log = self._server.remove()
+            self._server = None
 
     def stop(self, timeout: float = 10.0, keep_tunnel: bool = False) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s) and the tunnel, unless
-        ``keep_tunnel`` (for a restart). Safe to call twice."""
+        ``keep_tunnel`` (for a restart). Safe to call twice, and after the server died."""
         if self._tunnel is not None and not keep_tunnel:
             self._tunnel.stop()
             self._tunnel = None
-        process, self._process = self._process, None
         atexit.unregister(self.stop)
-        if process is None:
-            self._remove_run_dir()
-            self.state = HostState.STOPPED
-            return
-        self.state = HostState.STOPPING
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        if self._server is not None:
+            self.state = HostState.STOPPING
+            self._server.stop(timeout)
         self._remove_run_dir()
         self.state = HostState.STOPPED
         self._started_at = None
+        self.death = self.exit_code = None
 
     def connection_text(self) -> str:
         """The block to show once the host is ready: URLs, token and client snippets."""
@@ -360,7 +459,8 @@ class ApiHost:
         try:
             while self.running:
                 time.sleep(0.5)
-            print(f"the server stopped: {self._failure_reason()}", file=sys.stderr)
+            why = f": {self.death}" if self.state == HostState.FAILED and self.death else ""
+            print(f"the server stopped{why}; its last log line: {last_error(self.logs(200))}", file=sys.stderr)
         except KeyboardInterrupt:
             pass
         finally:
@@ -370,30 +470,27 @@ class ApiHost:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._server is not None and self._server.alive
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
-    def _health(self, timeout: float = 5.0) -> dict[str, Any]:
-        try:
-            response = requests.get(f"{self.url}/health", timeout=timeout)
-            return response.json() if response.ok else {}
-        except (requests.RequestException, ValueError):
-            return {}
+        return self._server.process.pid if self._server is not None and self._server.process else None
 
     def status(self) -> dict[str, Any]:
         """State, URLs, model, uptime, and the server's own counters when it answers: among
         them ``device`` ("CPU", "CUDA0 Tesla T4"), ``gpu_layers`` ("0 (CPU only)", "29 of 29")
-        and ``memory`` (weights and KV cache; on a GPU, its memory in use)."""
-        if self.state == HostState.RUNNING and not self.running:
-            self.state = HostState.FAILED
-        info: dict[str, Any] = {"state": self.state.value, "url": self.url, "public_url": self.public_url,
+        and ``memory`` (weights and KV cache; on a GPU, its memory in use). A server whose process
+        died (state ``failed``) adds ``died`` (why, in words), ``exit_code`` (negative: killed by
+        ``signal``) and ``log`` (its last lines); ``restart()`` brings it back."""
+        state = self.state
+        info: dict[str, Any] = {"state": state.value, "url": self.url, "public_url": self.public_url,
                                 "tunnel": self.tunnel_note, "model": self.model_name, "pid": self.pid}
-        if self._started_at and self.running:
+        if self.death and self.exit_code is not None:
+            info.update(died=self.death, exit_code=self.exit_code, signal=describe_exit(self.exit_code)[1],
+                        log=self.logs(DEATH_LOG_LINES).splitlines())
+        if self._started_at and self.running and self.url:
             info["uptime_s"] = round(time.time() - self._started_at, 1)
-            health = self._health()
+            health = get_health(self.url)
             tunnel = self._tunnel.status() if self._tunnel is not None else {}
             if tunnel.get("public_url"):  # cloudflared may have restarted with a new URL
                 self.public_url = info["public_url"] = tunnel["public_url"]
@@ -402,12 +499,8 @@ class ApiHost:
         return info
 
     def logs(self, n: int = 50) -> str:
-        """The last ``n`` lines the server wrote (after ``stop()``: of its last run)."""
-        return self._read_log(n) if self.log_path is not None else "\n".join(self._last_log.splitlines()[-n:])
-
-    def _read_log(self, n: int) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path else []
-        except FileNotFoundError:
-            return ""
-        return "\n".join(lines[-n:])
+        """The last ``n`` lines the server wrote (after ``stop()``: of its last run), read from
+        the log's end."""
+        if self._server is not None:
+            return self._server.log.tail(n)
+        return "\n".join(self._last_log.splitlines()[-n:]) if n > 0 else ""

@@ -23,8 +23,8 @@ from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode
 from . import conversation
 from .cells import CellErrors, interpolate
 from .client import Answer, Client, Stream
-from .errors import LLMMagicError
-from .host import ApiHost, add_serve_arguments
+from .errors import HostUnreachable, LLMMagicError
+from .host import ApiHost, HostState, add_serve_arguments
 from .python_tools import ToolBox
 from .rendering import Shown, answer_code, copyable_code, fixed_cell, pretty_json, tool_call_bundle
 
@@ -168,6 +168,8 @@ class LLMMagics(Magics):
         if self.host is not None and self.host.running:
             raise UsageError(f"a host is already running at {self.host.url}; "
                              "%llm_host stop (or restart) first")
+        if self.host is not None and previous is None:
+            self.host.stop()  # one that died or failed: its tunnel and folder go
         missing = [m for m in ("flask", "llama_cpp") if importlib.util.find_spec(m) is None]
         if missing:
             raise UsageError(f"hosting needs the host extra ({', '.join(missing)} missing): "
@@ -200,6 +202,11 @@ class LLMMagics(Magics):
     def _host_stop(self, args: argparse.Namespace, argv: list[str]) -> None:
         host = self._require_host()
         if not host.running:
+            if host.state == HostState.FAILED and host.death:
+                why = host.death
+                host.stop()  # its tunnel too
+                print(f"The host had died ({why}); it is cleared away now.")
+                return
             raise UsageError("the host is not running (it was stopped or it failed: %llm_host logs)")
         host.stop()
         print("The host stopped.")
@@ -223,7 +230,8 @@ class LLMMagics(Magics):
 
     def _host_status(self, args: argparse.Namespace, argv: list[str]) -> None:
         status = self._require_host().status()
-        rows = [("state", status["state"]), ("url", status.get("url")), ("public url", status.get("public_url")),
+        state = f"{status['state']}: the server died; {status['died']}" if status.get("died") else status["state"]
+        rows = [("state", state), ("url", status.get("url")), ("public url", status.get("public_url")),
                 ("tunnel", status.get("tunnel")), ("model", status.get("model"))]
         if "uptime_s" in status:
             rows += [("uptime", _duration(status["uptime_s"])), ("requests served", status.get("requests")),
@@ -236,6 +244,9 @@ class LLMMagics(Magics):
                      ("memory", status.get("memory"))]
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows if v is not None))
+        if status.get("died"):
+            print("\nIts log's last lines:\n" + "\n".join("  " + line for line in status.get("log") or ["(none)"]))
+            print("\n%llm_host restart brings it back on the same URL, with the same token.")
 
     def _host_logs(self, args: argparse.Namespace, argv: list[str]) -> None:
         print(self._require_host().logs(args.n) or "(no output yet)")
@@ -268,14 +279,33 @@ class LLMMagics(Magics):
             else:
                 self._cell(line, cell)
         except LLMMagicError as exc:
-            raise UsageError(exc.message) from None
+            # the connection drops as the process dies, a moment before its exit can be seen
+            died = self._host_died(wait=2.0 if isinstance(exc, HostUnreachable) else 0.0)
+            raise UsageError(died or exc.message) from None
 
     def _connected(self) -> Client:
         if self.client is None and os.environ.get("LLM_MAGIC_URL"):
             self.client = Client()
         if self.client is None:
             raise UsageError("not connected: %llm connect URL --token TOKEN (or %llm_host start)")
+        died = self._host_died()
+        if died:
+            raise UsageError(died)
         return self.client
+
+    def _host_died(self, wait: float = 0.0) -> str | None:
+        """One line when the host this notebook started, and talks to, has died (waiting up to
+        ``wait`` s for its exit to show); None otherwise."""
+        host, client = self.host, self.client
+        if host is None or client is None or client.url.rstrip("/") not in (host.url, host.public_url):
+            return None
+        deadline = time.monotonic() + wait
+        while not (host.state == HostState.FAILED and host.death):
+            if host.state != HostState.RUNNING or time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+        return (f"the host this notebook started has died ({host.death}): %llm_host restart brings it back "
+                "on the same URL with the same token (%llm_host logs shows its last lines)")
 
     def _line(self, line: str) -> None:
         args = _line_parser().parse_args(_split(line))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,3 +170,113 @@ def test_new_tokens_never_start_like_an_option() -> None:
 
     tokens = {new_token() for _ in range(3000)}  # about 1 in 32 raw tokens starts with '-' or '_'
     assert len(tokens) == 3000 and all(t[0].isalnum() and len(t) == 32 for t in tokens)
+
+
+# -- the log: bounded whatever the server writes, read from its end ---------------------------------
+
+
+def log_files(host: ApiHost) -> list[Path]:
+    assert host.log_path is not None
+    return sorted(host.log_path.parent.glob(host.log_path.name + "*"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writes into the child's stderr through /proc")
+def test_a_flood_on_the_servers_stderr_leaves_the_log_within_its_cap_and_logs_correct() -> None:
+    from llm_magic import logfile
+
+    with ApiHost(use_token=False, port=0) as host:
+        # Into the very pipe that is the child's fd 2, where llama.cpp's C code writes: 40 MB of
+        # lines as fast as they go (a grammar failure once wrote 3.6 MB in 0.05 s).
+        line = b"llama_grammar_parser: " + b"x" * 77 + b"\n"
+        with open(f"/proc/{host.pid}/fd/2", "wb", buffering=0) as stderr:
+            for _ in range(40):
+                stderr.write(line * 10_000)
+            stderr.write(b"error: the last line of the flood\n")
+        r = requests.post(f"{host.url}/api", json={"inputs": "x", "parameters": {"max_tokens": 2}}, timeout=30)
+        assert r.ok  # the server never waited on its log
+        tail = host.logs(4).splitlines()
+        assert tail[-1].endswith("POST /api 200") and "error: the last line of the flood" in tail
+        assert sum(p.stat().st_size for p in log_files(host)) <= (logfile.BACKUPS + 1) * logfile.MAX_BYTES
+        text = host.logs(100_000)
+        # the flood is summarised, and what came before it (start-up) is still there to read
+        assert re.search(r"\[llm_magic: [\d.]+ MB of the server's output left out here", text), text[-2000:]
+        assert "Press Ctrl-C to stop." in text and "loaded SmolLM2-135M-Instruct" in text
+
+
+def test_the_log_rotates_within_its_cap_and_its_tail_spans_the_files(tmp_path: Path) -> None:
+    from llm_magic.logfile import BoundedLog, tail
+
+    path = tmp_path / "server.log"
+    log = BoundedLog(path, max_bytes=64 * 1024, backups=2, burst=10**9, rate=10**9)  # no flood limit here
+    for i in range(20_000):
+        log.write(b"line %05d\n" % i)
+    log.close()
+    files = sorted(tmp_path.iterdir())
+    assert [p.name for p in files] == ["server.log", "server.log.1", "server.log.2"]
+    assert all(p.stat().st_size <= 64 * 1024 for p in files)
+    current = path.read_text().splitlines()
+    assert current[-1] == "line 19999" and len(current) < 7000
+    lines = tail(path, 7000).splitlines()  # more lines than the current file holds
+    assert lines == [f"line {i:05d}" for i in range(20_000 - 7000, 20_000)]
+
+
+def test_reading_the_logs_tail_never_reads_the_whole_file(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from llm_magic.logfile import tail
+
+    path = tmp_path / "server.log"
+    with path.open("wb") as f:
+        for _ in range(64):
+            f.write(b"an old line\n" * 10_000 + b"z" * 1_000_000 + b"\n")  # ~1 MB each
+        f.write(b"".join(b"line %d\n" % i for i in range(50)))
+        f.write(b"w" * 100_000 + b"\n")  # one line too long to show whole
+    assert path.stat().st_size > 64_000_000
+    tracemalloc.start()
+    try:
+        lines = tail(path, 51).splitlines()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000  # a 64 MB file read whole would take over 64 MB
+    assert lines[:50] == [f"line {i}" for i in range(50)]
+    assert lines[50] == "w" * 2000 + "… (100000 characters)"
+
+
+# -- a server that dies ---------------------------------------------------------------------
+
+
+def wait_state(host: ApiHost, state: str, within: float = 10.0) -> dict:
+    deadline = time.monotonic() + within
+    while (status := host.status())["state"] != state:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return status
+
+
+@pytest.mark.parametrize("sig, why", [
+    (signal.SIGKILL, "it was killed by SIGKILL (sent by the system's out-of-memory killer when memory runs out"),
+    (signal.SIGSEGV, "it was killed by SIGSEGV (a crash: a segmentation fault, in llama.cpp"),
+])
+def test_a_server_that_dies_is_reported_with_why_and_restarts_on_the_same_port_and_token(sig, why) -> None:
+    host = ApiHost(port=0).start()
+    try:
+        url, token, pid = host.url, host.token, host.pid
+        assert requests.post(f"{url}/api", json={"token": token, "inputs": "x", "parameters": {"max_tokens": 2}},
+                             timeout=30).ok
+        os.kill(pid, sig)
+        status = wait_state(host, "failed")
+        assert status["died"].startswith(why) and status["signal"] == sig.name and status["exit_code"] == -sig
+        assert not host.running and "uptime_s" not in status  # it does not claim to run
+        assert any("POST /api 200" in line for line in status["log"])  # its last lines, to see what it did
+        if sig == signal.SIGSEGV:  # the stack of each thread, written as it crashed
+            assert "Fatal Python error: Segmentation fault" in host.logs(200)
+        host.restart()
+        assert (host.url, host.token) == (url, token) and host.pid != pid and host.running
+        assert host.status()["state"] == "running" and "died" not in host.status()
+        r = requests.post(f"{url}/api", json={"token": token, "inputs": "x", "parameters": {"max_tokens": 2}},
+                          timeout=30)
+        assert r.ok and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        host.stop()
+    assert host.status()["state"] == "stopped" and "died" not in host.status()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -229,3 +232,46 @@ def test_every_serve_flag_given_to_llm_host_reaches_the_server(fresh_magics, cap
                         ("--chat-format", "chatml"), ("--allow-model", "org/*"), ("--max-ctx", "3000"),
                         ("--cors", "https://a.example"), ("--embedding-model", str(model_path))):
         assert argv[argv.index(flag) + 1] == value, (flag, argv)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_host_that_died_says_so_and_one_restart_brings_it_back(fresh_magics, capsys, sig) -> None:
+    sh, magics = fresh_magics
+    _, err = run(sh, "%llm_host start --tunnel none --port 0", capsys)
+    assert not err
+    url, token, pid = magics.host.url, magics.host.token, magics.host.pid
+    out, err = run(sh, "%%llm --max-tokens 2\nhi", capsys)
+    assert not err
+    os.kill(pid, sig)  # the OOM killer, a crash in llama.cpp
+    _, err = run(sh, "%%llm --max-tokens 2\nhi", capsys)
+    assert err.startswith(f"the host this notebook started has died (it was killed by {sig.name} ("), err
+    assert "%llm_host restart brings it back on the same URL with the same token" in err
+    out, err = run(sh, "%llm_host status", capsys)
+    assert not err and re.search(rf"state\s+failed: the server died; it was killed by {sig.name} \(", out), out
+    assert "uptime" not in out and "Its log's last lines:" in out  # it does not claim to run
+    assert "POST /v1/chat/completions 200" in out  # the last lines: what it did before it died
+    assert "%llm_host restart brings it back on the same URL, with the same token." in out
+    out, err = run(sh, "%llm_host logs -n 400", capsys)
+    assert "POST /v1/chat/completions 200" in out
+    out, err = run(sh, "%llm_host restart", capsys)
+    assert not err and f"Local URL:  {url}" in out
+    assert (magics.host.url, magics.host.token) == (url, token) and magics.host.pid != pid
+    out, err = run(sh, "%%llm --max-tokens 2\nhi", capsys)
+    assert not err and "tokens" in out
+    out, _ = run(sh, "%llm_host status", capsys)
+    assert re.search(r"state\s+running", out) and "uptime" in out
+
+
+def test_stopping_a_host_that_died_clears_it_away(fresh_magics, capsys) -> None:
+    sh, magics = fresh_magics
+    assert not run(sh, "%llm_host start --tunnel none --port 0", capsys)[1]
+    folder = magics.host.log_path.parent
+    os.kill(magics.host.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while magics.host.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    out, err = run(sh, "%llm_host stop", capsys)
+    assert not err and out.startswith("The host had died (it was killed by SIGKILL (") and not folder.exists()
+    _, err = run(sh, "%llm_host stop", capsys)
+    assert "the host is not running" in err
