@@ -30,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -226,6 +227,49 @@ def features(ours: str, rounds: int) -> dict:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+# The costliest schema a host accepts for per-token checks: the most enum values, each long,
+# sharing their start (so the grammar keeps them all alive for many tokens).
+WORST_SCHEMA = {"enum": [f"the answer that this host may give, number {i:03d}" for i in range(256)]}
+
+
+def neighbours(ours: str, rounds: int) -> dict:
+    """A tiny request's time (4 tokens) alone, beside plain answers being written, and beside
+    answers under the costliest accepted grammar: what one client's constraint costs the others."""
+    session = new_session()
+    tiny = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    plain = {"messages": [{"role": "user", "content": "Pick one of the listed answers."}], "max_tokens": 48,
+             "temperature": 0}
+    worst = {**plain, "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WORST_SCHEMA}}}
+
+    def beside(body: dict | None) -> float:
+        done = threading.Event()
+
+        def load() -> None:
+            other = new_session()
+            while not done.is_set():
+                other.post(ours + "/v1/chat/completions", json=body, timeout=300).raise_for_status()
+
+        thread = threading.Thread(target=load) if body is not None else None
+        if thread is not None:
+            thread.start()
+            time.sleep(0.5)
+        started = time.perf_counter()
+        session.post(ours + "/v1/chat/completions", json=tiny, timeout=300).raise_for_status()
+        elapsed = time.perf_counter() - started
+        done.set()
+        if thread is not None:
+            thread.join()
+        return elapsed * 1000
+
+    times: dict[str, list[float]] = {"alone": [], "beside plain": [], "beside the costliest grammar": []}
+    bodies = {"alone": None, "beside plain": plain, "beside the costliest grammar": worst}
+    for i in range(rounds):
+        for name, _ in rotated(times, i):
+            time.sleep(SETTLE_SECONDS)
+            times[name].append(beside(bodies[name]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def n_choices(ours: str, rounds: int, n: int = 4) -> dict:
     """Wall time of one request for ``n`` answers against one for a single answer (sampled, so
     that the answers differ; each is ``GEN_TOKENS`` long unless the model ends it)."""
@@ -409,7 +453,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--only", choices=["neighbours"], help="one measurement alone, printed (nothing saved)")
     args = parser.parse_args()
+    if args.only == "neighbours":
+        host = ApiHost(use_token=False, port=0, tunnel="none").start()
+        try:
+            result = neighbours(host.url or "", max(3, args.rounds // 2))
+        finally:
+            host.stop()
+        print(report_neighbours(result))
+        return 0
 
     import llama_cpp
 
@@ -441,6 +494,7 @@ def main() -> int:
             "long_chat": long_chat(ours, max(2, args.rounds // 2)),
             "features_tokens_per_s": features(ours, max(3, args.rounds // 2)),
             "n_choices": n_choices(ours, max(3, args.rounds // 2)),
+            "neighbours_ms": neighbours(ours, max(3, args.rounds // 2)),
             "concurrency": {name: [concurrency(url, n) for n in CLIENTS] for name, url in urls.items()},
         }
     finally:
@@ -465,6 +519,8 @@ def main() -> int:
         "json_schema_vs_plain": results["features_tokens_per_s"]["json_schema"] / results["features_tokens_per_s"]["plain"],
         "logprobs_vs_plain": results["features_tokens_per_s"]["logprobs (top 5)"] / results["features_tokens_per_s"]["plain"],
         "n4_time_vs_one": nc["n_s"] / nc["one_s"],
+        "tiny_beside_costliest_grammar_vs_beside_plain": results["neighbours_ms"]["beside the costliest grammar"]
+        / results["neighbours_ms"]["beside plain"],
         "clients4_vs_llama_server_np4": table["llm_magic --parallel 4"][1]["tokens_per_s"]
         / table["llama-server -np 4"][1]["tokens_per_s"],
         "clients16_vs_llama_server_np4": table["llm_magic --parallel 4"][2]["tokens_per_s"]
@@ -508,7 +564,14 @@ def report(r: dict) -> str:
         for c in rows:
             lines.append(f"  {name:<32}{c['clients']:>8}{c['errors']:>7}{c['tokens_per_s']:>10.1f}"
                          f"{c['ttft_p50_ms']:>10.0f}{c['ttft_p95_ms']:>8.0f}{c['p50_ms']:>13.0f}{c['p95_ms']:>8.0f}")
+    lines += ["", report_neighbours(r["neighbours_ms"])]
     lines += ["", f"llm-magic serve to healthy: {r['startup_s']:.2f} s"]
+    return "\n".join(lines)
+
+
+def report_neighbours(times: dict) -> str:
+    lines = [f"{'a 4-token request':<34}{'ms':>10}{'vs beside plain':>17}"]
+    lines += [f"  {name:<32}{ms:>10.0f}{ms / times['beside plain']:>17.2f}" for name, ms in times.items()]
     return "\n".join(lines)
 
 

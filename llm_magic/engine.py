@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import json
 import logging
 import os
 import queue
@@ -30,7 +31,7 @@ from .batching import DROPPED, FLASH_ATTENTION, BatchContext, Scheduler, Task
 from .decoding import Choice
 from .errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError, ModelNotAllowed
 from .grammar_check import GrammarChecker
-from .grammars import grammar_for, tool_grammar
+from .grammars import Constraint, grammar_for, tool_grammar
 from .models import ModelPolicy, ModelSpec, model_name, resolve_model
 from .protocol import ChoiceDelta, Completion, Event, GenerationRequest, Started
 from .sampling import Logprobs, TokenSampler
@@ -611,8 +612,11 @@ class Engine:
         s = request.sampling
         max_tokens = min(s.max_tokens or budget, budget)
         seed = random.getrandbits(32) if s.seed is None or s.seed < 0 else s.seed % 2**32
-        grammar = self._grammar(request, tool_format)
-        if grammar is not None:
+        constraint = self._grammar(request, tool_format)
+        grammar = None
+        if constraint is not None:
+            self._check_writable(loaded, constraint.texts)
+            grammar = constraint.grammar
             self.grammars.check(grammar)  # compiled in a child first: a bad one cannot take the host down
         vocab, n_vocab = model.vocab, lib.llama_vocab_n_tokens(model.vocab)
         piece = functools.partial(self._piece, loaded)
@@ -655,8 +659,19 @@ class Engine:
         return Task(tokens, choices, finish, cancel, events=events, closed=closed,
                     first_text_passed=first_text_passed, tool_format=tool_name)
 
+    def _check_writable(self, loaded: _Loaded, texts: frozenset[str]) -> None:
+        """Refuse a constraint whose exact texts (keys, constants) this model's vocabulary cannot
+        write: the answer would reach them and find no token to go on with."""
+        for text in texts:
+            data = text.encode("utf-8")
+            tokens = loaded.model.tokenize(data, add_bos=False, special=False)
+            if b"".join(self._piece(loaded, t) for t in tokens) != data:
+                raise InvalidRequest(f"the schema asks for {json.dumps(text, ensure_ascii=False)[:80]}, which "
+                                     f"{loaded.name}'s vocabulary cannot write (it lacks some of its bytes); "
+                                     "use other characters there")
+
     @staticmethod
-    def _grammar(request: GenerationRequest, tool_format: ToolFormat | None) -> str | None:
+    def _grammar(request: GenerationRequest, tool_format: ToolFormat | None) -> Constraint | None:
         """The llama.cpp grammar for a request's ``response_format`` or tool calls, if any."""
         if request.response_format is not None:
             return grammar_for(request.response_format)

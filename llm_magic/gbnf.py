@@ -47,7 +47,9 @@ _BUILTIN = {
     "value": "object | array | string | number | boolean | null",
     "object": '"{" ws (string ":" ws value ws ("," ws string ":" ws value ws)*)? "}"',
     "array": '"[" ws (value ws ("," ws value ws)*)? "]"',
-    "date": '[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [12] [0-9] | "3" [01])',
+    # real dates only (February up to the 28th: the 29th is a date one year in four)
+    "date": '[1-9] [0-9]{3} "-" (("0" [13578] | "1" [02]) "-" ("0" [1-9] | [12] [0-9] | "3" [01]) | '
+            '("0" [469] | "11") "-" ("0" [1-9] | [12] [0-9] | "30") | "02-" ("0" [1-9] | "1" [0-9] | "2" [0-8]))',
     "time": '([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,6})? '
             '("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])',
     "date-time": 'date "T" time',
@@ -74,11 +76,6 @@ def literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def json_literal(value: Any) -> str:
-    """The GBNF literal of ``value``'s JSON text (keys, constants, enum values)."""
-    return literal(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
-
-
 class Grammar:
     """A grammar being built: named rules, deduplicated by body."""
 
@@ -88,6 +85,13 @@ class Grammar:
         self._by_body: dict[str, str] = {}
         self.repeats = 0
         self.size = 0
+        self.texts: set[str] = set()  # exact text the answer must hold (keys, constants): can the model write it?
+
+    def exact(self, value: Any) -> str:
+        """The literal of ``value``'s JSON text, noted as text the answer must hold."""
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        self.texts.add(text)
+        return literal(text)
 
     def builtin(self, name: str) -> str:
         if name not in self.rules:

@@ -89,7 +89,7 @@ class _Regex:
                 return literal("{")
             raise self.fail(f"'{c}' has nothing to repeat")
         self.i += 1
-        return _json_char(c)
+        return _json_char(c, self.g)
 
     def _escape(self) -> str:
         self.i += 1
@@ -105,11 +105,11 @@ class _Regex:
             if c == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", self.p[self.i:self.i + 4]):
                 ch = chr(int(self.p[self.i:self.i + 4], 16))
                 self.i += 4
-                return _json_char(ch)
+                return _json_char(ch, self.g)
             raise self.fail(f"'\\{c}' cannot be enforced")
         if c in _SIMPLE_ESCAPES:
-            return _json_char(_SIMPLE_ESCAPES[c])
-        return _json_char(c)
+            return _json_char(_SIMPLE_ESCAPES[c], self.g)
+        return _json_char(c, self.g)
 
     def _class(self) -> str:
         p = self.p
@@ -183,9 +183,11 @@ class _Regex:
         return self.g.repeat(element, low, high, self.where, "a repetition")
 
 
-def _json_char(ch: str) -> str:
+def _json_char(ch: str, grammar: Grammar) -> str:
     """The GBNF for one character of the pattern inside a JSON string: itself, or its escape."""
-    return literal(json.dumps(ch, ensure_ascii=False)[1:-1])
+    text = json.dumps(ch, ensure_ascii=False)[1:-1]
+    grammar.texts.add(text)
+    return literal(text)
 
 
 def _class_char(ch: str) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import collections
 import json
 import threading
+from dataclasses import dataclass
 
-from .json_grammar import schema_to_gbnf
+from .json_grammar import schema_grammar
 from .protocol import ResponseFormat
 from .tool_calls import ToolFormat, ToolRequest, call_schema
 
@@ -17,45 +18,59 @@ MAX_PARALLEL_CALLS = 4  # a small model may repeat a call forever; four in one t
 CACHE_BYTES = 4 * 1024 * 1024  # grammars kept for schemas seen again (each is at most 128 KiB)
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What constrains an answer: the grammar, and the exact texts (keys, constants) it makes
+    the answer hold, which the model's vocabulary must be able to write."""
+
+    grammar: str
+    texts: frozenset[str] = frozenset()
+
+
 class _GrammarCache:
     """Grammars by schema text, the least recently used dropped past ``limit`` bytes."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._items: collections.OrderedDict[str, Constraint] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, schema_json: str, where: str) -> str:
+    def get(self, schema_json: str, where: str) -> Constraint:
         with self._lock:
             if schema_json in self._items:
                 self._items.move_to_end(schema_json)
                 return self._items[schema_json]
-        grammar = schema_to_gbnf(json.loads(schema_json), where)  # raises InvalidRequest
+        built = schema_grammar(json.loads(schema_json), where)  # raises InvalidRequest
+        constraint = Constraint(built.text(), frozenset(built.texts))
         with self._lock:
             if schema_json not in self._items:
-                self._items[schema_json] = grammar
-                self._bytes += len(schema_json) + len(grammar)
+                self._items[schema_json] = constraint
+                self._bytes += len(schema_json) + _size(constraint)
                 while self._bytes > self.limit and self._items:
                     key, value = self._items.popitem(last=False)
-                    self._bytes -= len(key) + len(value)
-        return grammar
+                    self._bytes -= len(key) + _size(value)
+        return constraint
+
+
+def _size(constraint: Constraint) -> int:
+    return len(constraint.grammar) + sum(len(t) for t in constraint.texts)
 
 
 _cache = _GrammarCache(CACHE_BYTES)
 
 
-def _convert(schema: object, where: str) -> str:
+def _convert(schema: object, where: str) -> Constraint:
     return _cache.get(json.dumps(schema), where)  # key order kept: it is the order of the output
 
 
-def grammar_for(response_format: ResponseFormat) -> str:
+def grammar_for(response_format: ResponseFormat) -> Constraint:
     """The GBNF grammar that constrains an answer to ``response_format``."""
     schema = response_format.schema if response_format.schema is not None else {"type": "object"}
     return _convert(schema, "'response_format' schema")
 
 
-def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> str | None:
+def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> Constraint | None:
     """The grammar for a reply that may (``auto``) or must (``required``, a named function) call
     tools in ``tool_format``; ``None`` where the model's own template leads it (native, auto)."""
     if tool_format.native and request.choice == "auto":
@@ -66,12 +81,15 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> str | None:
     if tool_format.name == "generic":
         calls = {"type": "array", "items": call, "minItems": 1,
                  "maxItems": MAX_PARALLEL_CALLS if request.parallel else 1}
-        grammar = _convert({"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}, "the tools")
+        calls_only = _convert({"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]},
+                              "the tools")
         if request.choice == "required":
-            return grammar
+            return calls_only
         # text, or the calls: the text only may not start like them
-        return _renamed_root(grammar, "llm-magic-calls") + "\nroot ::= llm-magic-calls | text\ntext ::= [^{] [^\\x00]*\n"
-    grammar = _renamed_root(_convert(call, "the tools"), "llm-magic-call")
+        return Constraint(_renamed_root(calls_only.grammar, "llm-magic-calls") +
+                          "\nroot ::= llm-magic-calls | text\ntext ::= [^{] [^\\x00]*\n", calls_only.texts)
+    one_call = _convert(call, "the tools")
+    grammar = _renamed_root(one_call.grammar, "llm-magic-call")
     many = request.parallel
     if tool_format.name == "hermes":
         one = '"<tool_call>\\n" llm-magic-call "\\n</tool_call>"'
@@ -81,7 +99,7 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> str | None:
                 if many else '"[TOOL_CALLS][" llm-magic-call "]"')
     else:  # llama3: a bare call object
         root = "llm-magic-call"
-    return grammar + f"\nroot ::= {root}\n"
+    return Constraint(grammar + f"\nroot ::= {root}\n", one_call.texts)
 
 
 def _renamed_root(grammar: str, name: str) -> str:

@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from .errors import InvalidRequest
-from .gbnf import DIGITS, LIMITS, Grammar, Limits, is_name, json_literal
+from .gbnf import DIGITS, LIMITS, Grammar, Limits, is_name
 from .gbnf_patterns import pattern_rule
 from .gbnf_ranges import int_range, number_range
 
@@ -39,12 +39,18 @@ TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 def schema_to_gbnf(schema: Any, where: str = "schema", limits: Limits = LIMITS) -> str:
     """The GBNF grammar (root rule ``root``) of JSON values valid against ``schema``; raises
     ``InvalidRequest`` naming the part of the schema that cannot be enforced or is too large."""
+    return schema_grammar(schema, where, limits).text()
+
+
+def schema_grammar(schema: Any, where: str = "schema", limits: Limits = LIMITS) -> Grammar:
+    """``schema_to_gbnf``'s grammar as built: its text, and the exact texts (``Grammar.texts``)
+    an answer must hold, so that the engine can check its model's vocabulary writes them."""
     grammar = Grammar(limits)
     root = grammar.reserve("root")
     assert root == "root"
     body = _Converter(grammar, schema, where).visit(schema, where, 0)
     grammar.define("root", body, where)
-    return grammar.text()
+    return grammar
 
 
 class _Converter:
@@ -150,7 +156,7 @@ class _Converter:
         return " | ".join(f"({a})" for a in alternatives)
 
     def _literals(self, values: list, where: str) -> str:
-        texts = [json_literal(v) for v in values]
+        texts = [self.g.exact(v) for v in values]
         if sum(len(t) for t in texts) > self.g.limits.literal_bytes:
             raise _fail(where, f"the values are more than {self.g.limits.literal_bytes} bytes of JSON; shorten them")
         return " | ".join(dict.fromkeys(texts))
@@ -207,7 +213,7 @@ class _Converter:
         then, first = "", ""
         for name, sub in reversed(list(properties.items())):
             value = self.visit(sub, f"{where}.properties.{name}", depth + 1)
-            pair = f'{json_literal(name)} ":" ws {_grouped(value)} ws'
+            pair = f'{g.exact(name)} ":" ws {_grouped(value)} ws'
             after = f" {then}" if then else ""
             if name in required:
                 then_body, first_body = f'"," ws {pair}{after}', f"{pair}{after}"

@@ -73,7 +73,7 @@ def test_greedy_under_a_grammar_matches_llama_cpp_python(engine: Engine, referen
     for fmt in (ResponseFormat(), ResponseFormat(schema=schema)):
         _, result = run(engine, prompt=prompt, sampling=Sampling(max_tokens=60, temperature=0.0), response_format=fmt)
         expected = reference.create_completion(prompt, max_tokens=60, temperature=0.0,
-                                               grammar=LlamaGrammar.from_string(grammar_for(fmt), verbose=False))
+                                               grammar=LlamaGrammar.from_string(grammar_for(fmt).grammar, verbose=False))
         assert result.text == expected["choices"][0]["text"]  # grammar on every token vs on demand
         assert result.completion_tokens == expected["usage"]["completion_tokens"]
 

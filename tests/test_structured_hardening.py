@@ -189,3 +189,11 @@ def child_pids(pid: int | None) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry))
     return found
+
+
+def test_text_the_models_vocabulary_cannot_write_is_refused_up_front(host: ApiHost) -> None:
+    # SmolLM2's vocabulary has no token holding the byte 0xF2 (nor 0xF1), which U+98013 starts with
+    r = chat(host, {"type": "object", "properties": {"N\U00098013": {"type": "integer"}}, "required": ["N\U00098013"]})
+    assert r.status_code == 400 and "vocabulary cannot write" in r.json()["error"]["message"]
+    r = chat(host, {"enum": ["plain", "tab\tand 😀 and ünï"]}, "Pick one.")
+    assert r.status_code == 200 and json.loads(r.json()["choices"][0]["message"]["content"]) in ["plain", "tab\tand 😀 and ünï"]
