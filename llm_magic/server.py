@@ -201,11 +201,18 @@ def create_app(
         if wanted.model is not None:
             raise InvalidRequest("'model': embeddings come from the host's own model (or its "
                                  "--embedding-model); leave 'model' out or send the listed id")
-        result = engine.embed(wanted.inputs)
         dimensions = body.get("dimensions")
-        if dimensions is not None and result.vectors and dimensions != len(result.vectors[0]):
-            raise InvalidRequest(f"'dimensions': this model's embeddings have {len(result.vectors[0])}")
-        return embeddings_answer(result.vectors, result.model, result.prompt_tokens, wanted.base64)
+
+        def render(done: _Done) -> dict:
+            result = done.value
+            if dimensions is not None and result.vectors and dimensions != len(result.vectors[0]):
+                raise InvalidRequest(f"'dimensions': this model's embeddings have {len(result.vectors[0])}")
+            return embeddings_answer(result.vectors, result.model, result.prompt_tokens, wanted.base64)
+
+        # computed beside the request's thread, so that the response can keep the line alive
+        # and stop the work when the client leaves
+        work = _in_background(lambda cancel: engine.embed(wanted.inputs, cancel), _client_gone_check())
+        return _json_response(work, render, keepalive, final=_Done)
 
     def model_objects() -> dict[str, dict]:
         created = app.extensions["llm_magic"]["started"]
@@ -693,16 +700,55 @@ def _client_gone_check() -> Callable[[], bool]:
     return gone
 
 
-def _json_response(events: Iterator[Event], render: Callable[[Completion], dict], keepalive: float) -> Response:
+class _Done:
+    """The result of work done in the background (``_in_background``)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _in_background(work: Callable[[threading.Event], Any], gone: Callable[[], bool]) -> Iterator[object]:
+    """Run ``work(cancel)`` in a thread of its own: ``_QUIET`` every ``CHECK_SECONDS`` while it
+    runs, then its result as ``_Done`` (or its error raised). A client that leaves sets
+    ``cancel`` and ends the iterator; so does closing it."""
+    cancel, box = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            box["value"] = work(cancel)
+        except BaseException as exc:  # handed to the request's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="llm-magic-work", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(CHECK_SECONDS)
+            if thread.is_alive():
+                if gone():
+                    log.info("the client left; its work stopped")
+                    return
+                yield _QUIET
+        if "error" in box:
+            raise box["error"]
+        yield _Done(box["value"])
+    finally:
+        cancel.set()
+        thread.join(10)  # it stops at its next check (an embedding group)
+
+
+def _json_response(events: Iterator[Any], render: Callable[[Any], dict], keepalive: float,
+                   final: type = Completion) -> Response:
     """A non-streaming answer. One that is ready within ``keepalive`` seconds goes out as plain
     JSON (errors keep their status, the connection stays open for the next request). A longer
     one becomes a stream: a space every ``keepalive`` seconds keeps proxies from cutting the
-    connection (leading whitespace is valid JSON) and notices a client that left, then the JSON."""
+    connection (leading whitespace is valid JSON) and notices a client that left, then the JSON.
+    ``final``: the type of the event that is the answer (``render`` makes its JSON)."""
     shape = _error_shape()
     deadline = time.monotonic() + keepalive
     try:
         for event in events:
-            if isinstance(event, Completion):
+            if isinstance(event, final):
                 return Response(json.dumps(render(event), ensure_ascii=False), mimetype="application/json")
             if time.monotonic() >= deadline:
                 break
@@ -717,7 +763,7 @@ def _json_response(events: Iterator[Event], render: Callable[[Completion], dict]
         try:
             yield " "
             for event in events:
-                if isinstance(event, Completion):
+                if isinstance(event, final):
                     yield json.dumps(render(event), ensure_ascii=False)
                 elif time.monotonic() - last_sent >= keepalive:  # tokens flow, but nothing is sent
                     last_sent = time.monotonic()

@@ -384,3 +384,13 @@ def test_a_list_of_prompts_with_one_too_long_is_a_400_and_leaves_nothing_running
     choices = r.get_json()["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2, 3]
     assert all("".join(c["logprobs"]["tokens"]) == c["text"] for c in choices)
+
+
+def test_a_long_embedding_request_is_kept_alive_and_answered_whole(engine: Engine) -> None:
+    app = create_app(engine, token=None, keepalive=0.2).test_client()
+    r = app.post("/v1/embeddings", json={"input": ["a sentence of some words to embed " * 8] * 40})
+    assert r.status_code == 200
+    text = r.get_data(as_text=True)
+    assert text.startswith(" ")  # a keep-alive went out before the answer was ready
+    answer = json.loads(text)
+    assert len(answer["data"]) == 40 and answer["usage"]["prompt_tokens"] > 40 * 50

@@ -197,3 +197,17 @@ def test_text_the_models_vocabulary_cannot_write_is_refused_up_front(host: ApiHo
     assert r.status_code == 400 and "vocabulary cannot write" in r.json()["error"]["message"]
     r = chat(host, {"enum": ["plain", "tab\tand 😀 and ünï"]}, "Pick one.")
     assert r.status_code == 200 and json.loads(r.json()["choices"][0]["message"]["content"]) in ["plain", "tab\tand 😀 and ünï"]
+
+
+def test_an_embedding_request_whose_client_left_stops(host: ApiHost) -> None:
+    counted = requests.get(f"{host.url}/health", timeout=10).json()["requests"]
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{host.url}/v1/embeddings", headers=HEADERS, timeout=(5, 1.5),
+                      json={"input": ["hi there, a few words to embed"] * 1000})
+    deadline = time.monotonic() + 30
+    while requests.get(f"{host.url}/health", timeout=10).json()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "the client left; its work stopped" in host.logs(200)
+    r = requests.post(f"{host.url}/v1/embeddings", headers=HEADERS, timeout=60, json={"input": "after"})
+    assert r.status_code == 200
+    assert requests.get(f"{host.url}/health", timeout=10).json()["requests"] == counted + 1  # the abandoned one never finished
