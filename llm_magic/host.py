@@ -395,13 +395,14 @@ class ApiHost:
         port = urllib.parse.urlsplit(self.url).port if self.url else None
         tunnel = self._tunnel
         if tunnel is not None and tunnel.open and tunnel.port == port and tunnel.token == self.token:
-            tunnel.on_change = self._tunnel_moved  # this host's now (a restart's new host took it)
+            tunnel.on_change, tunnel.on_status = self._tunnel_moved, self._write_tunnel_status  # this host's now
             tunnel.check()  # the new server answers through the old tunnel
             note = tunnel_note(tunnel)
         else:
             if tunnel is not None:
                 tunnel.stop()
-            tunnel = self._tunnel = Tunnel(port, token=self.token, on_change=self._tunnel_moved)
+            tunnel = self._tunnel = Tunnel(port, token=self.token, on_change=self._tunnel_moved,
+                                           on_status=self._write_tunnel_status)
             _, note = open_tunnel(tunnel)
         self.public_url, self.tunnel_note = tunnel.public_url, note
         self.tunnel_streams = tunnel.streams is not False
@@ -412,7 +413,9 @@ class ApiHost:
         if self._tunnel is not None and self._tunnel.restarts and self.state == HostState.RUNNING:
             self.public_url = url
             self._write_tunnel_status()
-            print(f"llm_magic: the tunnel restarted; new public URL: {url}", flush=True)
+            state = self._tunnel.state
+            note = "" if state == "ready" else " (not answering yet: Cloudflare may need a moment)"
+            print(f"llm_magic: the tunnel restarted; new public URL: {url}{note}", flush=True)
 
     def _write_tunnel_status(self) -> None:
         """For the server's /health (the chat page reads whether the tunnel streams)."""

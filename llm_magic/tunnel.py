@@ -31,6 +31,11 @@ log = logging.getLogger("llm_magic.tunnel")
 BINARY_ENV = "LLM_MAGIC_CLOUDFLARED"
 PROBE_PATH = "/health/stream"  # the server's timed probe stream (server.PROBE_EVENTS, PROBE_INTERVAL)
 PROBE_ATTEMPTS = 2  # a stream that seems buffered is asked again before the host says so
+PROBE_LIMIT = 10.0  # s one probe may take in all (its events span under a second)
+ANNOUNCE_WITHIN = 2.0  # s a restarted tunnel's new URL is asked before it is shown; asking goes on after
+WATCH_INTERVAL = 0.25  # s between looks at whether cloudflared still runs
+VERIFY_INTERVAL = 0.5  # s between asks of a new public URL
+URL_POLL = 0.1  # s between looks for the URL cloudflared names
 _HOSTNAME = re.compile(r'userHostname="(https?://[^"]+)"')
 _STDERR_URL = re.compile(r"(https://[-a-z0-9]+\.trycloudflare\.com)")
 
@@ -108,13 +113,15 @@ def _free_port() -> int:
 
 class Tunnel:
     """cloudflared in front of ``http://127.0.0.1:{port}``. ``on_change(url)`` is called with
-    each new public URL (after a restart too)."""
+    each new public URL (after a restart too), ``on_status()`` when ``status()`` changes later
+    (a restart begins, its new URL answers, its streaming is checked)."""
 
     def __init__(
         self,
         port: int,
         *,
         on_change: Callable[[str], None] | None = None,
+        on_status: Callable[[], None] | None = None,
         token: str | None = None,
         attempts: int = 3,
         url_timeout: float = 30.0,
@@ -123,6 +130,7 @@ class Tunnel:
     ) -> None:
         self.port = port
         self.on_change = on_change
+        self.on_status = on_status
         self._token = token  # for the streaming probe; never logged
         self.attempts = attempts
         self.url_timeout = url_timeout
@@ -138,6 +146,7 @@ class Tunnel:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
+        self._opened_at = 0.0  # when cloudflared named the current URL
 
     @property
     def pid(self) -> int | None:
@@ -155,7 +164,7 @@ class Tunnel:
     def check(self) -> bool:
         """Ask the public URL for ``/health`` again: after the server behind the tunnel was
         restarted on the same port, the tunnel (and its URL) carries on."""
-        ok = self.public_url is not None and self._verify(self.public_url)
+        ok = self.public_url is not None and self._verify(self.public_url, self.verify_timeout)
         self.state = "ready" if ok else "unverified"
         return ok
 
@@ -172,7 +181,10 @@ class Tunnel:
         self._watcher.start()
         return url
 
-    def _open(self) -> str:
+    def _open(self, announce_within: float | None = None) -> str:
+        """Launch cloudflared (with retries) and ask its URL for ``/health``. The first start
+        asks for up to ``verify_timeout`` s, and checks streaming, before it returns; a restart
+        (``announce_within``) shows the new URL after at most that long, and ``_settle`` goes on."""
         last_error = "no output"
         for attempt in range(1, self.attempts + 1):
             try:
@@ -184,14 +196,13 @@ class Tunnel:
                 if attempt < self.attempts and self._stopping.wait(min(2.0 * attempt, 5.0)):
                     break
                 continue
-            self.public_url = url
-            self.state = "ready" if self._verify(url) else "unverified"
+            self.public_url, self.streams, self._opened_at = url, None, time.monotonic()
+            verified = self._verify(url, self.verify_timeout if announce_within is None else announce_within)
+            self.state = "ready" if verified else "unverified"
             if self.state == "unverified":
                 log.warning("%s does not answer yet; Cloudflare may need a moment", url)
-            self.streams = self.probe_streaming(url) if self.state == "ready" else None
-            if self.streams is False:
-                log.warning("the tunnel delivers a streamed answer all at once (it buffers): answers will "
-                            "not appear word by word through %s", url)
+            if announce_within is None:
+                self._check_streaming(url)
             if self.on_change:
                 self.on_change(url)
             return url
@@ -213,10 +224,10 @@ class Tunnel:
         while time.monotonic() < deadline and not self._stopping.is_set():
             if process.poll() is not None:
                 raise TunnelError(f"cloudflared exited ({process.returncode}): {self._last_output()}")
-            url = self._url_from_metrics(metrics) or self._url_from_output()
+            url = self._url_from_output() or self._url_from_metrics(metrics)  # its output costs no request
             if url:
                 return url
-            time.sleep(0.2)
+            self._stopping.wait(URL_POLL)
         raise TunnelError(f"cloudflared showed no URL within {self.url_timeout:.0f} s: {self._last_output()}")
 
     def _drain(self, process: subprocess.Popen) -> None:
@@ -233,7 +244,7 @@ class Tunnel:
     @staticmethod
     def _url_from_metrics(metrics: str) -> str | None:
         try:
-            text = requests.get(f"http://{metrics}/metrics", timeout=2).text
+            text = requests.get(f"http://{metrics}/metrics", timeout=1).text
         except requests.RequestException:
             return None
         match = _HOSTNAME.search(text)
@@ -246,78 +257,80 @@ class Tunnel:
                 return match.group(1)
         return None
 
-    def _verify(self, url: str) -> bool:
-        """Whether ``url/health`` answers through the tunnel (DNS and routing take a moment)."""
-        deadline = time.monotonic() + self.verify_timeout
-        while time.monotonic() < deadline and not self._stopping.is_set():
+    def _verify(self, url: str, within: float) -> bool:
+        """Whether ``url/health`` answers through the tunnel within ``within`` s (DNS and routing
+        take a moment). Each ask is bounded by the time left; a cloudflared that exits ends it."""
+        deadline = time.monotonic() + within
+        process = self._process
+        while not self._stopping.is_set() and (process is None or process.poll() is None):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                if requests.get(f"{url}/health", timeout=5).ok:
+                if requests.get(f"{url}/health", timeout=min(5.0, max(left, 0.5))).ok:
                     return True
             except requests.RequestException:
                 pass
-            self._stopping.wait(1.0)
+            self._stopping.wait(min(VERIFY_INTERVAL, max(deadline - time.monotonic(), 0.0)))
         return False
 
     def probe_streaming(self, url: str) -> bool | None:
-        """Whether events streamed through ``url`` arrive as they are sent (True), all at once
-        (False, the tunnel buffers), or None when the probe could not run. The server sends a
-        few events a fixed interval apart; arrivals spread over less than a third of that span
-        mean buffering. A buffered-looking result is checked once more before it counts."""
-        for _ in range(PROBE_ATTEMPTS):
-            arrivals, span = self._probe(url)
-            if arrivals is None or len(arrivals) < 2:
-                return None
-            if arrivals[-1] - arrivals[0] >= span / 3:
-                return True
-        return False
+        """``probe_streaming(url)`` with this tunnel's token."""
+        return probe_streaming(url, self._token)
 
-    def _probe(self, url: str) -> tuple[list[float] | None, float]:
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        arrivals: list[float] = []
-        span = 0.0
-        try:
-            with requests.post(url + PROBE_PATH, headers=headers, stream=True, timeout=(5, 10)) as response:
-                if response.status_code != 200:
-                    return None, span
-                pending = b""
-                # byte by byte: a larger read would wait for more than one event (it is ~60 bytes)
-                for byte in response.iter_content(chunk_size=1):
-                    pending += byte
-                    if not pending.endswith(b"\n\n"):
-                        continue
-                    event, pending = pending.strip(), b""
-                    if event == b"data: [DONE]":
-                        break
-                    arrivals.append(time.monotonic())
-                    if b'"interval"' in event:
-                        fields = json.loads(event[len(b"data: "):])
-                        span = fields["interval"] * (fields["of"] - 1)
-        except (requests.RequestException, ValueError, KeyError, TypeError):
-            return None, span
-        return arrivals, span
+    def _check_streaming(self, url: str) -> None:
+        self.streams = probe_streaming(url, self._token, self._stopping) if self.state == "ready" else None
+        if self.streams is False:
+            log.warning("the tunnel delivers a streamed answer all at once (it buffers): answers will "
+                        "not appear word by word through %s", url)
+
+    def _settle(self) -> None:
+        """After a restart's new URL was shown: go on asking it (until ``verify_timeout`` s after
+        cloudflared named it), then check streaming; ``on_status`` hears of each change."""
+        url = self.public_url
+        if url is None:
+            return
+        if self.state == "unverified":
+            left = self.verify_timeout - (time.monotonic() - self._opened_at)
+            if left > 0 and self._verify(url, left):
+                self.state = "ready"
+                log.info("%s answers now", url)
+                self._notify()
+        if self.state == "ready" and self.streams is None and not self._stopping.is_set():
+            self._check_streaming(url)
+            self._notify()
+
+    def _notify(self) -> None:
+        if self.on_status is not None:
+            self.on_status()
 
     def _watch(self) -> None:
         """Restart cloudflared whenever it dies, until stopped."""
         while not self._stopping.is_set():
             process = self._process
             if process is not None and process.poll() is None:
-                self._stopping.wait(1.0)
+                self._stopping.wait(WATCH_INTERVAL)
                 continue
             if self._stopping.is_set():
                 return
             if self.restarts >= self.max_restarts:
                 self.state = "failed"
                 log.error("cloudflared died %d times; giving up — the host still serves locally", self.restarts)
+                self._notify()
                 return
             self.restarts += 1
             self.state = "restarting"
+            self._notify()
             code = process.returncode if process is not None else None
             log.warning("cloudflared exited (%s): %s; restarting", code, self._last_output())
             try:
-                self._open()
+                self._open(announce_within=ANNOUNCE_WITHIN)
             except TunnelError as exc:
                 log.error("%s; retrying in 10 s — the host still serves locally", exc.message)
+                self._notify()
                 self._stopping.wait(10.0)
+                continue
+            self._settle()
 
     def _kill(self) -> None:
         with self._lock:
@@ -337,6 +350,49 @@ class Tunnel:
             self._watcher.join(15)
         self._kill()
         self.state = "stopped"
+
+
+def probe_streaming(url: str, token: str | None = None, stopping: threading.Event | None = None) -> bool | None:
+    """Whether events streamed through ``url`` arrive as they are sent (True), all at once
+    (False, the tunnel buffers), or None when the probe could not run (or ``stopping`` was
+    set). The server sends a few events a fixed interval apart; arrivals spread over less than
+    a third of that span mean buffering. A buffered-looking result is checked once more."""
+    for _ in range(PROBE_ATTEMPTS):
+        arrivals, span = _probe(url, token, stopping or threading.Event())
+        if arrivals is None or len(arrivals) < 2:
+            return None
+        if arrivals[-1] - arrivals[0] >= span / 3:
+            return True
+    return False
+
+
+def _probe(url: str, token: str | None, stopping: threading.Event) -> tuple[list[float] | None, float]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    arrivals: list[float] = []
+    span = 0.0
+    deadline = time.monotonic() + PROBE_LIMIT
+    try:
+        with requests.post(url + PROBE_PATH, headers=headers, stream=True, timeout=(5, 5)) as response:
+            if response.status_code != 200:
+                return None, span
+            pending = b""
+            # byte by byte: a larger read would wait for more than one event (it is ~60 bytes)
+            for byte in response.iter_content(chunk_size=1):
+                if time.monotonic() > deadline or stopping.is_set():  # a dribble: no verdict, no long wait
+                    return None, span
+                pending += byte
+                if not pending.endswith(b"\n\n"):
+                    continue
+                event, pending = pending.strip(), b""
+                if event == b"data: [DONE]":
+                    break
+                arrivals.append(time.monotonic())
+                if b'"interval"' in event:
+                    fields = json.loads(event[len(b"data: "):])
+                    span = fields["interval"] * (fields["of"] - 1)
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None, span
+    return arrivals, span
 
 
 def open_tunnel(tunnel: Tunnel) -> tuple[str | None, str]:

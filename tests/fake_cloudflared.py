@@ -12,18 +12,26 @@ serves a metrics page naming its public URL, like the real one. $FAKE_CLOUDFLARE
 - ``fail``: prints cloudflared's error for an unreachable API and exits 1;
 - ``silent``: runs but never shows a URL.
 
+$FAKE_CLOUDFLARED_WARMUP (seconds, default 0): the proxy's URL refuses connections for that long
+after it is named, as a new quick tunnel's hostname does until Cloudflare's DNS knows it.
+$FAKE_CLOUDFLARED_SETTINGS names a JSON file read at each start whose keys ``mode``, ``idle`` and
+``warmup`` override those: a test can change how the *next* cloudflared behaves while a server
+that restarts it runs.
+
 Each start appends ``PID URL`` to $FAKE_CLOUDFLARED_LOG when set.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import secrets
 import signal
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -31,8 +39,14 @@ from urllib.parse import urlparse
 def main(argv: list[str]) -> int:
     metrics = argv[argv.index("--metrics") + 1]
     target = urlparse(argv[argv.index("--url") + 1])
-    mode = os.environ.get("FAKE_CLOUDFLARED_MODE", "named")
-    idle = float(os.environ.get("FAKE_CLOUDFLARED_IDLE", "100"))
+    settings = {"mode": os.environ.get("FAKE_CLOUDFLARED_MODE", "named"),
+                "idle": os.environ.get("FAKE_CLOUDFLARED_IDLE", "100"),
+                "warmup": os.environ.get("FAKE_CLOUDFLARED_WARMUP", "0")}
+    named = os.environ.get("FAKE_CLOUDFLARED_SETTINGS")
+    if named and os.path.exists(named):
+        with open(named) as fh:
+            settings.update(json.load(fh))
+    mode, idle, warmup = settings["mode"], float(settings["idle"]), float(settings["warmup"])
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     if mode == "fail":
         print("ERR failed to request quick Tunnel: dial tcp: lookup api.trycloudflare.com: no such host",
@@ -42,9 +56,17 @@ def main(argv: list[str]) -> int:
     url = f"https://{secrets.token_hex(4)}-fake-tunnel.trycloudflare.com"
     if mode in ("proxy", "buffer"):
         handler = _proxy_handler(target.hostname, target.port, idle, buffer_streams=mode == "buffer")
-        proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler, bind_and_activate=False)
         proxy.daemon_threads = True
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        proxy.server_bind()  # the port is known (it is in the URL), but until listen() it refuses
+
+        def serve() -> None:
+            if warmup:
+                time.sleep(warmup)
+            proxy.server_activate()
+            proxy.serve_forever()
+
+        threading.Thread(target=serve, daemon=True).start()
         url = f"http://127.0.0.1:{proxy.server_port}"
     if os.environ.get("FAKE_CLOUDFLARED_LOG"):
         with open(os.environ["FAKE_CLOUDFLARED_LOG"], "a") as fh:

@@ -112,7 +112,8 @@ OTHER_KERNEL_PYTHON = os.environ.get("LLM_MAGIC_KERNEL_PYTHON")
 
 
 @pytest.mark.parametrize("kernel", ["python3", "other"] if OTHER_KERNEL_PYTHON else ["python3"])
-def test_relative_cell_references_in_a_kernel_count_from_the_cell_that_runs(kernel, host, tmp_path, monkeypatch) -> None:
+def test_relative_cell_references_in_a_kernel_count_from_the_cell_that_runs(kernel, host, tmp_path,
+                                                                            monkeypatch) -> None:
     """A kernel stores every cell (execute_request), and IPython 9 counts a stored cell up before
     it runs: ``{In[-1]}``/``{Out[-1]}`` must still be the cell before, not the cell itself.
     With $LLM_MAGIC_KERNEL_PYTHON set, also in a kernel of that Python."""

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -36,11 +37,18 @@ class FakeCloudflared:
         wrapper.chmod(0o755)
         monkeypatch.setenv("LLM_MAGIC_CLOUDFLARED", str(wrapper))
         monkeypatch.setenv("FAKE_CLOUDFLARED_LOG", str(self.log))
+        self.settings_file = tmp_path / "cloudflared-settings.json"
+        monkeypatch.setenv("FAKE_CLOUDFLARED_SETTINGS", str(self.settings_file))
         self.mode("proxy")
 
     def mode(self, mode: str, idle: float = 100) -> None:
         self.monkeypatch.setenv("FAKE_CLOUDFLARED_MODE", mode)
         self.monkeypatch.setenv("FAKE_CLOUDFLARED_IDLE", str(idle))
+
+    def next_starts(self, **settings: object) -> None:
+        """How the cloudflared started next behaves (``warmup``, ``mode``, ``idle``), even when a
+        running server starts it."""
+        self.settings_file.write_text(json.dumps(settings))
 
     def starts(self) -> list[tuple[int, str]]:
         if not self.log.exists():
@@ -105,12 +113,13 @@ def test_serve_shows_the_public_url_survives_a_killed_cloudflared_and_leaves_not
         assert new_url != url
         line = s.proc.stdout.readline()
         assert line.strip() == f"The tunnel restarted; new public URL: {new_url}"
+        # the URL is shown once it answers; that it streams is checked just after
+        expected = {"state": "ready", "public_url": new_url, "restarts": 1, "streams": True}
         deadline = time.monotonic() + 20
-        while requests.get(s.url + "/health", timeout=5).json()["tunnel"]["public_url"] != new_url:
+        while requests.get(s.url + "/health", timeout=5).json()["tunnel"] != expected:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        tunnel = requests.get(new_url + "/health", timeout=10).json()["tunnel"]
-        assert tunnel == {"state": "ready", "public_url": new_url, "restarts": 1, "streams": True}
+        assert requests.get(new_url + "/health", timeout=10).json()["tunnel"] == expected
     finally:
         assert s.stop() == 0
     assert all(gone(pid) for pid, _ in cloudflared.starts())
@@ -310,8 +319,6 @@ def test_client_retries_edge_errors_then_says_the_host_is_gone(flaky: str) -> No
 
 
 def test_kernel_death_leaves_neither_server_nor_cloudflared(cloudflared) -> None:
-    import subprocess
-
     code = ("import sys; from llm_magic import ApiHost; "
             "h = ApiHost(use_token=False, port=0, tunnel='cloudflared').start(); "
             "print(h.pid, flush=True); sys.stdin.read()")
@@ -325,3 +332,92 @@ def test_kernel_death_leaves_neither_server_nor_cloudflared(cloudflared) -> None
     finally:
         kernel.stdin.close()
         kernel.stdout.close()
+
+
+# -- restarts: of a server that died, of a cloudflared that died under load ------------------------
+
+
+def test_one_restart_brings_a_dead_host_back_behind_the_same_public_url(cloudflared, fresh_magics, capsys) -> None:
+    sh, magics = fresh_magics
+    assert sh.run_cell("%llm_host start --port 0").success
+    (tunnel_pid, url), = cloudflared.starts()
+    local, token = magics.host.url, magics.host.token
+    os.kill(magics.host.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while magics.host.status()["state"] != "failed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    capsys.readouterr()
+    sh.run_cell("%llm_host status")
+    out = capsys.readouterr().out
+    assert "failed: the server died; it was killed by SIGKILL" in out and re.search(rf"public url\s+{url}", out)
+    assert sh.run_cell("%llm_host restart").success
+    host = magics.host
+    assert (host.url, host.token, host.public_url) == (local, token, url) and host.running
+    assert f"Public URL: {url}" in capsys.readouterr().out
+    assert cloudflared.starts() == [(tunnel_pid, url)]  # the same cloudflared: the URL never changed
+    assert Client(url, token).chat("hi", max_tokens=2).model == host.model_name  # a remote client carries on
+    # the tunnel is watched for the new host: a cloudflared that dies now gets a new URL, shown
+    os.kill(tunnel_pid, signal.SIGKILL)
+    (_, _), (new_pid, new_url) = cloudflared.wait_starts(2)
+    out, deadline = "", time.monotonic() + 30
+    while "new public URL" not in out:
+        assert time.monotonic() < deadline, out
+        time.sleep(0.05)
+        out += capsys.readouterr().out
+    assert f"llm_magic: the tunnel restarted; new public URL: {new_url}" in out
+    assert host.status()["public_url"] == new_url
+    assert sh.run_cell("%llm_host stop").success
+    assert gone(new_pid)
+
+
+class CpuBurner:
+    """Busy loops at normal priority, three per core: a machine as loaded as one that runs a
+    build or a test suite besides (load average about 3 per core)."""
+
+    def __init__(self) -> None:
+        self.loops = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(3 * (os.cpu_count() or 2))]
+
+    def stop(self) -> None:
+        for loop in self.loops:
+            loop.kill()
+        for loop in self.loops:
+            loop.wait(10)
+
+
+@pytest.mark.slow
+def test_a_restarted_tunnels_new_url_is_shown_at_once_under_load_while_cloudflare_gets_ready(
+        cloudflared, capsys) -> None:
+    with ApiHost(port=0, tunnel="cloudflared") as host:
+        (old_pid, old_url), = cloudflared.starts()
+        # The next quick tunnel's hostname needs 20 s before it answers (DNS); the host must not
+        # wait for that (nor for its streaming check) before it shows the new URL.
+        cloudflared.next_starts(mode="proxy", warmup=20)
+        capsys.readouterr()
+        burner = CpuBurner()
+        try:
+            killed = time.monotonic()
+            os.kill(old_pid, signal.SIGKILL)
+            out = ""
+            while "new public URL" not in out:
+                assert time.monotonic() - killed < 40, out
+                time.sleep(0.05)
+                out += capsys.readouterr().out
+            shown = time.monotonic() - killed
+        finally:
+            burner.stop()
+        (_, _), (new_pid, new_url) = cloudflared.starts()
+        assert out.strip() == (f"llm_magic: the tunnel restarted; new public URL: {new_url} "
+                               "(not answering yet: Cloudflare may need a moment)")
+        assert shown < 12, shown  # it was shown after the URL answered, 20 s on
+        status = host.status()
+        assert status["public_url"] == new_url and status["tunnel"] == "cloudflared (unverified, 1 restarts)"
+        # once it answers, the host says so, and so does the server's /health (for the chat page)
+        expected = {"state": "ready", "public_url": new_url, "restarts": 1, "streams": True}
+        deadline = time.monotonic() + 40
+        while requests.get(host.url + "/health", timeout=5).json()["tunnel"] != expected:
+            assert time.monotonic() < deadline, host.status()
+            time.sleep(0.2)
+        assert host.status()["tunnel"] == "cloudflared (ready, 1 restarts)"
+        assert Client(new_url, host.token).chat("hi", max_tokens=2).model == host.model_name
+    assert gone(new_pid)
