@@ -205,7 +205,7 @@ class LLMMagics(Magics):
             if host.state == HostState.FAILED and host.death:
                 why = host.death
                 host.stop()  # its tunnel too
-                print(f"The host had died ({why}); it is cleared away now.")
+                print(f"The host had died: {why}. It is cleared away now.")
                 return
             raise UsageError("the host is not running (it was stopped or it failed: %llm_host logs)")
         host.stop()
@@ -304,7 +304,7 @@ class LLMMagics(Magics):
             if host.state != HostState.RUNNING or time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
-        return (f"the host this notebook started has died ({host.death}): %llm_host restart brings it back "
+        return (f"the host this notebook started has died: {host.death}; %llm_host restart brings it back "
                 "on the same URL with the same token (%llm_host logs shows its last lines)")
 
     def _line(self, line: str) -> None:

@@ -244,7 +244,7 @@ def test_a_host_that_died_says_so_and_one_restart_brings_it_back(fresh_magics, c
     assert not err
     os.kill(pid, sig)  # the OOM killer, a crash in llama.cpp
     _, err = run(sh, "%%llm --max-tokens 2\nhi", capsys)
-    assert err.startswith(f"the host this notebook started has died (it was killed by {sig.name} ("), err
+    assert err.startswith(f"the host this notebook started has died: it was killed by {sig.name} ("), err
     assert "%llm_host restart brings it back on the same URL with the same token" in err
     out, err = run(sh, "%llm_host status", capsys)
     assert not err and re.search(rf"state\s+failed: the server died; it was killed by {sig.name} \(", out), out
@@ -272,6 +272,6 @@ def test_stopping_a_host_that_died_clears_it_away(fresh_magics, capsys) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     out, err = run(sh, "%llm_host stop", capsys)
-    assert not err and out.startswith("The host had died (it was killed by SIGKILL (") and not folder.exists()
+    assert not err and out.startswith("The host had died: it was killed by SIGKILL (") and not folder.exists()
     _, err = run(sh, "%llm_host stop", capsys)
     assert "the host is not running" in err
