@@ -162,8 +162,6 @@ class Grammar:
                        for name, body in self.rules.items() if name in reachable)
 
 
-
-
 def is_name(expression: str) -> bool:
     """Whether a GBNF expression is one rule's name."""
     return bool(_RULE_NAME.fullmatch(expression))

@@ -210,7 +210,6 @@ def _range_chars(start: str, end: str) -> str:
     return "".join(_class_char(chr(a)) if a == b else f"{_class_char(chr(a))}-{_class_char(chr(b))}" for a, b in pieces)
 
 
-
 def pattern_rule(pattern: str, grammar: Grammar, where: str) -> str:
     """The GBNF for the characters of a JSON string that ``pattern`` matches whole."""
     return _Regex(pattern, grammar, where).convert()

@@ -111,5 +111,3 @@ def number_range(lo: tuple[int, bool] | None, hi: tuple[int, bool] | None, g: Gr
     if not parts:
         raise InvalidRequest("no number lies within the bounds")
     return " | ".join(f"({p})" for p in parts)
-
-

@@ -73,9 +73,9 @@ class _Converter:
         for key in schema:
             if key not in KEYWORDS:
                 raise _fail(where, f"'{_short(key)}' is a keyword structured output cannot enforce; remove it "
-                                "(supported: type, properties, required, additionalProperties, items, prefixItems, "
-                                "min/maxItems, enum, const, anyOf, oneOf, allOf, $ref, pattern, format, "
-                                "min/maxLength, minimum/maximum)")
+                            "(supported: type, properties, required, additionalProperties, items, prefixItems, "
+                            "min/maxItems, enum, const, anyOf, oneOf, allOf, $ref, pattern, format, "
+                            "min/maxLength, minimum/maximum)")
         for key in ("$defs", "definitions"):
             if key in schema and not isinstance(schema[key], dict):
                 raise _fail(where, f"'{key}' must be an object of schemas")
@@ -93,7 +93,7 @@ class _Converter:
                 raise _fail(where, "'enum' must be a non-empty list")
             if len(values) > self.g.limits.enum:
                 raise _fail(where, f"'enum' has {len(values)} values; structured output allows "
-                                f"{self.g.limits.enum}")
+                            f"{self.g.limits.enum}")
             kept = [v for v in values if _type_allows(schema.get("type"), v)]
             if not kept:
                 raise _fail(where, "no value of 'enum' has the schema's 'type'")
@@ -127,7 +127,7 @@ class _Converter:
         self._only_annotations(schema, ("$ref", "$defs", "definitions"), where)
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise _fail(where, f"'$ref' to {_short(ref)}: only references inside the schema "
-                            "('#/$defs/...') are supported; the host fetches nothing")
+                        "('#/$defs/...') are supported; the host fetches nothing")
         if ref in self.refs:
             return self.refs[ref]
         target: Any = self.root
@@ -191,7 +191,7 @@ class _Converter:
         extra = schema.get("additionalProperties")
         if missing and (extra is False or properties or extra is None):
             raise _fail(where, f"'required' names '{_short(missing[0])}', which is not in 'properties'; "
-                            "add it there (with its schema) or remove it from 'required'")
+                        "add it there (with its schema) or remove it from 'required'")
         if sum(len(json.dumps(k, ensure_ascii=False)) for k in properties) > g.limits.literal_bytes:
             raise _fail(where, f"the property names are more than {g.limits.literal_bytes} bytes; shorten them")
         g.builtin("ws")
@@ -272,6 +272,7 @@ class _Converter:
                 body += "?"
         return f'"[" ws {body} "]"' if body else '"[" ws "]"'
 
+
 def _merge_all_of(schema: dict, root: Any, where: str, limits: Limits) -> dict:
     """``allOf`` of object schemas (or of one schema) as the one schema they make together."""
     parts = schema["allOf"]
@@ -293,8 +294,9 @@ def _merge_all_of(schema: dict, root: Any, where: str, limits: Limits) -> dict:
                 merged[key] = value
             else:
                 raise _fail(f"{where}.allOf[{i}]", f"'{_short(key)}' differs between the schemas "
-                                "of 'allOf'; only object schemas (properties and required) are combined")
+                            "of 'allOf'; only object schemas (properties and required) are combined")
     return merged
+
 
 def _resolved(schema: Any, root: Any, where: str, limits: Limits) -> Any:
     for _ in range(limits.depth):
@@ -324,13 +326,13 @@ def _string(g: Grammar, schema: dict, where: str) -> str:
     if "pattern" in schema:
         if any(k in schema for k in ("minLength", "maxLength")):
             raise _fail(where, "'pattern' with 'minLength'/'maxLength' cannot be enforced together; "
-                            "put the length in the pattern")
+                        "put the length in the pattern")
         pattern = schema["pattern"]
         if not isinstance(pattern, str):
             raise _fail(where, "'pattern' must be a string")
         if len(pattern) > g.limits.pattern:
             raise _fail(where, f"'pattern' is {len(pattern)} characters; structured output allows "
-                            f"{g.limits.pattern}")
+                        f"{g.limits.pattern}")
         body = pattern_rule(pattern, g, f"{where}.pattern")
         return f"{quote} {body} {quote}" if body else f"{quote} {quote}"
     low, high = _count(schema, "minLength", where), _count(schema, "maxLength", where, None)
@@ -341,9 +343,11 @@ def _string(g: Grammar, schema: dict, where: str) -> str:
     chars = g.repeat(g.builtin("char"), low, high, where, ("'minLength'", "'maxLength'"))
     return f"{quote} {chars} {quote}".replace("  ", " ")
 
+
 def _number(g: Grammar, schema: dict, kind: str, where: str) -> str:
     """An integer or a number, within its bounds."""
-    low, high = _bound(schema, "minimum", "exclusiveMinimum", where), _bound(schema, "maximum", "exclusiveMaximum", where)
+    low = _bound(schema, "minimum", "exclusiveMinimum", where)
+    high = _bound(schema, "maximum", "exclusiveMaximum", where)
     if low is None and high is None:
         return g.builtin(kind)
     if kind == "integer":
@@ -356,7 +360,7 @@ def _number(g: Grammar, schema: dict, kind: str, where: str) -> str:
     for bound in (low, high):
         if bound is not None and bound[0] != int(bound[0]):
             raise _fail(where, "a 'number' bound that is not a whole number cannot be enforced; use whole "
-                            "bounds, or 'type': 'integer'")
+                        "bounds, or 'type': 'integer'")
     lo = None if low is None else (int(low[0]), low[1])
     hi = None if high is None else (int(high[0]), high[1])
     if lo is not None and hi is not None and (lo[0] > hi[0] or (lo[0] == hi[0] and (lo[1] or hi[1]))):
@@ -382,14 +386,10 @@ _IMPLIED = {"properties": "object", "additionalProperties": "object", "required"
             "prefixItems": "array", "minItems": "array", "maxItems": "array", "pattern": "string",
             "format": "string", "minLength": "string", "maxLength": "string", "minimum": "number",
             "maximum": "number", "exclusiveMinimum": "number", "exclusiveMaximum": "number"}
-_FOR_TYPE = {"object": {"properties", "additionalProperties", "required"},
-             "array": {"items", "prefixItems", "minItems", "maxItems", "additionalItems"},
-             "string": {"pattern", "format", "minLength", "maxLength"},
-             "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
-             "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}}
 
 
 def _implied_type(schema: dict) -> str | None:
+    """The type a schema without ``type`` means by its keywords ("mixed" for several)."""
     kinds = {_IMPLIED[k] for k in schema if k in _IMPLIED}
     return kinds.pop() if len(kinds) == 1 else None if not kinds else "mixed"
 
@@ -437,5 +437,3 @@ def _check_digits(lo: int | None, hi: int | None, where: str) -> None:
     for bound in (lo, hi):
         if bound is not None and len(str(abs(bound))) > DIGITS:
             raise InvalidRequest(f"{where}: a bound of more than {DIGITS} digits cannot be enforced")
-
-

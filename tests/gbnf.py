@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-_TOKEN = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|(\[(?:[^\]\\]|\\.)*\])|([a-zA-Z][a-zA-Z0-9-]*)|(\{\d*(?:,\d*)?\})|([()|?*+]))')
+_TOKEN = re.compile(r'\s*(?:("(?:[^"\\]|\\.)*")|(\[(?:[^\]\\]|\\.)*\])|([a-zA-Z][a-zA-Z0-9-]*)'
+                    r'|(\{\d*(?:,\d*)?\})|([()|?*+]))')
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "[": "[", "]": "]", "-": "-"}
 
 
@@ -83,4 +84,3 @@ def compiles(grammar: str) -> bool:
         return False
     llama_cpp.llama_sampler_free(sampler)
     return True
-

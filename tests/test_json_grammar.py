@@ -110,7 +110,7 @@ def test_optional_properties_keep_their_order_and_commas() -> None:
 def test_array_bounds_and_tuples() -> None:
     bounded = accepts({"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 3})
     assert [bool(bounded.fullmatch(t)) for t in ["[]", "[true]", "[true, false]", "[true, false, true]",
-                                                  "[true, true, true, true]"]] == [False, False, True, True, False]
+                                                 "[true, true, true, true]"]] == [False, False, True, True, False]
     pair = accepts({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False,
                     "minItems": 1})
     assert [bool(pair.fullmatch(t)) for t in ['[1]', '[1, "a"]', '[1, "a", 2]', '["a"]', "[]"]] == [

@@ -99,7 +99,8 @@ def _bounded(kind: str, draw) -> dict:
 
 @st.composite
 def leaves(draw) -> dict:
-    kind = draw(st.sampled_from(["string", "pattern", "format", "integer", "number", "boolean", "null", "enum", "const"]))
+    kind = draw(st.sampled_from(["string", "pattern", "format", "integer", "number", "boolean", "null", "enum",
+                                 "const"]))
     if kind == "string":
         schema: dict = {"type": "string"}
         if draw(st.booleans()):
