@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -165,6 +166,17 @@ def _serve_args(no_token: bool, ctx_length: int | None, gpu_layers: int | None, 
     for pattern in allow_models:
         args += ["--allow-model", pattern]
     return args + list(extra)
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now. A server asked for port 0 is started on one of these instead:
+    cheroot lets a listener on a port it was given reuse the address (SO_REUSEADDR), not one on
+    port 0, and without that, the connections a server had when it died (their ends linger on
+    the port for up to a minute) would keep its restart from binding the port again."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.bind(address)
+        return sock.getsockname()[1]
 
 
 def get_health(url: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -349,7 +361,8 @@ class ApiHost:
         self.death = self.exit_code = None
         server = self._server = ServerProcess()
         # The tunnel is opened here, not by the server: it then outlives a restart (same URL).
-        command = [sys.executable, "-m", "llm_magic", "serve", "--host", self.host, "--port", str(self.port),
+        port = self.port or free_port(self.host)
+        command = [sys.executable, "-m", "llm_magic", "serve", "--host", self.host, "--port", str(port),
                    "--tunnel", "none", *self._args, *model_args, "--exit-with-parent", str(os.getpid())]
         if self.tunnel == "cloudflared":
             command += ["--tunnel-status", str(server.tunnel_file)]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -264,6 +266,11 @@ def test_a_server_that_dies_is_reported_with_why_and_restarts_on_the_same_port_a
         url, token, pid = host.url, host.token, host.pid
         assert requests.post(f"{url}/api", json={"token": token, "inputs": "x", "parameters": {"max_tokens": 2}},
                              timeout=30).ok
+        # a client's idle keep-alive connection, as a notebook's Client holds: when the server dies,
+        # its end lingers on the port (FIN_WAIT2, up to a minute), and the restart must bind anyway
+        idle = http.client.HTTPConnection("127.0.0.1", urllib.parse.urlsplit(url).port, timeout=10)
+        idle.request("GET", "/health")
+        assert idle.getresponse().read()
         os.kill(pid, sig)
         status = wait_state(host, "failed")
         assert status["died"].startswith(why) and status["signal"] == sig.name and status["exit_code"] == -sig
@@ -272,6 +279,7 @@ def test_a_server_that_dies_is_reported_with_why_and_restarts_on_the_same_port_a
         if sig == signal.SIGSEGV:  # the stack of each thread, written as it crashed
             assert "Fatal Python error: Segmentation fault" in host.logs(200)
         host.restart()
+        idle.close()
         assert (host.url, host.token) == (url, token) and host.pid != pid and host.running
         assert host.status()["state"] == "running" and "died" not in host.status()
         r = requests.post(f"{url}/api", json={"token": token, "inputs": "x", "parameters": {"max_tokens": 2}},
