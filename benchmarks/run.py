@@ -453,15 +453,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--only", choices=["neighbours"], help="one measurement alone, printed (nothing saved)")
+    parser.add_argument("--only", choices=["neighbours", "features"],
+                        help="one measurement of llm_magic alone (no peers), printed; nothing saved")
     args = parser.parse_args()
-    if args.only == "neighbours":
+    if args.only:
         host = ApiHost(use_token=False, port=0, tunnel="none").start()
         try:
-            result = neighbours(host.url or "", max(3, args.rounds // 2))
+            if args.only == "neighbours":
+                print(report_neighbours(neighbours(host.url or "", max(3, args.rounds // 2))))
+            else:
+                feats = features(host.url or "", max(3, args.rounds // 2))
+                print("\n".join(f"{name:<34}{rate:>8.1f} tokens/s {rate / feats['plain']:>7.3f}"
+                                for name, rate in feats.items()))
         finally:
             host.stop()
-        print(report_neighbours(result))
         return 0
 
     import llama_cpp

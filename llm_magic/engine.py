@@ -140,6 +140,7 @@ class _Loaded:
     metadata: dict[str, str] = field(default_factory=dict)
     pieces: dict[int, bytes] = field(default_factory=dict)
     longest_piece: int | None = None
+    control_tokens: tuple[int, ...] | None = None  # see Engine._control_tokens
     formatters: dict[str | None, Any] = field(default_factory=dict)
     embedder: Any = None  # an EmbeddingContext on this model, made at the first embedding request
 
@@ -613,8 +614,9 @@ class Engine:
         max_tokens = min(s.max_tokens or budget, budget)
         seed = random.getrandbits(32) if s.seed is None or s.seed < 0 else s.seed % 2**32
         constraint = self._grammar(request, tool_format)
-        grammar = None
+        grammar, banned = None, ()
         if constraint is not None:
+            banned = () if constraint.controls else self._control_tokens(loaded)
             self._check_writable(loaded, constraint.texts)
             grammar = constraint.grammar
             self.grammars.check(grammar)  # compiled in a child first: a bad one cannot take the host down
@@ -632,7 +634,7 @@ class Engine:
         try:
             for i in range(request.n):  # each answer draws its own samples: seed, seed + 1, ...
                 choices.append(Choice(
-                    i, TokenSampler(vocab, s, (seed + i) % 2**32, grammar), max_tokens=max_tokens,
+                    i, TokenSampler(vocab, s, (seed + i) % 2**32, grammar, banned), max_tokens=max_tokens,
                     stops=stops, piece=piece, is_end=is_end, emit=emitter(i),
                     logprobs=Logprobs(request.logprobs, n_vocab, piece) if request.logprobs is not None else None))
         except BaseException:
@@ -658,6 +660,15 @@ class Engine:
 
         return Task(tokens, choices, finish, cancel, events=events, closed=closed,
                     first_text_passed=first_text_passed, tool_format=tool_name)
+
+    def _control_tokens(self, loaded: _Loaded) -> tuple[int, ...]:
+        """The tokens whose text holds a control character (a raw newline, a tab): JSON grammars
+        never allow one, so a constrained answer bans them up front (looked up once per model)."""
+        if loaded.control_tokens is None:
+            n_vocab = _llama_cpp().llama_vocab_n_tokens(loaded.model.vocab)
+            loaded.control_tokens = tuple(t for t in range(n_vocab)
+                                          if any(b < 0x20 or b == 0x7F for b in self._piece(loaded, t)))
+        return loaded.control_tokens
 
     def _check_writable(self, loaded: _Loaded, texts: frozenset[str]) -> None:
         """Refuse a constraint whose exact texts (keys, constants) this model's vocabulary cannot

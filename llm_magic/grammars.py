@@ -25,6 +25,7 @@ class Constraint:
 
     grammar: str
     texts: frozenset[str] = frozenset()
+    controls: bool = False  # whether the grammar ever lets a raw control character through
 
 
 class _GrammarCache:
@@ -87,7 +88,7 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> Constraint | 
             return calls_only
         # text, or the calls: the text only may not start like them
         return Constraint(_renamed_root(calls_only.grammar, "llm-magic-calls") +
-                          "\nroot ::= llm-magic-calls | text\ntext ::= [^{] [^\\x00]*\n", calls_only.texts)
+                          "\nroot ::= llm-magic-calls | text\ntext ::= [^{] [^\\x00]*\n", calls_only.texts, controls=True)
     one_call = _convert(call, "the tools")
     grammar = _renamed_root(one_call.grammar, "llm-magic-call")
     many = request.parallel
@@ -99,7 +100,7 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> Constraint | 
                 if many else '"[TOOL_CALLS][" llm-magic-call "]"')
     else:  # llama3: a bare call object
         root = "llm-magic-call"
-    return Constraint(grammar + f"\nroot ::= {root}\n", one_call.texts)
+    return Constraint(grammar + f"\nroot ::= {root}\n", one_call.texts, controls=tool_format.name == "hermes")
 
 
 def _renamed_root(grammar: str, name: str) -> str:
