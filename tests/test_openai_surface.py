@@ -475,7 +475,10 @@ def test_langchain_round_trip_with_a_cut_second_call_keeps_the_first(host: ApiHo
     assert message.response_metadata["finish_reason"] == "length" and not message.content
     assert [(c["name"], c["args"]) for c in message.tool_calls] == [("add", {"a": 2, "b": 3})]
     assert [c["name"] for c in message.invalid_tool_calls] == ["add"]
-    assert message.invalid_tool_calls[0]["args"].replace(" ", "") == '{"a":4'
+    # the arguments so far (LangChain describes the tool in its own words, so its greedy answer
+    # may run a token or two past the cut the fixture found for ADD_TOOL; still inside the call)
+    cut = message.invalid_tool_calls[0]["args"].replace(" ", "")
+    assert cut.startswith('{"a":4') and '{"a":4,"b":5}'.startswith(cut) and cut != '{"a":4,"b":5}'
     call = message.tool_calls[0]
     history = [HumanMessage(TWO_SUMS), message, ToolMessage(str(add.invoke(call["args"])), tool_call_id=call["id"])]
     final = llm.bind(max_tokens=40).invoke(history)
