@@ -552,8 +552,10 @@ class _Fanout:
         self._failure: BaseException | None = None
         self._changed = threading.Condition(self._lock)  # a prompt started or failed
         self._wave = max(1, min(len(self._requests), engine.parallel // max(1, self._n)))
-        for _ in range(self._wave):
-            threading.Thread(target=self._work, args=(engine,), name="llm-magic-prompt", daemon=True).start()
+        self._threads = [threading.Thread(target=self._work, args=(engine,), name="llm-magic-prompt", daemon=True)
+                         for _ in range(self._wave)]
+        for thread in self._threads:
+            thread.start()
 
     @classmethod
     def start(cls, engine: Engine, gen_request: GenerationRequest,
@@ -677,6 +679,9 @@ class _Fanout:
             pumps = list(self._pumps)
         for pump in pumps:
             pump.cancel()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=1.0)  # each leaves once its prompt is withdrawn
 
 
 class _ClientGone(Exception):
