@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Iterator
 
 import pytest
 import requests
 
 from llm_magic import ApiHost, Client
+
+from .local_http import serving
 
 ASK_API = {"inputs": "Once upon a time,", "parameters": {"max_tokens": 5, "temperature": 0}}
 ASK_CHAT = {"messages": [{"role": "user", "content": "Write a poem."}], "max_tokens": 5}
@@ -79,12 +80,8 @@ class _Page(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def elsewhere() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serving(_Page) as url:
+        yield url + "/"
 
 
 def test_a_page_on_another_origin_cannot_make_the_host_generate(open_host: ApiHost, elsewhere: str) -> None:

@@ -9,9 +9,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +21,7 @@ from llm_magic import ApiHost, Client
 from llm_magic.errors import HostUnreachable
 from llm_magic.tunnel import Tunnel, TunnelError
 
+from .local_http import serving
 from .test_cli import Serve
 from .test_host import gone
 
@@ -301,13 +301,8 @@ class _Flaky(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def flaky() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving(_Flaky) as url:
+        yield url
 
 
 def test_client_retries_edge_errors_then_says_the_host_is_gone(flaky: str) -> None:
