@@ -7,30 +7,31 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["ApiHost", "Client", "__version__"]
 
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext llm_magic``: register ``%llm_host``, ``%llm`` and ``%%llm``."""
-    from .magics import load_ipython_extension as load
+    from llm_magic.notebook.magics import load_ipython_extension as load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from .magics import unload_ipython_extension as unload
+    from llm_magic.notebook.magics import unload_ipython_extension as unload
 
     unload(ipython)
 
 
 def __getattr__(name: str) -> Any:
     if name == "ApiHost":
-        from .host import ApiHost
+        from llm_magic.supervisor.host import ApiHost
 
         return ApiHost
     if name == "Client":
-        from .client import Client
+        from llm_magic.client.client import Client
 
         return Client
     raise AttributeError(f"module 'llm_magic' has no attribute {name!r}")

@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import LLMMagicError
-from .files import write_atomically
-from .host import TOKEN_ENV, add_serve_arguments, new_token
+from llm_magic.version import __version__
+from llm_magic.errors import LLMMagicError
+from llm_magic.files import write_atomically
+from llm_magic.supervisor.host import TOKEN_ENV, add_serve_arguments, new_token
 
 URL_ENV = "LLM_MAGIC_URL"
 
@@ -90,15 +90,15 @@ def serve(args: argparse.Namespace) -> int:
         pass
     logging.getLogger("huggingface_hub").propagate = False  # it has its own handler: one line per warning
     try:
-        from .httpserver import HttpServer
-        from .server import create_app
+        from llm_magic.server.httpserver import HttpServer
+        from llm_magic.server.app import create_app
     except ImportError as exc:
         raise LLMMagicError(f"serving needs the host extra ({exc.name} is missing): "
                             "pip install 'llm_magic[host]'") from None
-    from .engine import Engine, gpu_offload_supported
-    from .gpu import offload_warning
-    from .models import ModelPolicy, ModelSpec, model_name, resolve_model
-    from .snippets import connection_text
+    from llm_magic.engine.llama_cpp.engine import Engine, gpu_offload_supported
+    from llm_magic.engine.llama_cpp.gpu import offload_warning
+    from llm_magic.models import ModelPolicy, ModelSpec, model_name, resolve_model
+    from llm_magic.supervisor.snippets import connection_text
 
     tunnel_note = "none" if args.tunnel else "none (the terminal default; a public URL needs --tunnel cloudflared)"
 
@@ -140,7 +140,7 @@ def serve(args: argparse.Namespace) -> int:
         public_url = None
         if args.tunnel == "cloudflared":
             tunnel = _new_tunnel(server.port, token)
-            from .tunnel import open_tunnel
+            from llm_magic.supervisor.tunnel import open_tunnel
 
             public_url, tunnel_note = open_tunnel(tunnel)
         streams = tunnel is None or tunnel.streams is not False
@@ -166,7 +166,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _new_tunnel(port: int, token: str | None) -> Any:
-    from .tunnel import Tunnel
+    from llm_magic.supervisor.tunnel import Tunnel
 
     def announce(new_url: str) -> None:
         if tunnel.restarts:  # the first URL is in the banner
@@ -211,8 +211,8 @@ def _watch_parent(pid: int, stop: threading.Event) -> None:
 def gpu(args: argparse.Namespace) -> int:
     import tempfile
 
-    from . import gpu as nvidia
-    from .engine import gpu_offload_supported
+    from llm_magic.engine.llama_cpp import gpu as nvidia
+    from llm_magic.engine.llama_cpp.engine import gpu_offload_supported
 
     offload = gpu_offload_supported()
     print(nvidia.describe(offload, _llama_version()), flush=True)
@@ -269,7 +269,7 @@ def _offloads_now() -> bool:
 
 
 def ask(args: argparse.Namespace) -> int:
-    from .client import Client
+    from llm_magic.client.client import Client
 
     prompt = args.prompt
     if prompt in (None, "-"):

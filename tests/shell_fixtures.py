@@ -9,7 +9,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from llm_magic.magics import LLMMagics
+from llm_magic.notebook.magics import LLMMagics
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from typing import Iterator
 
 import pytest
 
-from llm_magic.engine import Engine, Turnstile, chat_formats
+from llm_magic.engine.llama_cpp.engine import Engine, Turnstile, chat_formats
 from llm_magic.errors import HostBusy, InvalidRequest, ModelNotAllowed
 from llm_magic.models import ModelPolicy
-from llm_magic.protocol import Completion, GenerationRequest, Sampling, Started
+from llm_magic.wire.protocol import Completion, GenerationRequest, Sampling, Started
 
 GREEDY = Sampling(max_tokens=40, temperature=0.0)
 CHAT = ({"role": "user", "content": "What is the capital of France?"},)
@@ -64,8 +64,8 @@ def test_a_long_prompt_read_in_chunks_gives_llama_cpp_pythons_greedy_answer(engi
 def test_greedy_under_a_grammar_matches_llama_cpp_python(engine: Engine, reference) -> None:
     from llama_cpp.llama_grammar import LlamaGrammar
 
-    from llm_magic.grammars import grammar_for
-    from llm_magic.protocol import ResponseFormat
+    from llm_magic.engine.llama_cpp.grammar.constraints import grammar_for
+    from llm_magic.wire.protocol import ResponseFormat
 
     schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
               "required": ["title", "year"]}
@@ -409,7 +409,7 @@ def test_a_lone_generation_pauses_until_its_first_text_has_gone_out(engine: Engi
 
 
 def test_n_answers_share_one_prompt_and_each_draws_its_own_samples(engine: Engine) -> None:
-    from llm_magic.protocol import ChoiceDelta
+    from llm_magic.wire.protocol import ChoiceDelta
 
     sampling = Sampling(max_tokens=24, temperature=0.9, seed=3)
     sizes = recording_batches(engine)
@@ -475,8 +475,8 @@ def test_a_prompt_a_slot_holds_exactly_is_answered_from_its_kept_logits(engine: 
 
 
 def test_a_grammar_that_dead_ends_fails_its_own_answer_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm_magic import sampling
-    from llm_magic.protocol import ResponseFormat
+    from llm_magic.engine.llama_cpp import sampling
+    from llm_magic.wire.protocol import ResponseFormat
 
     real = sampling.TokenSampler._sample_constrained
     calls = {"n": 0}
@@ -515,7 +515,7 @@ def test_embeddings_packed_together_equal_those_computed_alone(engine: Engine) -
 
 
 def test_embedding_inputs_are_checked_whole_before_any_is_computed(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm_magic.embeddings import EmbeddingContext
+    from llm_magic.engine.llama_cpp.embeddings import EmbeddingContext
 
     engine.embed(["warm"])  # the context exists
     computed = []
@@ -529,7 +529,7 @@ def test_embedding_inputs_are_checked_whole_before_any_is_computed(engine: Engin
 
 
 def test_embeddings_stop_when_the_client_leaves_and_let_answers_go_on(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm_magic.embeddings import EmbeddingContext
+    from llm_magic.engine.llama_cpp.embeddings import EmbeddingContext
     from llm_magic.errors import Cancelled
 
     cancel = threading.Event()

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from llm_magic.engine import Engine
+from llm_magic.engine.llama_cpp.engine import Engine
 from llm_magic.models import ModelPolicy
-from llm_magic.server import create_app
+from llm_magic.server.app import create_app
 
 # Any code point, with lone surrogates often: JSON can carry "\ud800", which is not text.
 any_char = st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)

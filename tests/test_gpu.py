@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from llm_magic import ApiHost
-from llm_magic.gpu import install_plan, run_step, wheel_tag
+from llm_magic.engine.llama_cpp.gpu import install_plan, run_step, wheel_tag
 
 from .test_cli import Serve, run_cli
 
@@ -120,7 +120,8 @@ def test_a_long_build_reports_its_progress(fake_gpu: Path, tmp_path: Path) -> No
 
 def test_install_tries_the_wheel_then_the_build_until_llama_cpp_offloads(
         fake_gpu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from llm_magic import cli, gpu
+    from llm_magic import cli
+    from llm_magic.engine.llama_cpp import gpu
 
     # what a fresh process imports after the install: a llama_cpp with GPU offload
     fake = tmp_path / "site" / "llama_cpp"

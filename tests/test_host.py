@@ -145,7 +145,7 @@ def test_token_from_colab_secrets(monkeypatch) -> None:
 def test_token_and_hf_token_from_kaggle_secrets(monkeypatch) -> None:
     import types
 
-    from llm_magic.host import notebook_secret
+    from llm_magic.supervisor.host import notebook_secret
 
     secrets = {"LLM_MAGIC_TOKEN": "kaggle-secret-token", "HF_TOKEN": "hf_kaggle"}
 
@@ -168,7 +168,7 @@ def test_token_and_hf_token_from_kaggle_secrets(monkeypatch) -> None:
 
 
 def test_new_tokens_never_start_like_an_option() -> None:
-    from llm_magic.host import new_token
+    from llm_magic.supervisor.host import new_token
 
     tokens = {new_token() for _ in range(3000)}  # about 1 in 32 raw tokens starts with '-' or '_'
     assert len(tokens) == 3000 and all(t[0].isalnum() and len(t) == 32 for t in tokens)
@@ -184,7 +184,7 @@ def log_files(host: ApiHost) -> list[Path]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="writes into the child's stderr through /proc")
 def test_a_flood_on_the_servers_stderr_leaves_the_log_within_its_cap_and_logs_correct() -> None:
-    from llm_magic import logfile
+    from llm_magic.supervisor import logfile
 
     with ApiHost(use_token=False, port=0) as host:
         # Into the very pipe that is the child's fd 2, where llama.cpp's C code writes: 40 MB of
@@ -206,7 +206,7 @@ def test_a_flood_on_the_servers_stderr_leaves_the_log_within_its_cap_and_logs_co
 
 
 def test_the_log_rotates_within_its_cap_and_its_tail_spans_the_files(tmp_path: Path) -> None:
-    from llm_magic.logfile import BoundedLog, tail
+    from llm_magic.supervisor.logfile import BoundedLog, tail
 
     path = tmp_path / "server.log"
     log = BoundedLog(path, max_bytes=64 * 1024, backups=2, burst=10**9, rate=10**9)  # no flood limit here
@@ -225,7 +225,7 @@ def test_the_log_rotates_within_its_cap_and_its_tail_spans_the_files(tmp_path: P
 def test_reading_the_logs_tail_never_reads_the_whole_file(tmp_path: Path) -> None:
     import tracemalloc
 
-    from llm_magic.logfile import tail
+    from llm_magic.supervisor.logfile import tail
 
     path = tmp_path / "server.log"
     with path.open("wb") as f:

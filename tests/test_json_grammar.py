@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.json_grammar import schema_to_gbnf
+from llm_magic.engine.llama_cpp.grammar.json_schema import schema_to_gbnf
 
 from .gbnf import compiles, to_regex
 

@@ -13,7 +13,7 @@ import requests
 from IPython.core.interactiveshell import InteractiveShell
 from pydantic import BaseModel
 
-from llm_magic.rendering import answer_code, copyable_code, fixed_cell
+from llm_magic.notebook.rendering import answer_code, copyable_code, fixed_cell
 
 from .shell_fixtures import run
 
@@ -94,7 +94,7 @@ def test_fix_explains_the_last_error_and_offers_the_cell(shell, greedy, hosted, 
 
 
 def test_fix_with_no_error_since_loading(capsys) -> None:
-    from llm_magic.magics import LLMMagics
+    from llm_magic.notebook.magics import LLMMagics
 
     fresh = InteractiveShell()
     own = LLMMagics(shell=fresh)

@@ -16,7 +16,7 @@ import requests
 from IPython.core.interactiveshell import InteractiveShell
 
 from llm_magic import ApiHost
-from llm_magic.magics import interpolate
+from llm_magic.notebook.magics import interpolate
 
 from .conftest import free_port
 from .shell_fixtures import run

@@ -576,7 +576,7 @@ def test_clients_tell_a_context_overflow_from_other_bad_requests(host: ApiHost) 
 
 def test_client_raises_what_the_v1_error_says(host: ApiHost) -> None:
     from llm_magic import Client
-    from llm_magic.client import _error_from_body, _status_of
+    from llm_magic.client.client import _error_from_body, _status_of
     from llm_magic.errors import ContextLengthExceeded, HostBusy, InvalidRequest
 
     client = Client(host.url, host.token)

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.openai_wire import OpenAIRenderer, parse_chat as parse_openai_chat
-from llm_magic.openai_wire import parse_completion as parse_openai_completion
-from llm_magic.protocol import Completion, LoggedText, ResponseFormat, Started, TokenLogprob
+from llm_magic.wire.openai import OpenAIRenderer, parse_chat as parse_openai_chat
+from llm_magic.wire.openai import parse_completion as parse_openai_completion
+from llm_magic.wire.protocol import Completion, LoggedText, ResponseFormat, Started, TokenLogprob
 
 USER = [{"role": "user", "content": "x"}]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import llm_magic
 assert Path(llm_magic.__file__).is_relative_to(Path(sys.prefix)), llm_magic.__file__  # this venv's copy
-web = importlib.resources.files("llm_magic") / "web"
+web = importlib.resources.files("llm_magic.server") / "web"
 missing = [name for name in sys.argv[1:] if not (web / name).is_file()]
 assert not missing, missing
 
@@ -63,13 +63,13 @@ def test_wheel_and_sdist_hold_everything_and_pass_twine(dist: Path) -> None:
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     wheel_files = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"llm_magic/web/{name}" for name in WEB_FILES} <= wheel_files
+    assert {f"llm_magic/server/web/{name}" for name in WEB_FILES} <= wheel_files
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in wheel_files)
     assert "llm_magic/gpu.py" in wheel_files
     assert not any(name.startswith(("tests/", "notebooks/")) for name in wheel_files)
     top = sdist.name.removesuffix(".tar.gz")
     sdist_files = {name.removeprefix(top + "/") for name in tarfile.open(sdist).getnames()}
-    assert {f"llm_magic/web/{name}" for name in WEB_FILES} <= sdist_files
+    assert {f"llm_magic/server/web/{name}" for name in WEB_FILES} <= sdist_files
     assert {"LICENSE", "README.md", "docs/architecture.md", "notebooks/colab_host.ipynb", "tests/fake_cloudflared.py",
             "scripts/test"} <= sdist_files
 

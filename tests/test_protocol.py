@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.protocol import Completion, ResponseFormat, Started, api_stream, parse_api_request
+from llm_magic.wire.protocol import Completion, ResponseFormat, Started, api_stream, parse_api_request
 
 SEED_CHAT = [
     {"role": "system", "content": "You are an assistant specialized in story writing"},

@@ -14,11 +14,11 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from pydantic import BaseModel
 
-from llm_magic import conversation
-from llm_magic.cells import CellErrors, CellNotFound, interpolate
+from llm_magic.client import conversation
+from llm_magic.notebook.cells import CellErrors, CellNotFound, interpolate
 from llm_magic.errors import InvalidRequest
-from llm_magic.python_tools import ToolBox, parse_docstring, schema_for
-from llm_magic.rendering import answer_code, code_blocks, fixed_cell, keep_line_breaks
+from llm_magic.client.python_tools import ToolBox, parse_docstring, schema_for
+from llm_magic.notebook.rendering import answer_code, code_blocks, fixed_cell, keep_line_breaks
 
 
 class Unit(enum.Enum):

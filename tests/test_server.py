@@ -11,9 +11,9 @@ from typing import Iterator
 
 import pytest
 
-from llm_magic.engine import Engine
+from llm_magic.engine.llama_cpp.engine import Engine
 from llm_magic.models import ModelPolicy
-from llm_magic.server import create_app
+from llm_magic.server.app import create_app
 
 TOKEN = "s3cret-token-for-tests"
 CHAT = [{"role": "user", "content": "Say hello."}]
@@ -226,8 +226,8 @@ def test_the_response_tells_the_generation_when_its_first_text_has_gone_out() ->
     side, and that later tokens do not wait, are tested in test_engine)."""
     import time
 
-    from llm_magic.protocol import Completion, Started
-    from llm_magic.server import _Pump
+    from llm_magic.wire.protocol import Completion, Started
+    from llm_magic.server.app import _Pump
 
     log: list[str] = []
 
@@ -345,8 +345,8 @@ def test_a_withdrawn_generation_gives_its_seat_back_only_once_its_slot_is_free(m
     The seat (what /health calls busy, what the next request waits for) came back at once, while
     the step ran on with the slot, so /health said idle and counted nothing and the next request
     still waited (tests/test_robustness.py, flaky under load). Here every step takes 0.5 s."""
-    from llm_magic.protocol import GenerationRequest, Sampling
-    from llm_magic.server import _Pump
+    from llm_magic.wire.protocol import GenerationRequest, Sampling
+    from llm_magic.server.app import _Pump
 
     e = Engine(model_path, policy=ModelPolicy(has_token=False), parallel=1)
     e.load_default()

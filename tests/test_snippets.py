@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llm_magic.snippets import client_snippets, connection_text
+from llm_magic.supervisor.snippets import client_snippets, connection_text
 
 from .test_cli import Serve
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.tool_calls import (
+from llm_magic.wire.tool_calls import (
     FORMATS, ToolRequest, ToolStream, call_schema, detect_format, generic_messages, parse_tool_request,
 )
 
@@ -144,7 +144,7 @@ def test_cut_text_that_is_no_call_stays_text() -> None:
 
 
 def test_cut_calls_read_whatever_the_text() -> None:
-    from llm_magic.partial_json import read_values
+    from llm_magic.wire.partial_json import read_values
 
     deep = '{"tool_calls": [{"name": "f", "arguments": ' + '[' * 100_000
     assert FORMATS["generic"].parse_cut(deep) == ("", [])  # too deep to read: no call, and no text either

@@ -19,7 +19,7 @@ import requests
 
 from llm_magic import ApiHost, Client
 from llm_magic.errors import HostUnreachable
-from llm_magic.tunnel import Tunnel, TunnelError
+from llm_magic.supervisor.tunnel import Tunnel, TunnelError
 
 from .local_http import serving
 from .test_cli import Serve

@@ -1,0 +1,517 @@
+"""Continuous batching: several requests decode together in one llama.cpp context.
+
+One thread (the ``Scheduler``'s) drives the context. Each step is one ``llama_decode`` of a
+batch that carries the next token of every answer being written, plus a chunk of the prompt of
+any request that has just arrived, so a new request starts at once instead of after the others;
+prompt chunks shrink while others are generating, so their streams keep flowing while a long
+prompt is read. The context holds ``parallel`` sequences ("slots"), each with a KV cache that
+can hold the whole context, so one long conversation can still use all of it and no request's
+answer depends on what is decoded beside it (see ``BatchContext``). A slot keeps its tokens in
+the cache after its request ends; the next request takes the free slot whose tokens share the
+longest prefix with its prompt, so several people's conversations each keep their cache. If the
+cache is ever full (slots that share one, when memory is short), idle slots give theirs up
+first, then new prompts wait; a running answer is never cut off for newer work (only if the
+answers being written fill it on their own does the newest of them end, as at a context's end).
+
+A request with ``n`` choices holds ``n`` slots: its prompt is read once, in the first, and
+copied to the others (``llama_memory_seq_cp``) before each samples its own answer.
+
+Other jobs (switching the context to a newly loaded model, embeddings) run in the same thread
+between two steps: ggml's
+CPU threads are an OpenMP team per calling thread, and two threads that compute in turn keep
+two teams that fight for the cores. Imports llama_cpp lazily, like ``engine.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from llm_magic.engine.llama_cpp.decoding import Choice
+from llm_magic.errors import LLMMagicError, ModelLoadError
+from llm_magic.engine.llama_cpp.sampling import logits_at
+
+log = logging.getLogger("llm_magic.engine")
+
+PROMPT_CHUNK_MIN = 32  # prompt tokens per step at first, and the least
+PROMPT_CHUNK_SECONDS = 0.05  # chunks double while a step takes less, and halve past twice that
+FIRST_TEXT_WAIT = 1.0  # the longest a lone generation pauses for its first text to go out
+N_BATCH = 512  # tokens one decode takes at most (llama-cpp-python's default)
+
+FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
+
+
+class Dropped:
+    """What a task's events end with when it was withdrawn (cancelled) before it finished."""
+
+
+DROPPED = Dropped()
+
+
+class BatchContext:
+    """A llama.cpp context for ``n_seq`` sequences of up to ``n_ctx`` tokens each, and the
+    batch that feeds it.
+
+    Each sequence has a KV cache of its own (``unified=False``), so that what a request
+    computes does not depend on what is decoded beside it: with one cache shared by all
+    sequences, llama.cpp's attention runs over the others' (masked) cells too, and the rounding
+    then depends on where they are, enough to change greedy answers (seen with flash attention
+    and with it off). It costs ``n_seq`` times the memory of one cache; ``unified=True``
+    shares one cache of ``n_ctx`` between all sequences instead."""
+
+    def __init__(self, model: Any, *, n_ctx: int, n_seq: int, threads: int, flash_attention: str = "auto",
+                 unified: bool = False) -> None:
+        import llama_cpp
+
+        self._lib = lib = llama_cpp
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx if unified else n_ctx * n_seq
+        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = FLASH_ATTENTION[flash_attention]
+        params.kv_unified = unified
+        params.no_perf = True
+        self.ctx = lib.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise ModelLoadError(f"llama.cpp could not make a context of {params.n_ctx} tokens "
+                                 f"({n_seq} sequences); there may not be memory enough")
+        self.memory = lib.llama_get_memory(self.ctx)
+        # the most one sequence holds (llama.cpp may round the context up; the owner's --ctx holds)
+        self.n_ctx = min(lib.llama_n_ctx_seq(self.ctx), n_ctx)
+        self.n_batch = lib.llama_n_batch(self.ctx)
+        self.n_seq = n_seq
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        # the batch's arrays, looked up once: each is a ctypes pointer indexed per token
+        b = self._batch
+        self._token, self._pos, self._n_seq_id, self._seq_id, self._logits = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
+        self.size = 0
+
+    def clear(self) -> None:
+        self.size = 0
+
+    def add(self, token: int, pos: int, seq: int, output: bool) -> int:
+        """Put one token in the batch; its index there (where its logits will be, if ``output``)."""
+        i = self.size
+        self._token[i], self._pos[i], self._n_seq_id[i], self._logits[i] = token, pos, 1, output
+        self._seq_id[i][0] = seq
+        self.size = i + 1
+        return i
+
+    def decode(self) -> int:
+        """llama_decode's status: 0 done, 1 no room in the KV cache (nothing was done), else an error."""
+        self._batch.n_tokens = self.size
+        return self._lib.llama_decode(self.ctx, self._batch)
+
+    def forget(self, seq: int, start: int = 0) -> bool:
+        """Drop ``seq``'s cached tokens from position ``start`` on; False if it cannot be cut there."""
+        return bool(self._lib.llama_memory_seq_rm(self.memory, seq, start, -1))
+
+    def copy(self, source: int, target: int) -> None:
+        self._lib.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+
+    def close(self) -> None:
+        if self.ctx:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self.ctx)
+            self.ctx = None
+
+
+@dataclass(eq=False)
+class Task:
+    """One request on its way through the scheduler: a prompt and the choices to write."""
+
+    tokens: list[int]
+    choices: list[Choice]
+    finish: Callable[["Task"], None]  # sends the completion(s), once every choice is complete
+    cancel: threading.Event
+    events: "queue.SimpleQueue[Any]" = field(default_factory=queue.SimpleQueue)
+    closed: Callable[["Task"], None] | None = None  # called once, however the task ends
+    tool_format: str | None = None
+    first_text_passed: threading.Event | None = None  # set by the consumer once it sent the first text
+    slots: list["Slot"] = field(default_factory=list)
+    read: int = 0  # prompt tokens in the KV cache of the first slot
+    cached: int = 0  # of those, found there when the task began
+    started: float = 0.0
+    arrived: float = field(default_factory=time.perf_counter)
+    handed_off: bool = False  # its first text went out (see FIRST_TEXT_WAIT)
+    kept_logits: Any = None  # its prompt's logits, kept by its slot: nothing to decode
+
+    @property
+    def reading(self) -> bool:
+        return self.read < len(self.tokens)
+
+    def close(self) -> None:
+        for choice in self.choices:
+            choice.close()
+        closed, self.closed = self.closed, None
+        if closed is not None:
+            closed(self)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One sequence of the context: the tokens it holds in the KV cache, and what it writes."""
+
+    seq: int
+    cache: list[int] = field(default_factory=list)
+    task: Task | None = None
+    choice: Choice | None = None
+    next_token: int | None = None  # sampled, not yet in the cache
+    last_used: float = 0.0
+    # The logits that follow the cache's last token, kept when an answer ends: a request whose
+    # prompt is exactly the cache samples from them instead of decoding its last token again.
+    logits: Any = None
+
+
+class Scheduler:
+    """The one thread that drives llama.cpp, stepping every running request together."""
+
+    def __init__(self) -> None:
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.context: BatchContext | None = None
+        self._slots: list[Slot] = []
+        self._pending: collections.deque[Task] = collections.deque()
+        self._running: list[Task] = []
+        self._chunk = PROMPT_CHUNK_MIN
+        self._hold_new = False  # the KV cache was full: no new task until one ends
+
+    # -- from other threads --------------------------------------------------------------
+
+    def submit(self, task: Task) -> None:
+        """Queue ``task``; its events arrive on ``task.events``."""
+        self._put(task)
+
+    def call(self, job: Callable[[], Any], timeout: float = 3600.0) -> Any:
+        """Run ``job`` in the scheduler's thread, between two steps, and return its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # handed to the waiting thread
+                    future.set_exception(exc)
+
+        self._put(run)
+        return future.result(timeout=timeout)  # a job ends on its own; this only bounds the wait
+
+    @property
+    def generating(self) -> bool:
+        """Whether answers are being written or wait for a slot (read from other threads)."""
+        return bool(self._running or self._pending)
+
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the thread after what it was already given."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._inbox.put(None)
+        if thread is not None:
+            thread.join(timeout)
+
+    def _put(self, item: Any) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="llm-magic-compute", daemon=True)
+                self._thread.start()
+            self._inbox.put(item)
+
+    # -- in the scheduler's thread -------------------------------------------------------
+
+    def attach(self, context: BatchContext | None) -> None:
+        """Drive ``context`` from now on (None: none). Only between requests."""
+        for task in [*self._running, *self._pending]:
+            self._drop(task)
+        self._pending.clear()
+        self.context = context
+        self._slots = [Slot(seq) for seq in range(context.n_seq)] if context is not None else []
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get(block=not self._busy)
+            except queue.Empty:
+                item = _NOTHING
+            while item is not _NOTHING:
+                if item is None:
+                    self.attach(None)
+                    return
+                if isinstance(item, Task):
+                    self._pending.append(item)
+                else:
+                    try:
+                        item()
+                    except Exception:  # a job reports its own failures; this keeps the thread
+                        log.exception("a compute job failed")
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = _NOTHING
+            if self._busy:
+                try:
+                    self._step()
+                except Exception as exc:  # a fault of ours or llama.cpp's: fail what runs, go on
+                    log.exception("a decode step failed")
+                    for task in list(self._running):
+                        self._fail(task, exc)
+
+    @property
+    def _busy(self) -> bool:
+        return bool(self._pending or self._running)
+
+    def _step(self) -> None:
+        for task in [t for t in [*self._running, *self._pending] if t.cancel.is_set()]:
+            self._drop(task)
+        self._assign()
+        ctx = self.context
+        if ctx is None or not self._running:
+            return
+        for task in [t for t in self._running if t.kept_logits is not None]:
+            logits, task.kept_logits = task.kept_logits, None
+            self._begin(task, lambda slot, logits=logits: self._guarded(
+                slot, lambda: self._advance(slot, logits, slot.choice.sampler.sample_from(logits))))
+        if not self._running:
+            return
+        ctx.clear()
+        writing = [(slot, ctx.add(slot.next_token, len(slot.cache), slot.seq, True))
+                   for slot in self._slots if slot.next_token is not None]
+        budget = min(self._chunk, ctx.n_batch - ctx.size)
+        chunks: list[tuple[Task, int, int]] = []  # task, tokens read, output index or -1
+        for task in sorted((t for t in self._running if t.reading), key=lambda t: t.arrived):
+            if budget <= 0:
+                break
+            n = min(budget, len(task.tokens) - task.read)
+            seq, end = task.slots[0].seq, task.read + n
+            index = -1
+            for pos in range(task.read, end):
+                index = ctx.add(task.tokens[pos], pos, seq, pos == len(task.tokens) - 1)
+            chunks.append((task, n, index if end == len(task.tokens) else -1))
+            budget -= n
+        started = time.perf_counter()
+        status = ctx.decode()
+        if status == 1:
+            self._make_room()
+            return
+        if status != 0:
+            raise ModelLoadError(f"llama.cpp could not decode (status {status})")
+        if chunks:
+            self._pace(time.perf_counter() - started, bool(writing))
+        for task, n, index in chunks:
+            lead = task.slots[0]
+            lead.cache.extend(task.tokens[task.read:task.read + n])
+            task.read += n
+            if index >= 0:  # the prompt is read: every choice samples its first token from it
+                self._begin(task, lambda slot, index=index: self._sample(slot, index))
+        for slot, index in writing:
+            slot.cache.append(slot.next_token)  # type: ignore[arg-type]
+            self._sample(slot, index)
+        if len(self._running) == 1:
+            task = self._running[0]
+            if task.first_text_passed is not None and not task.handed_off and any(c.text for c in task.choices):
+                # Alone, the next decode would take every core from the threads that must send
+                # the first text (ours, the client's, a tunnel's): let them, briefly.
+                task.handed_off = True
+                task.first_text_passed.wait(FIRST_TEXT_WAIT)
+
+    def _pace(self, seconds: float, others_writing: bool) -> None:
+        """Size the next prompt chunk: as large as keeps a step short, so that a client that
+        leaves during a long prompt is noticed soon and others' streams keep flowing."""
+        ctx = self.context
+        if seconds < PROMPT_CHUNK_SECONDS and ctx is not None:
+            self._chunk = min(self._chunk * 2, ctx.n_batch)
+        elif seconds > 2 * PROMPT_CHUNK_SECONDS and others_writing:
+            self._chunk = max(self._chunk // 2, PROMPT_CHUNK_MIN)
+
+    def _begin(self, task: Task, first: Callable[[Slot], None]) -> None:
+        """The prompt is in the first slot's cache: copy it to the others (n > 1), and let
+        every choice take its first token with ``first(slot)``."""
+        assert self.context is not None
+        lead = task.slots[0]
+        for slot in task.slots[1:]:
+            self.context.forget(slot.seq)
+            self.context.copy(lead.seq, slot.seq)
+            slot.cache = list(lead.cache)
+        for slot in list(task.slots):
+            if slot.task is task:  # the task may have failed at an earlier choice
+                first(slot)
+
+    def _sample(self, slot: Slot, index: int) -> None:
+        """Sample the slot's next token from the batch's ``index``-th logits and write it."""
+        ctx = self.context
+        assert ctx is not None
+        if slot.choice is None:  # its task failed earlier in this step
+            return
+        self._guarded(slot, lambda: self._advance(slot, lambda: logits_at(ctx.ctx, index, ctx.n_vocab),
+                                                   slot.choice.sampler.sample(ctx.ctx, index)))
+
+    def _guarded(self, slot: Slot, write: Callable[[], None]) -> None:
+        """Run ``write`` for the slot; if its sampling fails (a grammar that allows no token),
+        that task fails alone and every other answer goes on."""
+        task = slot.task
+        try:
+            write()
+        except Exception as exc:
+            if not isinstance(exc, LLMMagicError):
+                log.exception("sampling failed")
+            if task is not None and (task in self._running or any(s.task is task for s in self._slots)):
+                self._fail(task, exc)
+
+    def _advance(self, slot: Slot, logits: Any, token: int) -> None:
+        """Write ``token``, chosen from ``logits`` (an array, or a function that returns it)."""
+        choice, task = slot.choice, slot.task
+        assert choice is not None and task is not None
+        logits_of = logits if callable(logits) else (lambda: logits)
+        if choice.add(token, logits_of):
+            self._release(slot, kept=logits_of().copy() if callable(logits) else logits)
+            if all(c.finish_reason is not None for c in task.choices):
+                self._end(task)
+        else:
+            slot.next_token = token
+
+    def _assign(self) -> None:
+        """Give waiting tasks, first come first served, the free slots that suit them best."""
+        if not self._running:
+            self._hold_new = False
+        while self._pending and not self._hold_new:
+            task = self._pending[0]
+            free = [s for s in self._slots if s.task is None]
+            if len(free) < len(task.choices):
+                return
+            self._pending.popleft()
+            ctx = self.context
+            if ctx is None:
+                self._fail(task, ModelLoadError("no model is loaded"))
+                continue
+            lead = _best_slot(free, task.tokens)
+            shared = _common_prefix(lead.cache, task.tokens)
+            if shared == len(task.tokens) == len(lead.cache) and lead.logits is not None:
+                keep, task.kept_logits = shared, lead.logits  # all of it, and what follows it
+            else:
+                keep = min(shared, len(task.tokens) - 1)  # the last token is read again for its logits
+            if keep < len(lead.cache) and not ctx.forget(lead.seq, keep):
+                ctx.forget(lead.seq)
+                keep = 0
+            del lead.cache[keep:]
+            others = sorted((s for s in free if s is not lead), key=lambda s: s.last_used)
+            task.slots = [lead, *others[: len(task.choices) - 1]]
+            now = time.perf_counter()
+            for slot, choice in zip(task.slots, task.choices):
+                slot.task, slot.choice, slot.next_token, slot.last_used, slot.logits = task, choice, None, now, None
+            task.read = task.cached = keep
+            task.started = now
+            self._running.append(task)
+
+    def _make_room(self) -> None:
+        """The KV cache is full. Idle slots give up their cached tokens first (the longest
+        unused first); then the newest task still reading its prompt waits again, and no new
+        task starts until one ends; only when the answers being written fill the cache on
+        their own does the newest of them end, as an answer does that reaches the context's end."""
+        assert self.context is not None
+        idle = [s for s in self._slots if s.task is None and s.cache]
+        if idle:
+            slot = min(idle, key=lambda s: s.last_used)
+            self.context.forget(slot.seq)
+            slot.cache, slot.logits = [], None
+            return
+        self._hold_new = True
+        reading = [t for t in self._running if t.reading]
+        if reading:
+            task = max(reading, key=lambda t: t.arrived)
+            for slot in task.slots:
+                self.context.forget(slot.seq)
+                slot.cache = []
+                self._release(slot)
+            task.slots, task.read = [], 0
+            self._running.remove(task)
+            self._pending.appendleft(task)
+            log.info("the KV cache is full: a request waits for others to finish")
+            return
+        writing = [s for s in self._slots if s.choice is not None]
+        if writing:
+            slot = max(writing, key=lambda s: s.task.arrived if s.task else 0.0)
+            task = slot.task
+            assert slot.choice is not None and task is not None
+            log.warning("the KV cache is full: the newest answer ends here")
+            slot.choice.cut("length")
+            self.context.forget(slot.seq)
+            slot.cache = []
+            self._release(slot)
+            if all(c.finish_reason is not None for c in task.choices):
+                self._end(task)
+
+    def _release(self, slot: Slot, kept: Any = None) -> None:
+        slot.task, slot.choice, slot.next_token, slot.logits = None, None, None, kept
+        slot.last_used = time.perf_counter()
+
+    def _end(self, task: Task) -> None:
+        self._running.remove(task)
+        self._hold_new = False
+        task.close()  # counted before its answer goes out, so /health agrees with what clients saw
+        task.finish(task)
+
+    def _drop(self, task: Task) -> None:
+        """Withdraw a task (its client left): free its slots, keeping what they cached."""
+        for slot in task.slots:
+            if slot.task is task:
+                self._release(slot)
+        if task in self._running:
+            self._running.remove(task)
+            self._hold_new = False
+        elif task in self._pending:
+            self._pending.remove(task)
+        task.close()
+        task.events.put(DROPPED)
+
+    def _fail(self, task: Task, exc: BaseException) -> None:
+        for slot in task.slots:
+            if slot.task is task:
+                if self.context is not None:
+                    self.context.forget(slot.seq)
+                slot.cache = []
+                self._release(slot)
+        if task in self._running:
+            self._running.remove(task)
+        task.close()
+        task.events.put(exc if isinstance(exc, LLMMagicError) else
+                        ModelLoadError(f"generation failed ({type(exc).__name__}); see the host's log"))
+
+
+_NOTHING = object()
+
+
+def _best_slot(free: list[Slot], tokens: list[int]) -> Slot:
+    """The free slot to write an answer to ``tokens`` in. One whose cache starts this prompt
+    for at least half of the cache or half of the prompt (a conversation going on; a prompt
+    varied at its end), with the longest such start; else one with nothing cached, else the one
+    unused the longest. Sharing a little (a system prompt) is no reason to take a slot: its
+    cache holds someone else's conversation. Among equal starts, the slot with the least else
+    cached (a prompt it holds exactly needs no decode at all)."""
+    shared = [(n, slot) for slot in free if (n := _common_prefix(slot.cache, tokens))
+              and (2 * n >= len(slot.cache) or 2 * n >= len(tokens))]
+    if shared:
+        return max(shared, key=lambda pair: (pair[0], -len(pair[1].cache)))[1]
+    return min(free, key=lambda slot: (bool(slot.cache), slot.last_used))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

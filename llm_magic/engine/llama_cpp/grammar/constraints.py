@@ -1,0 +1,109 @@
+"""Grammars for structured output and tool calls: JSON schemas turned into llama.cpp's GBNF by
+``json_grammar`` (bounded, exact: what it cannot enforce is a 400 that names it), cached, since
+frameworks send the same schema with every request.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from dataclasses import dataclass
+
+from llm_magic.engine.llama_cpp.grammar.json_schema import schema_grammar
+from llm_magic.wire.protocol import ResponseFormat
+from llm_magic.wire.tool_calls import ToolFormat, ToolRequest, call_schema
+
+MAX_PARALLEL_CALLS = 4  # a small model may repeat a call forever; four in one turn is plenty
+CACHE_BYTES = 4 * 1024 * 1024  # grammars kept for schemas seen again (each is at most 128 KiB)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What constrains an answer: the grammar, and the exact texts (keys, constants) it makes
+    the answer hold, which the model's vocabulary must be able to write."""
+
+    grammar: str
+    texts: frozenset[str] = frozenset()
+    controls: bool = False  # whether the grammar ever lets a raw control character through
+
+
+class _GrammarCache:
+    """Grammars by schema text, the least recently used dropped past ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: collections.OrderedDict[str, Constraint] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, schema_json: str, where: str) -> Constraint:
+        with self._lock:
+            if schema_json in self._items:
+                self._items.move_to_end(schema_json)
+                return self._items[schema_json]
+        built = schema_grammar(json.loads(schema_json), where)  # raises InvalidRequest
+        constraint = Constraint(built.text(), frozenset(built.texts))
+        with self._lock:
+            if schema_json not in self._items:
+                self._items[schema_json] = constraint
+                self._bytes += len(schema_json) + _size(constraint)
+                while self._bytes > self.limit and self._items:
+                    key, value = self._items.popitem(last=False)
+                    self._bytes -= len(key) + _size(value)
+        return constraint
+
+
+def _size(constraint: Constraint) -> int:
+    return len(constraint.grammar) + sum(len(t) for t in constraint.texts)
+
+
+_cache = _GrammarCache(CACHE_BYTES)
+
+
+def _convert(schema: object, where: str) -> Constraint:
+    return _cache.get(json.dumps(schema), where)  # key order kept: it is the order of the output
+
+
+def grammar_for(response_format: ResponseFormat) -> Constraint:
+    """The GBNF grammar that constrains an answer to ``response_format``."""
+    schema = response_format.schema if response_format.schema is not None else {"type": "object"}
+    return _convert(schema, "'response_format' schema")
+
+
+def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> Constraint | None:
+    """The grammar for a reply that may (``auto``) or must (``required``, a named function) call
+    tools in ``tool_format``; ``None`` where the model's own template leads it (native, auto)."""
+    if tool_format.native and request.choice == "auto":
+        return None
+    for tool in request.callable:  # each checked alone, so that an error names its tool
+        _convert(tool.parameters, f"the parameters of tool '{tool.name}'")
+    call = call_schema(request, tool_format)
+    if tool_format.name == "generic":
+        calls = {"type": "array", "items": call, "minItems": 1,
+                 "maxItems": MAX_PARALLEL_CALLS if request.parallel else 1}
+        calls_only = _convert({"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]},
+                              "the tools")
+        if request.choice == "required":
+            return calls_only
+        # text, or the calls: the text only may not start like them
+        return Constraint(_renamed_root(calls_only.grammar, "llm-magic-calls") +
+                          "\nroot ::= llm-magic-calls | text\ntext ::= [^{] [^\\x00]*\n", calls_only.texts, controls=True)
+    one_call = _convert(call, "the tools")
+    grammar = _renamed_root(one_call.grammar, "llm-magic-call")
+    many = request.parallel
+    if tool_format.name == "hermes":
+        one = '"<tool_call>\\n" llm-magic-call "\\n</tool_call>"'
+        root = f'{one} ("\\n" {one}){{0,{MAX_PARALLEL_CALLS - 1}}}' if many else one
+    elif tool_format.name == "mistral":
+        root = (f'"[TOOL_CALLS][" llm-magic-call ("," ws llm-magic-call){{0,{MAX_PARALLEL_CALLS - 1}}} "]"'
+                if many else '"[TOOL_CALLS][" llm-magic-call "]"')
+    else:  # llama3: a bare call object
+        root = "llm-magic-call"
+    return Constraint(grammar + f"\nroot ::= {root}\n", one_call.texts, controls=tool_format.name == "hermes")
+
+
+def _renamed_root(grammar: str, name: str) -> str:
+    """``grammar`` with its ``root`` rule renamed, to be used inside a larger grammar."""
+    lines = grammar.splitlines()
+    return "\n".join(f"{name} ::={line[len('root ::='):]}" if line.startswith("root ::=") else line for line in lines)

@@ -1,0 +1,45 @@
+"""The tiers' import rules (pyproject.toml's import-linter contracts) hold, and would catch a
+planted upward import: the rules are a check, not a promise."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())"]
+
+
+def lint(package_parent: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(package_parent)}
+    return subprocess.run([*LINT, "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=package_parent,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_package_keeps_every_import_contract() -> None:
+    result = lint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize("module, planted, contract", [
+    ("client/client.py", "from llm_magic.server import app", "The client side never loads the host side"),
+    ("notebook/cells.py", "import llama_cpp", "The client side never loads the host side"),
+    ("wire/protocol.py", "from llm_magic.engine.llama_cpp import engine", "Each tier imports only the tiers below it"),
+    ("engine/llama_cpp/decoding.py", "from llm_magic.server import app", "Each tier imports only the tiers below it"),
+    ("server/app.py", "from llm_magic.supervisor import host", "The host side never imports the client side"),
+])
+def test_a_planted_upward_import_breaks_a_contract(tmp_path: Path, module: str, planted: str, contract: str) -> None:
+    copy = tmp_path / "llm_magic"
+    shutil.copytree(ROOT / "llm_magic", copy, ignore=shutil.ignore_patterns("__pycache__", "web"))
+    target = copy / module
+    target.write_text(target.read_text() + f"\n{planted}  # planted by the test\n")
+    result = lint(tmp_path)
+    assert result.returncode != 0
+    broken = result.stdout.split("Broken contracts", 1)[-1]
+    assert contract in broken and module.replace("/", ".").removesuffix(".py") in broken
