@@ -30,7 +30,7 @@ def test_the_package_keeps_every_import_contract() -> None:
 @pytest.mark.parametrize("module, planted, contract", [
     ("client/client.py", "from llm_magic.server import app", "The client side never loads the host side"),
     ("notebook/cells.py", "import llama_cpp", "The client side never loads the host side"),
-    ("wire/protocol.py", "from llm_magic.engine.llama_cpp import engine", "Each tier imports only the tiers below it"),
+    ("wire/seed.py", "from llm_magic.engine.llama_cpp import engine", "Each tier imports only the tiers below it"),
     ("engine/llama_cpp/decoding.py", "from llm_magic.server import app", "Each tier imports only the tiers below it"),
     ("server/app.py", "from llm_magic.supervisor import host", "The host side never imports the client side"),
 ])

@@ -9,10 +9,12 @@ from typing import Iterator
 
 import pytest
 
-from llm_magic.engine.llama_cpp.engine import Engine, Turnstile, chat_formats
+from llm_magic.engine.admission import Turnstile
+from llm_magic.engine.llama_cpp.engine import Engine, chat_formats
 from llm_magic.errors import HostBusy, InvalidRequest, ModelNotAllowed
 from llm_magic.models import ModelPolicy
-from llm_magic.wire.protocol import Completion, GenerationRequest, Sampling, Started
+from llm_magic.wire.events import Completion, Started, TextDelta
+from llm_magic.wire.types import GenerationRequest, Sampling
 
 GREEDY = Sampling(max_tokens=40, temperature=0.0)
 CHAT = ({"role": "user", "content": "What is the capital of France?"},)
@@ -30,7 +32,8 @@ def run(engine: Engine, **kwargs) -> tuple[list[str], Completion]:
     events = list(engine.generate(GenerationRequest(**kwargs), threading.Event()))  # as the server does
     assert isinstance(events[0], Started)
     assert isinstance(events[-1], Completion)
-    return events[1:-1], events[-1]
+    assert all(isinstance(e, TextDelta) for e in events[1:-1])
+    return [e.text for e in events[1:-1]], events[-1]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_greedy_under_a_grammar_matches_llama_cpp_python(engine: Engine, referen
     from llama_cpp.llama_grammar import LlamaGrammar
 
     from llm_magic.engine.llama_cpp.grammar.constraints import grammar_for
-    from llm_magic.wire.protocol import ResponseFormat
+    from llm_magic.wire.types import ResponseFormat
 
     schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
               "required": ["title", "year"]}
@@ -396,7 +399,7 @@ def test_a_lone_generation_pauses_until_its_first_text_has_gone_out(engine: Engi
     sizes = recording_batches(engine)
     try:
         assert isinstance(next(events), Started)
-        assert isinstance(next(events), str)
+        assert isinstance(next(events), TextDelta)
         steps = len(sizes)
         time.sleep(0.2)
         assert len(sizes) == steps  # paused: no decode while the first text is on its way out
@@ -409,8 +412,6 @@ def test_a_lone_generation_pauses_until_its_first_text_has_gone_out(engine: Engi
 
 
 def test_n_answers_share_one_prompt_and_each_draws_its_own_samples(engine: Engine) -> None:
-    from llm_magic.wire.protocol import ChoiceDelta
-
     sampling = Sampling(max_tokens=24, temperature=0.9, seed=3)
     sizes = recording_batches(engine)
     try:
@@ -421,7 +422,7 @@ def test_n_answers_share_one_prompt_and_each_draws_its_own_samples(engine: Engin
     assert isinstance(final, Completion) and [c.index for c in final.choices] == [0, 1, 2]
     streamed: dict[int, str] = {}
     for event in events:
-        if isinstance(event, ChoiceDelta):
+        if isinstance(event, TextDelta):
             streamed[event.index] = streamed.get(event.index, "") + event.text
     assert streamed == {c.index: c.text for c in final.choices}
     assert final.completion_tokens == sum(c.completion_tokens for c in final.choices)
@@ -476,7 +477,7 @@ def test_a_prompt_a_slot_holds_exactly_is_answered_from_its_kept_logits(engine: 
 
 def test_a_grammar_that_dead_ends_fails_its_own_answer_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     from llm_magic.engine.llama_cpp import sampling
-    from llm_magic.wire.protocol import ResponseFormat
+    from llm_magic.wire.types import ResponseFormat
 
     real = sampling.TokenSampler._sample_constrained
     calls = {"n": 0}
@@ -502,7 +503,7 @@ def test_a_grammar_that_dead_ends_fails_its_own_answer_only(engine: Engine, monk
         plain.close()
     assert calls["n"] == 5
     assert isinstance(rest[-1], Completion) and rest[-1].finish_reason == "length"
-    assert rest[-1].text == first + "".join(e for e in rest[:-1] if isinstance(e, str))
+    assert rest[-1].text == first.text + "".join(e.text for e in rest[:-1] if isinstance(e, TextDelta))
     assert rest[-1].completion_tokens == 30
 
 

@@ -10,7 +10,10 @@ import pytest
 from llm_magic.errors import InvalidRequest
 from llm_magic.wire.openai import OpenAIRenderer, parse_chat as parse_openai_chat
 from llm_magic.wire.openai import parse_completion as parse_openai_completion
-from llm_magic.wire.protocol import Completion, LoggedText, ResponseFormat, Started, TokenLogprob
+from llm_magic.engine.llama_cpp.tool_events import split_tool_calls
+from llm_magic.wire.events import Completion, Started, TextDelta
+from llm_magic.wire.tool_calls import FORMATS
+from llm_magic.wire.types import ResponseFormat, TokenLogprob
 
 USER = [{"role": "user", "content": "x"}]
 
@@ -131,15 +134,19 @@ def test_tools_are_parsed_and_none_means_no_tools() -> None:
         parse_openai_chat({"messages": USER, "tools": tools, "response_format": {"type": "json_object"}})
 
 
+def generic(events: list) -> list:
+    """Events as the llama.cpp backend sends them for a model that writes the generic format."""
+    return list(split_tool_calls([TextDelta(e) if isinstance(e, str) else e for e in events], FORMATS["generic"]))
+
+
 def test_tool_calls_render_whole_and_streamed() -> None:
     text = '{"tool_calls": [{"name": "f", "arguments": {"x": 1}}]}'
-    result = Completion(text, "m", "stop", 3, 9, tool_format="generic")
-    message = OpenAIRenderer(chat=True, tools=True).answer(result)["choices"][0]
+    result = Completion(text, "m", "stop", 3, 9)
+    message = OpenAIRenderer(chat=True).answer(generic([result])[-1])["choices"][0]
     assert message["finish_reason"] == "tool_calls" and message["message"]["content"] is None
     assert message["message"]["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
     assert OpenAIRenderer(chat=True).answer(result)["choices"][0]["message"]["content"] == text  # no tools offered
-    renderer = OpenAIRenderer(chat=True, tools=True, tool_format="generic")
-    chunks = _decode(list(renderer.stream([text[:7], text[7:], result])))
+    chunks = _decode(list(OpenAIRenderer(chat=True).stream(generic([text[:7], text[7:], result]))))
     deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
     assert deltas[1]["tool_calls"][0] == {"index": 0, "function": {"arguments": '{"x": 1}'}}
@@ -148,7 +155,8 @@ def test_tool_calls_render_whole_and_streamed() -> None:
 
 
 def _events() -> list:
-    return [Started("m", 3), "Hel", "lo", Completion("Hello", "m", "stop", 3, 2, {"predicted_n": 2}, cached_tokens=1)]
+    return [Started("m"), TextDelta("Hel"), TextDelta("lo"),
+            Completion("Hello", "m", "stop", 3, 2, {"predicted_n": 2}, cached_tokens=1)]
 
 
 def _decode(chunks: list[str]) -> list:
@@ -190,7 +198,7 @@ def test_chat_logprobs_in_openai_shape() -> None:
     assert logprobs["content"][0] == {"token": "Hel", "logprob": -0.5, "bytes": [72, 101, 108], "top_logprobs": [
         {"token": "Hel", "logprob": -0.5, "bytes": [72, 101, 108]}, {"token": "He", "logprob": -1.5, "bytes": [72, 101]}]}
     assert logprobs["content"][1]["logprob"] == -9999.0  # JSON has no -Infinity
-    chunks = _decode(list(OpenAIRenderer(chat=True).stream([Started("m", 1), LoggedText("Hello", tuple(LP)), result])))
+    chunks = _decode(list(OpenAIRenderer(chat=True).stream([Started("m"), TextDelta("Hello", logprobs=tuple(LP)), result])))
     assert [e["token"] for e in chunks[1]["choices"][0]["logprobs"]["content"]] == ["Hel", "lo"]
 
 
@@ -206,13 +214,12 @@ CUT = '{"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": 
 
 def test_calls_cut_by_max_tokens_are_tool_calls_never_text() -> None:
     """As OpenAI: the calls so far, the last with its arguments cut, finish_reason length."""
-    result = Completion(CUT, "m", "length", 3, 40, tool_format="generic")
-    choice = OpenAIRenderer(chat=True, tools=True).answer(result)["choices"][0]
+    result = Completion(CUT, "m", "length", 3, 40)
+    choice = OpenAIRenderer(chat=True).answer(generic([result])[-1])["choices"][0]
     assert choice["finish_reason"] == "length" and choice["message"]["content"] is None
     assert [c["function"] for c in choice["message"]["tool_calls"]] == [
         {"name": "add", "arguments": '{"a": 2, "b": 3}'}, {"name": "add", "arguments": '{"a": 4, "b'}]
-    chunks = _decode(list(OpenAIRenderer(chat=True, tools=True, tool_format="generic").stream(
-        [Started("m", 3, "generic"), CUT[:20], CUT[20:], result])))
+    chunks = _decode(list(OpenAIRenderer(chat=True).stream(generic([Started("m"), CUT[:20], CUT[20:], result]))))
     deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
     assert not any(d.get("content") for d in deltas)  # the host's format never shows
     streamed: dict[int, str] = {}
@@ -222,14 +229,14 @@ def test_calls_cut_by_max_tokens_are_tool_calls_never_text() -> None:
     assert streamed == {0: '{"a": 2, "b": 3}', 1: '{"a": 4, "b'}
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     # cut before a name is written: no call to report, and still no format text
-    early = Completion('{ "tool_calls": [{"', "m", "length", 3, 8, tool_format="generic")
-    message = OpenAIRenderer(chat=True, tools=True).answer(early)["choices"][0]["message"]
+    early = Completion('{ "tool_calls": [{"', "m", "length", 3, 8)
+    message = OpenAIRenderer(chat=True).answer(generic([early])[-1])["choices"][0]["message"]
     assert message["content"] == "" and "tool_calls" not in message
 
 
 def test_a_cut_plain_answer_stays_text() -> None:
-    result = Completion("The weather is", "m", "length", 3, 3, tool_format="generic")
-    choice = OpenAIRenderer(chat=True, tools=True).answer(result)["choices"][0]
+    result = Completion("The weather is", "m", "length", 3, 3)
+    choice = OpenAIRenderer(chat=True).answer(generic([result])[-1])["choices"][0]
     assert choice["message"]["content"] == "The weather is" and choice["finish_reason"] == "length"
 
 

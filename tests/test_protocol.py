@@ -7,7 +7,9 @@ import json
 import pytest
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.wire.protocol import Completion, ResponseFormat, Started, api_stream, parse_api_request
+from llm_magic.wire.events import Completion, Started, TextDelta
+from llm_magic.wire.seed import api_stream, parse_api_request
+from llm_magic.wire.types import ResponseFormat
 
 SEED_CHAT = [
     {"role": "system", "content": "You are an assistant specialized in story writing"},
@@ -97,7 +99,7 @@ def test_nan_and_infinity_are_refused_even_if_parsed() -> None:
 
 
 def _events() -> list:
-    return [Started("m", 3), "Hel", "lo", Completion("Hello", "m", "stop", 3, 2, {"predicted_n": 2})]
+    return [Started("m"), TextDelta("Hel"), TextDelta("lo"), Completion("Hello", "m", "stop", 3, 2, {"predicted_n": 2})]
 
 
 def _decode(chunks: list[str]) -> list:

@@ -14,6 +14,7 @@ import pytest
 from llm_magic.engine.llama_cpp.engine import Engine
 from llm_magic.models import ModelPolicy
 from llm_magic.server.app import create_app
+from llm_magic.wire.events import TextDelta
 
 TOKEN = "s3cret-token-for-tests"
 CHAT = [{"role": "user", "content": "Say hello."}]
@@ -226,30 +227,30 @@ def test_the_response_tells_the_generation_when_its_first_text_has_gone_out() ->
     side, and that later tokens do not wait, are tested in test_engine)."""
     import time
 
-    from llm_magic.wire.protocol import Completion, Started
-    from llm_magic.server.app import _Pump
+    from llm_magic.server.generation import Pump
+    from llm_magic.wire.events import Completion, Started, TextDelta
 
     log: list[str] = []
 
     class ScriptedEngine:  # stands in for Engine.generate: only the hand-over is under test
         def generate(self, request: object, cancel: threading.Event,
                      first_text_passed: threading.Event, tick: float) -> Iterator[object]:
-            yield Started("scripted", 1)
+            yield Started("scripted")
             for piece in ("a", "b", "c"):
                 log.append(f"made {piece}")
-                yield piece
+                yield TextDelta(piece)
                 if piece == "a":
                     first_text_passed.wait(5)
             yield Completion("abc", "scripted", "length", 1, 3, {})
 
     for _ in range(2):
         log.clear()
-        pump = _Pump(ScriptedEngine(), None)  # type: ignore[arg-type]
+        pump = Pump(ScriptedEngine(), None)  # type: ignore[arg-type]
         assert isinstance(pump.get(5), Started)
         for event in pump.events(keepalive=60, gone=lambda: False):
-            if isinstance(event, str):
+            if isinstance(event, TextDelta):
                 time.sleep(0.05)  # sending takes a while; a generation that did not wait runs ahead
-                log.append(f"sent {event}")
+                log.append(f"sent {event.text}")
         assert log.index("sent a") < log.index("made b")
 
 
@@ -345,8 +346,8 @@ def test_a_withdrawn_generation_gives_its_seat_back_only_once_its_slot_is_free(m
     The seat (what /health calls busy, what the next request waits for) came back at once, while
     the step ran on with the slot, so /health said idle and counted nothing and the next request
     still waited (tests/test_robustness.py, flaky under load). Here every step takes 0.5 s."""
-    from llm_magic.wire.protocol import GenerationRequest, Sampling
-    from llm_magic.server.app import _Pump
+    from llm_magic.wire.types import GenerationRequest, Sampling
+    from llm_magic.server.generation import Pump
 
     e = Engine(model_path, policy=ModelPolicy(has_token=False), parallel=1)
     e.load_default()
@@ -359,9 +360,9 @@ def test_a_withdrawn_generation_gives_its_seat_back_only_once_its_slot_is_free(m
 
     context.decode = slow_decode
     try:
-        pump = _Pump(e, GenerationRequest(prompt="Once upon a time", sampling=Sampling(max_tokens=100, temperature=0)))
+        pump = Pump(e, GenerationRequest(prompt="Once upon a time", sampling=Sampling(max_tokens=100, temperature=0)))
         events = pump.events(keepalive=60, gone=lambda: False)
-        assert next(ev for ev in events if isinstance(ev, str))  # it runs: a step is under way or due
+        assert next(ev for ev in events if isinstance(ev, TextDelta))  # it runs: a step is under way or due
         assert e.turnstile.busy
         events.close()  # the client left
         assert not e.turnstile.busy

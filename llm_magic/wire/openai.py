@@ -9,22 +9,23 @@ results, ``developer``, text parts). No Flask and no llama_cpp here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.wire.tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request, read_answer
-from llm_magic.wire.protocol import (
-    ChoiceDelta,
-    SAMPLING_FIELDS, SSE_DONE, SSE_KEEPALIVE, Completion, Event, GenerationRequest,
-    KeepAlive, LoggedText, Sampling, Started, TokenLogprob, _Fields, _object_or_empty,
-    _sampling, _type_name, check_message_list, looks_like_model_spec, parse_logit_bias, parse_response_format, sse,
+from llm_magic.wire.events import Completion, TextDelta, ToolCallDelta
+from llm_magic.wire.fields import (
+    SAMPLING_FIELDS, Fields, check_message_list, looks_like_model_spec, object_or_empty, parse_response_format,
+    parse_sampling, type_name,
 )
+from llm_magic.wire.render import StreamRenderer
+from llm_magic.wire.sse import SSE_DONE, sse
+from llm_magic.wire.tool_calls import parse_tool_request
+from llm_magic.wire.types import GenerationRequest, TokenLogprob
 
 DEFAULT_MODEL_ALIASES = ("default",)
 MAX_TOP_LOGPROBS = 20
@@ -49,7 +50,7 @@ MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "refu
                   "function_call", "annotations", "reasoning_content")
 
 
-def _ignored_but_checked(f: _Fields) -> None:
+def _ignored_but_checked(f: Fields) -> None:
     """Ignored fields still may not ask for what this host cannot do."""
     modalities = f.obj.get("modalities")
     if modalities is not None:
@@ -61,14 +62,14 @@ def _ignored_but_checked(f: _Fields) -> None:
         raise InvalidRequest("'audio': this host answers with text only; leave it out or send null")
 
 
-def _model(f: _Fields, model_ids: Iterable[str]) -> str | None:
+def _model(f: Fields, model_ids: Iterable[str]) -> str | None:
     """The model spec asked for; ``None`` for the host's model — also for names that are no
     spec at all (``gpt-4o``, ``my-model``), as llama-server does."""
     model = f.obj.get("model")
     if model is None:
         return None
     if not isinstance(model, str):
-        raise InvalidRequest(f"'model' must be a string, not {_type_name(model)}")
+        raise InvalidRequest(f"'model' must be a string, not {type_name(model)}")
     model = model.strip()
     if len(model) > 700:
         raise InvalidRequest("'model' is longer than 700 characters")
@@ -77,15 +78,9 @@ def _model(f: _Fields, model_ids: Iterable[str]) -> str | None:
     return model
 
 
-def _openai_sampling(f: _Fields, max_tokens_keys: tuple[str, ...], default_max_tokens: int | None) -> Sampling:
-    """The sampling fields, with OpenAI's ``logit_bias`` (which ``/api`` does not take)."""
-    return dataclasses.replace(_sampling(f, max_tokens_keys, default_max_tokens),
-                               logit_bias=parse_logit_bias(f.obj.get("logit_bias")))
-
-
-def _common(f: _Fields, model_ids: Iterable[str]) -> dict:
+def _common(f: Fields, model_ids: Iterable[str]) -> dict:
     _ignored_but_checked(f)
-    options = _Fields(_object_or_empty(f.obj, "stream_options"), "stream_options.")
+    options = Fields(object_or_empty(f.obj, "stream_options"), "stream_options.")
     options.reject_unknown(("include_usage", "include_obfuscation"))
     options.boolean("include_obfuscation")
     return {"model": _model(f, model_ids), "stream": f.boolean("stream", False), "n": f.integer("n", 1, MAX_N, 1),
@@ -107,7 +102,7 @@ def _content(value: Any, where: str) -> str:
                                      "this host handles text only")
             texts.append(part[key])
         return "".join(texts)
-    raise InvalidRequest(f"'{where}.content' must be a string, a list of text parts or null, not {_type_name(value)}")
+    raise InvalidRequest(f"'{where}.content' must be a string, a list of text parts or null, not {type_name(value)}")
 
 
 def _tool_calls(value: Any, where: str) -> list[dict]:
@@ -115,8 +110,8 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
         raise InvalidRequest(f"'{where}.tool_calls' must be a list")
     calls = []
     for i, call in enumerate(value):
-        f = _Fields(call, f"{where}.tool_calls[{i}].")
-        function = _Fields(call.get("function"), f"{where}.tool_calls[{i}].function.")
+        f = Fields(call, f"{where}.tool_calls[{i}].")
+        function = Fields(call.get("function"), f"{where}.tool_calls[{i}].function.")
         name = function.string("name", max_length=256)
         arguments = function.obj.get("arguments", "{}")
         if name is None:
@@ -136,8 +131,8 @@ def parse_messages(value: Any, field_name: str = "messages") -> tuple[dict, ...]
     for i, item in enumerate(value):
         where = f"{field_name}[{i}]"
         if not isinstance(item, dict):
-            raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content', not {_type_name(item)}")
-        f = _Fields(item, where + ".")
+            raise InvalidRequest(f"'{where}' must be an object with 'role' and 'content', not {type_name(item)}")
+        f = Fields(item, where + ".")
         f.reject_unknown(MESSAGE_FIELDS)
         role = item.get("role")
         if role not in ROLES:
@@ -167,7 +162,7 @@ def _function_call_choice(value: Any) -> Any:
     return value
 
 
-def _chat_logprobs(f: _Fields) -> int | None:
+def _chat_logprobs(f: Fields) -> int | None:
     if not f.boolean("logprobs", False):
         if f.present("top_logprobs") and f.obj.get("top_logprobs") != 0:
             raise InvalidRequest("'top_logprobs' needs 'logprobs': true")
@@ -177,7 +172,7 @@ def _chat_logprobs(f: _Fields) -> int | None:
 
 def parse_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
     """Validate a ``POST /v1/chat/completions`` body. ``model_ids``: names of the default model."""
-    f = _Fields(body)
+    f = Fields(body)
     f.reject_unknown(CHAT_FIELDS)
     tools = parse_tool_request(f.obj.get("tools"), f.obj.get("tool_choice"), f.obj.get("parallel_tool_calls"))
     if tools is None and f.obj.get("functions"):  # the deprecated spelling of tools
@@ -192,7 +187,7 @@ def parse_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
     return GenerationRequest(
         tools=tools,
         messages=parse_messages(body["messages"]),
-        sampling=_openai_sampling(f, ("max_tokens", "max_completion_tokens"), None),
+        sampling=parse_sampling(f, ("max_tokens", "max_completion_tokens"), None, logit_bias=True),
         response_format=response_format,
         logprobs=_chat_logprobs(f),
         **_common(f, model_ids),
@@ -201,7 +196,7 @@ def parse_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
 
 def parse_completion(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
     """Validate a ``POST /v1/completions`` body."""
-    f = _Fields(body)
+    f = Fields(body)
     f.reject_unknown(COMPLETION_FIELDS)
     if f.obj.get("echo"):
         raise InvalidRequest("'echo' is not supported by this host")
@@ -213,7 +208,7 @@ def parse_completion(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequ
     return GenerationRequest(
         prompt=prompts[0],
         prompts=prompts if len(prompts) > 1 else (),
-        sampling=_openai_sampling(f, ("max_tokens",), OPENAI_COMPLETION_DEFAULT_MAX_TOKENS),
+        sampling=parse_sampling(f, ("max_tokens",), OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, logit_bias=True),
         response_format=parse_response_format(f.obj.get("response_format")),
         logprobs=None if logprobs is None or logprobs is False else f.integer("logprobs", 0, MAX_COMPLETION_LOGPROBS),
         **_common(f, model_ids),
@@ -231,7 +226,7 @@ def _prompts(value: Any) -> tuple[str, ...]:
     for i, item in enumerate(value):
         if not isinstance(item, str):
             hint = " (token ids are not supported here: send text)" if isinstance(item, int) or isinstance(item, list) else ""
-            raise InvalidRequest(f"'prompt[{i}]' must be a string, not {_type_name(item)}{hint}")
+            raise InvalidRequest(f"'prompt[{i}]' must be a string, not {type_name(item)}{hint}")
     return tuple(value)
 
 
@@ -264,15 +259,13 @@ def completion_logprobs(entries: Iterable[TokenLogprob], offset: int = 0) -> dic
 
 
 @dataclass
-class OpenAIRenderer:
+class OpenAIRenderer(StreamRenderer):
     """Renders one generation in the OpenAI wire format (whole or as SSE chunks)."""
 
     chat: bool
     model: str = ""
     include_usage: bool = False
     fingerprint: str | None = None
-    tools: bool = False  # the request offered tools: read tool calls out of the answer
-    tool_format: str | None = None  # how the model writes them (from ``Started``)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     n: int = 1  # answers per request
@@ -308,83 +301,49 @@ class OpenAIRenderer:
             return {"index": result.index, "text": result.text, "logprobs": logprobs,
                     "finish_reason": result.finish_reason}
         message: dict = {"role": "assistant", "content": result.text, "refusal": None}
-        finish_reason = result.finish_reason
-        if self.tools and result.tool_format:
-            cut = finish_reason == "length"  # then OpenAI reports the calls so far, the last one cut
-            content, calls = read_answer(result.tool_format, result.text, cut)
-            message["content"] = content
-            if calls:
-                message.update(content=content or None, tool_calls=[c.as_openai() for c in calls])
-                finish_reason = finish_reason if cut else "tool_calls"
-        return {"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        if result.tool_calls:
+            message.update(content=result.text or None, tool_calls=[c.as_openai() for c in result.tool_calls])
+        return {"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": result.finish_reason}
 
-    def _chunk(self, delta: str | None, finish_reason: str | None, model: str, first: bool = False,
-               index: int = 0) -> dict:
-        logprobs = self._logprobs(delta.logprobs, index) if isinstance(delta, LoggedText) else None
+    def _chunk(self, delta: dict | str | None, finish_reason: str | None, model: str, index: int = 0,
+               logprobs: dict | None = None) -> str:
         if self.chat:
-            d: dict = {"role": "assistant", "content": ""} if first else {}
-            if delta is not None:
-                d["content"] = str(delta)
-            choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
-            return self._envelope("chat.completion.chunk", [choice], model)
-        choice = {"index": index, "text": str(delta or ""), "logprobs": logprobs, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice], model)
+            choice = {"index": index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish_reason}
+            return sse(self._envelope("chat.completion.chunk", [choice], model))
+        choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse(self._envelope("text_completion", [choice], model))
 
-    def _tool_chunks(self, calls: list[ToolCall], model: str, index: int) -> Iterator[str]:
-        """Tool calls as OpenAI streams them: the id and name first, then the arguments."""
-        for i, call in enumerate(calls):
-            for delta in ({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
-                          {"index": i, "function": {"arguments": call.arguments}}):
-                choice = {"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}
-                yield sse(self._envelope("chat.completion.chunk", [choice], model))
+    def opening(self) -> Iterable[str]:
+        if not self.chat:
+            return ()
+        return [self._chunk({"role": "assistant", "content": ""}, None, self.model, index=i) for i in range(self.n)]
 
-    def stream(self, events: Iterable[Event]) -> Iterator[str]:
-        if self.chat:
-            for index in range(self.n):
-                yield sse(self._chunk(None, None, self.model, first=True, index=index))
-        tool_streams: dict[int, ToolStream] = {}  # per answer, when the request offered tools
+    def text(self, delta: TextDelta) -> Iterable[str]:
+        logprobs = self._logprobs(delta.logprobs, delta.index)
+        yield self._chunk({"content": delta.text} if self.chat else delta.text, None, self.model, delta.index, logprobs)
 
-        def tool_stream(index: int) -> ToolStream | None:
-            if not (self.chat and self.tools and self.tool_format):
-                return None
-            return tool_streams.setdefault(index, ToolStream(FORMATS[self.tool_format]))
+    def tool_call(self, delta: ToolCallDelta) -> Iterable[str]:
+        """As OpenAI streams a call: its id and name first, then pieces of its arguments."""
+        piece: dict = {"index": delta.call}
+        if delta.id is not None:
+            piece.update(id=delta.id, type="function")
+        function: dict = {"arguments": delta.arguments}
+        if delta.name is not None:
+            function = {"name": delta.name, **function}
+        piece["function"] = function
+        yield self._chunk({"tool_calls": [piece]}, None, self.model, delta.index)
 
-        for event in events:
-            if isinstance(event, (str, ChoiceDelta)):
-                index, text = (event.index, event.text) if isinstance(event, ChoiceDelta) else (0, event)
-                parser = tool_stream(index)
-                if parser is not None:
-                    plain = parser.feed(str(text))
-                    if plain:
-                        yield sse(self._chunk(plain, None, self.model, index=index))
-                    continue
-                yield sse(self._chunk(text, None, self.model, index=index))
-                continue
-            if isinstance(event, KeepAlive):
-                yield SSE_KEEPALIVE
-                continue
-            if isinstance(event, Started):
-                self.model, self.tool_format = event.model, event.tool_format
-                continue
-            if not isinstance(event, Completion):
-                continue
-            for answer in event.choices or (event,):
-                finish_reason = answer.finish_reason
-                parser = tool_stream(answer.index)
-                if parser is not None:
-                    rest, calls = parser.finish(cut=finish_reason == "length")
-                    if rest:
-                        yield sse(self._chunk(rest, None, event.model, index=answer.index))
-                    if calls:
-                        yield from self._tool_chunks(calls, event.model, answer.index)
-                        finish_reason = "length" if finish_reason == "length" else "tool_calls"
-                yield sse(self._chunk(None, finish_reason, event.model, index=answer.index))
-            if self.include_usage:
-                usage_chunk = self._envelope(self._object + (".chunk" if self.chat else ""), [], event.model)
-                usage_chunk["usage"] = event.openai_usage
-                usage_chunk["timings"] = event.timings
-                yield sse(usage_chunk)
-        yield SSE_DONE
+    def finished(self, result: Completion) -> Iterable[str]:
+        for answer in result.choices or (result,):
+            yield self._chunk(None, answer.finish_reason, result.model, answer.index)
+        if self.include_usage:
+            usage_chunk = self._envelope(self._object + (".chunk" if self.chat else ""), [], result.model)
+            usage_chunk["usage"] = result.openai_usage
+            usage_chunk["timings"] = result.timings
+            yield sse(usage_chunk)
+
+    def closing(self) -> Iterable[str]:
+        return (SSE_DONE,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +363,7 @@ class EmbeddingRequest:
 def parse_embeddings(body: Any, model_ids: Iterable[str] = ()) -> EmbeddingRequest:
     """Validate a ``POST /v1/embeddings`` body: ``input`` is a string, a list of strings, a list
     of token ids, or a list of such lists."""
-    f = _Fields(body)
+    f = Fields(body)
     f.reject_unknown(EMBEDDING_FIELDS)
     value = body.get("input")
     if isinstance(value, str):
@@ -427,7 +386,7 @@ def parse_embeddings(body: Any, model_ids: Iterable[str] = ()) -> EmbeddingReque
         elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             inputs.append(tuple(item))
         else:
-            raise InvalidRequest(f"'input[{i}]' must be a non-empty string or list of token ids, not {_type_name(item)}")
+            raise InvalidRequest(f"'input[{i}]' must be a non-empty string or list of token ids, not {type_name(item)}")
     encoding = f.obj.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise InvalidRequest(f"'encoding_format' must be float or base64, got {json.dumps(encoding)}")

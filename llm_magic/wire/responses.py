@@ -15,11 +15,12 @@ from typing import Any, Iterable, Iterator
 
 from llm_magic.errors import InvalidRequest
 from llm_magic.wire.openai import _model, parse_messages
-from llm_magic.wire.protocol import (
-    SSE_KEEPALIVE, Completion, Event, GenerationRequest, KeepAlive, Sampling, Started, _Fields,
-    _type_name, parse_response_format, sse,
-)
-from llm_magic.wire.tool_calls import FORMATS, ToolCall, ToolStream, parse_tool_request, read_answer
+from llm_magic.wire.events import Completion, TextDelta, ToolCallDelta
+from llm_magic.wire.fields import Fields, parse_response_format, parse_sampling, type_name
+from llm_magic.wire.render import StreamRenderer
+from llm_magic.wire.sse import sse
+from llm_magic.wire.tool_calls import ToolCall, parse_tool_request
+from llm_magic.wire.types import GenerationRequest
 
 RESPONSES_FIELDS = (
     "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "text", "tools",
@@ -37,7 +38,7 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise InvalidRequest(f"'{where}.content' must be a string or a list of text parts, not {_type_name(content)}")
+        raise InvalidRequest(f"'{where}.content' must be a string or a list of text parts, not {type_name(content)}")
     texts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -64,7 +65,7 @@ def _messages(body: dict) -> list[dict]:
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
-            raise InvalidRequest(f"'{where}' must be an object, not {_type_name(item)}")
+            raise InvalidRequest(f"'{where}' must be an object, not {type_name(item)}")
         kind = item.get("type", "message")
         if kind == "message":
             messages.append({"role": item.get("role"), "content": _text(item.get("content"), where)})
@@ -108,7 +109,7 @@ def _tools(body: dict) -> Any:
 
 def parse_responses(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
     """Validate a ``POST /v1/responses`` body."""
-    f = _Fields(body)
+    f = Fields(body)
     f.reject_unknown(RESPONSES_FIELDS)
     if body.get("previous_response_id") is not None or body.get("conversation") is not None:
         raise InvalidRequest(f"'previous_response_id' / 'conversation': {STATELESS}")
@@ -116,7 +117,7 @@ def parse_responses(body: Any, model_ids: Iterable[str] = ()) -> GenerationReque
         raise InvalidRequest(f"'store': true is not possible: {STATELESS}; send \"store\": false")
     if body.get("background") is True:
         raise InvalidRequest("'background': true is not supported: this host answers while you wait (or streams)")
-    text = _Fields(body.get("text") or {}, "text.")
+    text = Fields(body.get("text") or {}, "text.")
     text.reject_unknown(("format", "verbosity"))
     fmt = text.obj.get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # flat here, nested in chat
@@ -125,32 +126,28 @@ def parse_responses(body: Any, model_ids: Iterable[str] = ()) -> GenerationReque
     tools = _tools(body)
     if tools is not None and response_format is not None:
         raise InvalidRequest("give 'tools' or a JSON 'text.format', not both: both constrain the reply")
-    d = Sampling()
-    sampling = Sampling(
-        max_tokens=f.integer("max_output_tokens", 1, 1 << 20),
-        temperature=f.number("temperature", 0.0, 2.0, d.temperature),
-        top_p=f.number("top_p", 0.0, 1.0, d.top_p),
-        top_k=f.integer("top_k", 0, 1_000_000, d.top_k),
-        min_p=f.number("min_p", 0.0, 1.0, d.min_p),
-        repeat_penalty=f.number("repeat_penalty", 0.0, 10.0, d.repeat_penalty),
-        stop=f.stop("stop"),
-        seed=f.integer("seed", -1, 2**64 - 1),
-    )
+    sampling = parse_sampling(f, ("max_output_tokens",), None)
     return GenerationRequest(messages=parse_messages(_messages(body), "input"), model=_model(f, model_ids),
                              sampling=sampling, stream=f.boolean("stream", False),
                              response_format=response_format, tools=tools)
 
 
 @dataclass
-class ResponsesRenderer:
+class ResponsesRenderer(StreamRenderer):
     """Renders one generation as a Responses-API ``response`` (whole or as typed events)."""
 
     request: dict  # the request body, echoed in the response object as OpenAI does
     model: str = ""
-    tool_format: str | None = None
     id: str = field(default_factory=lambda: "resp_" + uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     _sequence: int = 0
+    _item_id: str = field(default_factory=lambda: "msg_" + uuid.uuid4().hex)  # the message item's
+    _text: str = ""  # the message's text so far
+    _opened: bool = False  # the message item was announced
+    _output: list = field(default_factory=list)  # items done
+    _message_done: bool = False
+    _open_call: dict | None = None  # the function_call item being streamed, with its output index
+    _calls_done: int = 0
 
     def _response(self, status: str, output: list, result: Completion | None) -> dict:
         body = self.request
@@ -186,17 +183,12 @@ class ResponsesRenderer:
         return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
                 "name": call.name, "arguments": "" if status == "in_progress" else call.arguments, "status": status}
 
-    def _split(self, result: Completion) -> tuple[str, list[ToolCall]]:
-        if self.request.get("tools") and result.tool_format:
-            return read_answer(result.tool_format, result.text, result.finish_reason == "length")
-        return result.text, []
-
     def answer(self, result: Completion) -> dict:
-        text, calls = self._split(result)
+        calls = list(result.tool_calls)
         cut = result.finish_reason == "length"
         # a message cut off is incomplete; one followed by calls was finished before them
         status = "incomplete" if cut and not calls else "completed"
-        output = ([self._message("msg_" + uuid.uuid4().hex, text, status)] if text or not calls else [])
+        output = [self._message(self._item_id, result.text, status)] if result.text or not calls else []
         output += [self._call(c) for c in calls]
         return self._response("completed", output, result)
 
@@ -204,68 +196,84 @@ class ResponsesRenderer:
         self._sequence += 1
         return f"event: {kind}\n" + sse({"type": kind, "sequence_number": self._sequence, **fields})
 
-    def stream(self, events: Iterable[Event]) -> Iterator[str]:
+    @property
+    def _where(self) -> dict:
+        return {"item_id": self._item_id, "output_index": 0, "content_index": 0}
+
+    def opening(self) -> Iterable[str]:
         yield self._event("response.created", response=self._response("in_progress", [], None))
         yield self._event("response.in_progress", response=self._response("in_progress", [], None))
-        tools = bool(self.request.get("tools"))
-        tool_stream = ToolStream(FORMATS[self.tool_format]) if tools and self.tool_format else None
-        item_id, output = "msg_" + uuid.uuid4().hex, []
-        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-        message = {"text": "", "opened": False}
 
-        def open_message() -> Iterator[str]:
-            if not message["opened"]:
-                message["opened"] = True
-                yield self._event("response.output_item.added", output_index=0,
-                                  item=self._message(item_id, "", "in_progress"))
-                yield self._event("response.content_part.added", **where,
-                                  part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+    def _open_message(self) -> Iterator[str]:
+        if not self._opened:
+            self._opened = True
+            yield self._event("response.output_item.added", output_index=0,
+                              item=self._message(self._item_id, "", "in_progress"))
+            yield self._event("response.content_part.added", **self._where,
+                              part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
 
-        def text_delta(delta: str) -> Iterator[str]:
-            yield from open_message()
-            message["text"] += delta
-            yield self._event("response.output_text.delta", **where, delta=delta, logprobs=[])
+    def _close_message(self, status: str) -> Iterator[str]:
+        yield from self._open_message()
+        self._message_done = True
+        part = {"type": "output_text", "text": self._text, "annotations": [], "logprobs": []}
+        yield self._event("response.output_text.done", **self._where, text=self._text, logprobs=[])
+        yield self._event("response.content_part.done", **self._where, part=part)
+        self._output.append(self._message(self._item_id, self._text, status))
+        yield self._event("response.output_item.done", output_index=0, item=self._output[-1])
 
-        for event in events:
-            if isinstance(event, KeepAlive):
-                yield SSE_KEEPALIVE
-                continue
-            if isinstance(event, Started):
-                self.model, self.tool_format = event.model, event.tool_format
-                if tools and tool_stream is None and event.tool_format:
-                    tool_stream = ToolStream(FORMATS[event.tool_format])
-                continue
-            if isinstance(event, str):
-                delta = tool_stream.feed(str(event)) if tool_stream is not None else str(event)
-                if delta:
-                    yield from text_delta(delta)
-                continue
-            if not isinstance(event, Completion):
-                continue
-            calls: list[ToolCall] = []
-            cut = event.finish_reason == "length"
-            if tool_stream is not None:
-                rest, calls = tool_stream.finish(cut)
-                if rest:
-                    yield from text_delta(rest)
-            if message["opened"] or not calls:
-                yield from open_message()
-                text = message["text"]
-                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-                yield self._event("response.output_text.done", **where, text=text, logprobs=[])
-                yield self._event("response.content_part.done", **where, part=part)
-                output.append(self._message(item_id, text, "incomplete" if cut and not calls else "completed"))
-                yield self._event("response.output_item.done", output_index=0, item=output[-1])
-            for call in calls:
-                index = len(output)
-                item = self._call(call, "in_progress")
-                yield self._event("response.output_item.added", output_index=index, item=item)
-                yield self._event("response.function_call_arguments.delta", item_id=item["id"],
-                                  output_index=index, delta=call.arguments)
-                yield self._event("response.function_call_arguments.done", item_id=item["id"],
-                                  output_index=index, name=call.name, arguments=call.arguments)
-                output.append(self._call(call))
-                yield self._event("response.output_item.done", output_index=index, item=output[-1])
-            final = self._response("completed", output, event)
-            kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
-            yield self._event(kind, response=final)
+    def text(self, delta: TextDelta) -> Iterable[str]:
+        if delta.index or self._message_done:  # one answer; text after its calls has nowhere to go
+            return
+        yield from self._open_message()
+        self._text += delta.text
+        yield self._event("response.output_text.delta", **self._where, delta=delta.text, logprobs=[])
+
+    def _start_call(self, call_id: str, name: str) -> Iterator[str]:
+        self._open_call = {"index": len(self._output), "item": {
+            "type": "function_call", "id": "fc_" + call_id.removeprefix("call_"), "call_id": call_id, "name": name,
+            "arguments": "", "status": "in_progress"}, "arguments": ""}
+        yield self._event("response.output_item.added", output_index=len(self._output), item=self._open_call["item"])
+
+    def _end_call(self, call: ToolCall | None) -> Iterator[str]:
+        """The open call is done: as ``call`` says (the last one may be cut), else as streamed."""
+        opened, self._open_call = self._open_call, None
+        assert opened is not None
+        item = self._call(call) if call is not None else {
+            **opened["item"], "arguments": opened["arguments"], "status": "completed"}
+        yield self._event("response.function_call_arguments.done", item_id=item["id"], output_index=opened["index"],
+                          name=item["name"], arguments=item["arguments"])
+        self._output.append(item)
+        self._calls_done += 1
+        yield self._event("response.output_item.done", output_index=opened["index"], item=item)
+
+    def tool_call(self, delta: ToolCallDelta) -> Iterable[str]:
+        if delta.index:
+            return
+        if self._opened and not self._message_done:  # the message before the calls is done
+            yield from self._close_message("completed")
+        if delta.id is not None:
+            if self._open_call is not None:
+                yield from self._end_call(None)
+            yield from self._start_call(delta.id, delta.name or "")
+        if delta.arguments and self._open_call is not None:
+            self._open_call["arguments"] += delta.arguments
+            yield self._event("response.function_call_arguments.delta", item_id=self._open_call["item"]["id"],
+                              output_index=self._open_call["index"], delta=delta.arguments)
+
+    def finished(self, result: Completion) -> Iterable[str]:
+        cut = result.finish_reason == "length"
+        calls = list(result.tool_calls)
+        if not calls or (self._opened and not self._message_done):
+            yield from self._close_message("incomplete" if cut and not calls else "completed")
+        if self._open_call is not None:
+            yield from self._end_call(calls[self._calls_done] if self._calls_done < len(calls) else None)
+        for call in calls[self._calls_done:]:  # a backend that sent them whole, at the end
+            yield from self._start_call(call.id, call.name)
+            assert self._open_call is not None
+            self._open_call["arguments"] = call.arguments
+            yield self._event("response.function_call_arguments.delta", item_id=self._open_call["item"]["id"],
+                              output_index=self._open_call["index"], delta=call.arguments)
+            yield from self._end_call(call)
+        final = self._response("completed", self._output, result)
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        yield self._event(kind, response=final)

@@ -36,6 +36,7 @@ from typing import Any, Callable
 from llm_magic.engine.llama_cpp.decoding import Choice
 from llm_magic.errors import LLMMagicError, ModelLoadError
 from llm_magic.engine.llama_cpp.sampling import logits_at
+from llm_magic.wire.events import Signal
 
 log = logging.getLogger("llm_magic.engine")
 
@@ -47,11 +48,7 @@ N_BATCH = 512  # tokens one decode takes at most (llama-cpp-python's default)
 FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
 
 
-class Dropped:
-    """What a task's events end with when it was withdrawn (cancelled) before it finished."""
-
-
-DROPPED = Dropped()
+DROPPED = Signal.END  # what a task's events end with when it was withdrawn before it finished
 
 
 class BatchContext:

@@ -12,7 +12,7 @@ import codecs
 import time
 from typing import Any, Callable
 
-from llm_magic.wire.protocol import Completion, Event
+from llm_magic.wire.events import Completion, Event, TextDelta
 from llm_magic.engine.llama_cpp.sampling import Logprobs, TokenSampler
 
 
@@ -92,7 +92,7 @@ class Choice:
     def _send(self, text: str) -> None:
         if text:
             self._parts.append(text)
-            self._emit(self.logprobs.with_text(text) if self.logprobs is not None else text)
+            self._emit(TextDelta(text, self.index, self.logprobs.take() if self.logprobs is not None else None))
 
     def _end(self, reason: str) -> bool:
         self.finish_reason = reason
@@ -103,13 +103,12 @@ class Choice:
     def text(self) -> str:
         return "".join(self._parts)
 
-    def completion(self, model: str, prompt_tokens: int, cached: int, started: float,
-                   tool_format: str | None) -> Completion:
+    def completion(self, model: str, prompt_tokens: int, cached: int, started: float) -> Completion:
         ended = self.ended_at or time.perf_counter()
         first = self.first_token_at or ended
         return Completion(self.text, model, self.finish_reason or "length", prompt_tokens, self.generated,
                           timings(prompt_tokens, cached, self.generated, started, first, ended),
-                          cached_tokens=cached, tool_format=tool_format, index=self.index,
+                          cached_tokens=cached, index=self.index,
                           logprobs=self.logprobs.reported if self.logprobs is not None else None)
 
     def close(self) -> None:

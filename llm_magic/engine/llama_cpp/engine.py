@@ -11,8 +11,6 @@ imports ``llama_cpp`` (lazily).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -27,13 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from llm_magic.engine.admission import Turnstile
+from llm_magic.engine.backend import Embeddings, EngineStats
 from llm_magic.engine.llama_cpp.batching import DROPPED, FLASH_ATTENTION, BatchContext, Scheduler, Task
 from llm_magic.engine.llama_cpp.decoding import Choice
-from llm_magic.errors import Cancelled, HostBusy, InvalidRequest, ModelLoadError, ModelNotAllowed
+from llm_magic.errors import Cancelled, InvalidRequest, ModelLoadError, ModelNotAllowed
 from llm_magic.engine.llama_cpp.grammar.check import GrammarChecker
 from llm_magic.engine.llama_cpp.grammar.constraints import Constraint, grammar_for, tool_grammar
 from llm_magic.models import ModelPolicy, ModelSpec, model_name, resolve_model
-from llm_magic.wire.protocol import ChoiceDelta, Completion, Event, GenerationRequest, Started
+from llm_magic.engine.llama_cpp.tool_events import split_tool_calls
+from llm_magic.wire.events import Completion, Event, Signal, Started
+from llm_magic.wire.types import GenerationRequest
 from llm_magic.engine.llama_cpp.sampling import Logprobs, TokenSampler
 from llm_magic.wire.tool_calls import FORMATS, ToolFormat, detect_format, generic_messages
 
@@ -43,7 +45,6 @@ DEFAULT_CTX = 4096
 EMBEDDING_CTX = 4096  # the longest input an embedding takes (also bounded by --ctx and the model)
 EMBEDDING_TOKENS = 8 * EMBEDDING_CTX  # the most one embedding request computes
 EMBEDDING_GROUP_TOKENS = 512  # inputs computed in one go (a longer input alone), between decode steps
-QUIET = object()  # from generate(tick=...): nothing happened for a tick
 DEFAULT_PARALLEL = 4  # slots, as llama-server's default; each keeps its own KV cache of --ctx tokens
 
 
@@ -54,74 +55,6 @@ def best_thread_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-class Turnstile:
-    """``capacity`` seats, taken first come, first served, with at most ``max_queue`` waiting.
-
-    A generation holds one seat per answer it writes; a model switch holds them all."""
-
-    def __init__(self, max_queue: int = 16, timeout: float = 600.0, capacity: int = 1) -> None:
-        self.max_queue = max_queue
-        self.timeout = timeout
-        self.capacity = capacity
-        self._cond = threading.Condition()
-        self._held = 0
-        self._queue: collections.deque[object] = collections.deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    @property
-    def held(self) -> int:
-        return self._held
-
-    @property
-    def busy(self) -> bool:
-        return self._held > 0
-
-    def acquire(self, seats: int = 1, cancel: threading.Event | None = None) -> None:
-        """Take ``seats``; wait in line first if needed. Setting ``cancel`` leaves the line."""
-        seats = min(seats, self.capacity)
-        with self._cond:
-            if self._queue or self._held + seats > self.capacity:
-                if len(self._queue) >= self.max_queue:
-                    raise HostBusy(
-                        f"the host is busy: {len(self._queue)} requests are already waiting "
-                        "(--max-queue); retry in a few seconds", retry_after=5)
-                ticket = object()
-                self._queue.append(ticket)
-                try:
-                    self._wait_for_head(ticket, seats, cancel)
-                finally:
-                    self._queue.remove(ticket)
-                    self._cond.notify_all()  # the head of the line changed
-            self._held += seats
-
-    def release(self, seats: int = 1) -> None:
-        with self._cond:
-            self._held -= min(seats, self.capacity)
-            self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def turn(self, cancel: threading.Event | None = None, seats: int = 1) -> Iterator[None]:
-        """Hold ``seats`` for the ``with`` block."""
-        self.acquire(seats, cancel)
-        try:
-            yield
-        finally:
-            self.release(seats)
-
-    def _wait_for_head(self, ticket: object, seats: int, cancel: threading.Event | None) -> None:
-        deadline = time.monotonic() + self.timeout
-        while self._held + seats > self.capacity or self._queue[0] is not ticket:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the request was withdrawn while it waited")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HostBusy(f"the host stayed busy for {self.timeout:.0f} s; retry later", retry_after=30)
-            self._cond.wait(min(remaining, 0.1))  # wakes on every release, and to look at cancel
 
 
 @dataclass(frozen=True)
@@ -148,28 +81,6 @@ class _Loaded:
         for part in (self.embedder, self.context, self.model):  # contexts before the model they use
             if part is not None:
                 part.close()
-
-
-@dataclass
-class Embeddings:
-    """The engine's answer to an embedding request."""
-
-    vectors: list[list[float]]
-    model: str
-    prompt_tokens: int
-
-
-@dataclass
-class EngineStats:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    generation_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        rate = self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
-        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "tokens_per_second": round(rate, 1)}
 
 
 def _llama_cpp():
@@ -250,8 +161,10 @@ class Engine:
         return info
 
     def status(self) -> dict[str, Any]:
+        device = self.device()
         return {
-            **self.device(),
+            **device,  # also at the top, where /health has always had them
+            "engine": {"kind": "llama.cpp", "threads": self.threads, "flash_attention": self.flash_attention, **device},
             "status": "loading" if self.loading else "ok",
             "model": self.model or self.default_name,
             "default_model": self.default_name,
@@ -413,10 +326,11 @@ class Engine:
                 self.turnstile.release(seats - request.n)
                 seats = request.n
             task = self._task(loaded, request, cancel, first_text_passed)
-            yield Started(loaded.name, len(task.tokens), task.tool_format)
+            yield Started(loaded.name)
             self.scheduler.submit(task)
             submitted = True
-            yield from self._results(task, tick)
+            results = self._results(task, tick)
+            yield from split_tool_calls(results, FORMATS[task.tool_format]) if task.tool_format else results
         finally:
             cancel.set()  # a task still running stops at the next step
             if task is not None and not submitted:
@@ -453,7 +367,7 @@ class Engine:
                 if not self.scheduler.alive:
                     raise ModelLoadError("the engine stopped before the answer was complete") from None
                 if tick is not None:
-                    yield QUIET
+                    yield Signal.QUIET
                 continue
             if item is DROPPED:
                 return
@@ -625,17 +539,12 @@ class Engine:
         is_end = functools.partial(lib.llama_vocab_is_eog, vocab)
         events: queue.SimpleQueue = queue.SimpleQueue()
 
-        def emitter(index: int) -> Callable[[str], None]:
-            if request.n == 1:
-                return events.put
-            return lambda text: events.put(ChoiceDelta(index, text))
-
         choices = []
         try:
             for i in range(request.n):  # each answer draws its own samples: seed, seed + 1, ...
                 choices.append(Choice(
                     i, TokenSampler(vocab, s, (seed + i) % 2**32, grammar, banned), max_tokens=max_tokens,
-                    stops=stops, piece=piece, is_end=is_end, emit=emitter(i),
+                    stops=stops, piece=piece, is_end=is_end, emit=events.put,
                     logprobs=Logprobs(request.logprobs, n_vocab, piece) if request.logprobs is not None else None))
         except BaseException:
             for choice in choices:
@@ -644,8 +553,7 @@ class Engine:
         tool_name = tool_format.name if tool_format else None
 
         def finish(task: Task) -> None:
-            answers = [c.completion(loaded.name, len(tokens), task.cached, task.started, tool_name)
-                       for c in task.choices]
+            answers = [c.completion(loaded.name, len(tokens), task.cached, task.started) for c in task.choices]
             if len(answers) > 1:  # one event: the first answer, with them all and their usage summed
                 answers[0] = dataclasses.replace(
                     answers[0], completion_tokens=sum(a.completion_tokens for a in answers), choices=tuple(answers))

@@ -15,7 +15,7 @@ import ctypes
 from typing import Any, Callable, Sequence
 
 from llm_magic.errors import InvalidRequest, ModelLoadError
-from llm_magic.wire.protocol import LoggedText, Sampling, TokenLogprob
+from llm_magic.wire.types import Sampling, TokenLogprob
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back on (llama-cpp-python's default)
 
@@ -213,8 +213,9 @@ class Logprobs:
         text, logprob, raw = self._entry(token, float(logprobs[token]))
         self._pending.append(TokenLogprob(text, logprob, raw, top))
 
-    def with_text(self, text: str) -> LoggedText:
-        """``text`` carrying the tokens that made it (a held-back token goes with the next)."""
+    def take(self) -> tuple[TokenLogprob, ...]:
+        """The tokens noted since the last call: those that made the text about to be sent (a
+        held-back token goes with the next text)."""
         entries, self._pending = tuple(self._pending), []
         self.reported.extend(entries)
-        return LoggedText(text, entries)
+        return entries

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from llm_magic.engine.llama_cpp.grammar.json_schema import schema_grammar
-from llm_magic.wire.protocol import ResponseFormat
+from llm_magic.wire.types import ResponseFormat
 from llm_magic.wire.tool_calls import ToolFormat, ToolRequest, call_schema
 
 MAX_PARALLEL_CALLS = 4  # a small model may repeat a call forever; four in one turn is plenty

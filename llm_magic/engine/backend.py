@@ -1,0 +1,87 @@
+"""The one seam between the HTTP front and whatever writes the answers.
+
+``create_app`` is written against ``Backend`` alone. A backend takes a validated
+``GenerationRequest`` and yields structured events (``wire.events``): ``Started``, then text and
+tool-call deltas, then one ``Completion``. It answers embeddings, its status and its model names.
+Everything that knows an engine (llama.cpp's grammars, slots, chat-template quirks, parsing a
+model's raw tool-call text) lives behind it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+from llm_magic.wire.events import Event
+from llm_magic.wire.types import GenerationRequest
+
+
+@dataclass
+class Embeddings:
+    """A backend's answer to an embedding request: one normalised vector per input."""
+
+    vectors: list[list[float]]
+    model: str
+    prompt_tokens: int
+
+
+@dataclass
+class EngineStats:
+    """What a backend has served, for ``/health``."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        rate = self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "tokens_per_second": round(rate, 1)}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the server needs of an engine."""
+
+    @property
+    def default_name(self) -> str:
+        """The name of the model a request gets when it names none."""
+
+    @property
+    def model(self) -> str | None:
+        """The name of the model in memory now, if any."""
+
+    @property
+    def embedding_names(self) -> tuple[str, ...]:
+        """Names of models that answer embeddings besides the default one."""
+
+    @property
+    def parallel(self) -> int:
+        """How many answers it writes at once (the most a request's ``n`` may be)."""
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
+                 first_text_passed: threading.Event | None = None, tick: float | None = None) -> Iterator[Event]:
+        """The events of one generation.
+
+        Nothing happens until the first ``next()``. Every refusal (model not allowed, busy, prompt
+        too long) is raised before ``Started``, so that the server can answer it with an HTTP
+        status. Setting ``cancel`` (or closing the iterator) withdraws the request. The caller
+        sets ``first_text_passed`` once it has sent the first text on. With ``tick``, once the
+        answer is being written, ``Signal.QUIET`` comes after every ``tick`` seconds without an
+        event, so that the reading thread can look around (a client gone, a keep-alive due)."""
+
+    def embed(self, inputs: Sequence[str | Sequence[int]], cancel: threading.Event | None = None) -> Embeddings:
+        """One vector per input (text or token ids); ``cancel`` stops the work early."""
+
+    def status(self) -> dict[str, Any]:
+        """``/health``'s fields: ``status`` ("ok"/"loading"), ``model``, ``default_model``,
+        ``busy``, ``slots``, ``slots_busy``, ``queue``, the served counts, and an ``engine`` block
+        of the backend's own (its kind and what it knows of its device)."""
+
+    def load_default(self) -> None:
+        """Make the default model ready now rather than at the first request."""
+
+    def close(self) -> None:
+        """Free the models and end every thread the backend started."""
