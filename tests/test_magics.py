@@ -278,3 +278,19 @@ def test_stopping_a_host_that_died_clears_it_away(fresh_magics, capsys) -> None:
     assert not err and out.startswith("The host had died: it was killed by SIGKILL (") and not folder.exists()
     _, err = run(sh, "%llm_host stop", capsys)
     assert "the host is not running" in err
+
+
+def test_restart_with_new_flags_keeps_the_url_and_the_token(fresh_magics, capsys) -> None:
+    sh, magics = fresh_magics
+    assert not run(sh, "%llm_host start --tunnel none --port 0 --ctx 2048 --keepalive 7", capsys)[1]
+    host, url, token, pid = magics.host, magics.host.url, magics.host.token, magics.host.pid
+    out, err = run(sh, "%llm_host restart --tunnel none --ctx 1024", capsys)
+    assert not err and f"Local URL:  {url}" in out
+    assert magics.host is host and (host.url, host.token) == (url, token) and host.pid != pid
+    argv = Path(f"/proc/{host.pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("--ctx") + 1] == "1024" and argv[argv.index("--keepalive") + 1] == "15.0"  # the new flags
+    out, err = run(sh, "%%llm --max-tokens 2\nhi", capsys)
+    assert not err and "tokens" in out  # the notebook's client follows
+    out, err = run(sh, "%llm_host restart", capsys)  # no flags: the last ones again
+    argv = Path(f"/proc/{host.pid}/cmdline").read_bytes().decode().split("\0")
+    assert not err and argv[argv.index("--ctx") + 1] == "1024" and host.url == url

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence, Union
 
 import requests
 
+from llm_magic.client.session import ChatSession
 from llm_magic.errors import BY_STATUS, connection_reason, ContextLengthExceeded, HostBusy, HostUnreachable, LLMMagicError, ServerError
 
 DEFAULT_URL = "http://127.0.0.1:5000"
@@ -169,9 +170,9 @@ class Client:
         self.token = token if token is not None else os.environ.get("LLM_MAGIC_TOKEN") or None
         self.timeout = (connect_timeout, timeout)
         self.retries = retries
-        self.session = requests.Session()
+        self.http = requests.Session()  # (the HTTP connection pool; session() is a conversation)
         if self.token:
-            self.session.headers["Authorization"] = f"Bearer {self.token}"
+            self.http.headers["Authorization"] = f"Bearer {self.token}"
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
@@ -183,7 +184,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
 
     # -- requests ----------------------------------------------------------------------
 
@@ -192,8 +193,8 @@ class Client:
         url = self.url + path
         for attempt in range(self.retries + 1):
             try:
-                response = self.session.request(method, url, json=body, stream=stream,
-                                                timeout=timeout or self.timeout)
+                response = self.http.request(method, url, json=body, stream=stream,
+                                             timeout=timeout or self.timeout)
             except requests.ConnectionError as exc:
                 if attempt < self.retries:
                     time.sleep(0.5 * 2**attempt)
@@ -286,6 +287,12 @@ class Client:
         body = {"prompt": prompt, "stream": True, "stream_options": {"include_usage": True},
                 **self._params(model, params)}
         return Stream(self._request("POST", "/v1/completions", body, stream=True), chat=False)
+
+    def session(self, system: str | None = None, **defaults: Any) -> ChatSession:
+        """A conversation with this host: ``ask`` sends each turn with the ones before and runs
+        the tool calls the model makes. ``defaults`` go with every turn (``temperature=``,
+        ``max_tokens=``…), besides ``ChatSession``'s own keywords (``max_tool_rounds=``, hooks)."""
+        return ChatSession(self, system, **defaults)
 
     def embed(self, texts: str | Sequence[str], *, model: str | None = None) -> Any:
         """Embeddings: one normalised vector (a list of floats) for a string, a list of vectors

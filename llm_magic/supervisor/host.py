@@ -389,13 +389,32 @@ class ApiHost:
         self._started_at = time.time()
         return self
 
-    def restart(self) -> "ApiHost":
+    def restart(self, **settings: Any) -> "ApiHost":
         """Stop (or clear away a server that died) and start again with the same token on the
-        same port; a public tunnel stays open, so the public URL stays too: clients carry on."""
+        same port; a public tunnel stays open, so the public URL stays too: clients carry on.
+        With ``settings`` (the constructor's keywords) it comes back configured as
+        ``ApiHost(**settings)`` would be, still on its port and with its token unless given."""
         port = urllib.parse.urlsplit(self.url).port if self.url else None
         self.port = port or self.port
+        fresh = self._configured(settings) if settings else None  # a bad keyword fails before the stop
         self.stop(keep_tunnel=True)
+        if fresh is not None:
+            self.model, self.token, self.tunnel, self.host, self.port = (fresh.model, fresh.token, fresh.tunnel,
+                                                                         fresh.host, fresh.port)
+            self.startup_timeout, self._args = fresh.startup_timeout, fresh._args
+            if self.tunnel != "cloudflared" and self._tunnel is not None:
+                self._tunnel.stop()  # a tunnel no longer wanted
+                self._tunnel = None
         return self.start()
+
+    def _configured(self, settings: dict[str, Any]) -> "ApiHost":
+        """An unstarted host holding ``settings``, with this one's port, startup timeout and
+        token (or none) where they are not given."""
+        settings = {"port": self.port, "startup_timeout": self.startup_timeout,
+                    "use_token": self.token is not None, **settings}
+        if settings.get("token") is None and settings["use_token"]:
+            settings["token"] = self.token
+        return ApiHost(**settings)
 
     def take_tunnel(self, other: "ApiHost") -> None:
         """Before ``start()``: reuse the tunnel of ``other`` (stopped with ``keep_tunnel=True``),
