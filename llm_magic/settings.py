@@ -1,0 +1,135 @@
+"""Every ``serve`` setting and its default, in one place.
+
+``llm-magic serve``, ``ApiHost``, ``%llm_host start`` and the backends all read a
+``ServeSettings``: the command line is built from its fields (``add_serve_arguments``), parsed
+back into one (``from_args``), and written out again for a child process (``to_argv``).
+Standard library only, so that every tier may use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+TOKEN_ENV = "LLM_MAGIC_TOKEN"
+TUNNELS = ("cloudflared", "none")
+FLASH_ATTENTION = ("auto", "on", "off")
+
+
+@dataclass
+class ServeSettings:
+    """What a host serves and how; each field is the ``serve`` flag of the same name."""
+
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 5000
+    token: str | None = None
+    no_token: bool = False
+    tunnel: str | None = None  # None: cloudflared in a notebook, none on the terminal
+    ctx: int = 4096
+    max_ctx: int | None = None
+    gpu_layers: int = -1
+    threads: int | None = None
+    chat_format: str | None = None
+    allow_model: list[str] = field(default_factory=list)
+    parallel: int = 4  # as llama-server's default
+    max_queue: int = 16
+    flash_attn: str = "auto"  # as llama-server's default
+    embedding_model: str | None = None
+    cors: list[str] = field(default_factory=list)
+    keepalive: float = 15.0  # well inside Cloudflare's 100 s idle limit
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServeSettings":
+        """The settings an ``add_serve_arguments`` parser read (other attributes are ignored)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+    def replace(self, **changes: Any) -> "ServeSettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_argv(self, skip: Sequence[str] = ()) -> list[str]:
+        """The ``serve`` flags that give these settings: only those that differ from the
+        defaults, in the order the flags are listed; ``skip`` names fields left out."""
+        argv: list[str] = []
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), _default(f)
+            if f.name in skip or value == default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag)
+            elif isinstance(value, list):
+                for item in value:
+                    argv += [flag, str(item)]
+            elif value is not None:
+                argv += [flag, _number(value) if isinstance(value, float) else str(value)]
+        return argv
+
+
+DEFAULTS = ServeSettings()
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() else str(value)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` flags (shared with ``%llm_host start``), their defaults from ``ServeSettings``."""
+    d = DEFAULTS
+    parser.add_argument("--model", metavar="SPEC",
+                        help="a .gguf path, OWNER/REPO:QUANT, OWNER/REPO:FILENAME (glob allowed); "
+                             "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--host", default=d.host, help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=d.port,
+                        help="port to bind; 0 picks a free one (default: %(default)s)")
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--token", metavar="T", help=f"access token (default: ${TOKEN_ENV}, else a new random one)")
+    auth.add_argument("--no-token", action="store_true", help="serve without a token (only the default model)")
+    parser.add_argument("--tunnel", choices=TUNNELS, default=d.tunnel,
+                        help="public tunnel (default: none on the terminal)")
+    parser.add_argument("--ctx", type=int, default=d.ctx, metavar="N",
+                        help="context length in tokens (default: %(default)s)")
+    parser.add_argument("--max-ctx", type=int, default=d.max_ctx, metavar="N",
+                        help="the largest context a token holder's request may ask for with /api's "
+                             "options.ctx_length, reloading the model (default: --ctx, no reloads)")
+    parser.add_argument("--gpu-layers", type=int, default=d.gpu_layers, metavar="N",
+                        help="layers to offload to the GPU; -1 all, 0 CPU only (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=d.threads, metavar="N", help="CPU threads (default: every core)")
+    parser.add_argument("--chat-format", default=d.chat_format, metavar="NAME",
+                        help="chat template name (default: the template inside the GGUF)")
+    parser.add_argument("--allow-model", action="append", default=[], metavar="PATTERN",
+                        help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
+    parser.add_argument("--parallel", type=_at_least_one, default=d.parallel, metavar="N",
+                        help="answers written at once, decoded together in one batch; each slot keeps "
+                             "its own KV cache of --ctx tokens, so memory for the cache grows with N "
+                             "(default: %(default)s, as llama-server's; 1 serves one request at a time)")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
+                        help="requests that may wait for a free slot before 503 (default: %(default)s)")
+    parser.add_argument("--flash-attn", choices=FLASH_ATTENTION, default=d.flash_attn,
+                        help="llama.cpp's flash attention: faster, and llama-server's default "
+                             "(default: %(default)s; 'off' gives llama-cpp-python's default numerics)")
+    parser.add_argument("--embedding-model", metavar="SPEC", default=d.embedding_model,
+                        help="a model for /v1/embeddings (default: the served model, in an embedding "
+                             "context sharing its weights)")
+    parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                        help="let browser pages from ORIGIN call the host (repeatable; '*' for any); "
+                             "default: none")
+    parser.add_argument("--keepalive", type=float, default=d.keepalive, metavar="S",
+                        help="while the model is busy, send a keep-alive every S seconds so that "
+                             "proxies and tunnels do not cut the answer (default: %(default)s)")
