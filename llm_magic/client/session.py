@@ -99,7 +99,7 @@ class ChatSession:
         show = on_reply or self.on_reply or consume
         note = on_note or self.on_note or log.info
         limit = self.max_tool_rounds if max_tool_rounds is None else max_tool_rounds
-        toolbox = tools if isinstance(tools, ToolBox) or tools is None else ToolBox(tools)
+        toolbox = tools if isinstance(tools, ToolBox) else ToolBox(tools) if tools else None  # ([]: no tools)
         params = {**self.defaults, **params}
         data_format = None
         if toolbox is None and response_format is not None:
