@@ -38,7 +38,7 @@ from pathlib import Path
 import requests
 
 from llm_magic import ApiHost
-from llm_magic.engine.llama_cpp.engine import best_thread_count
+from llm_magic.engine.llama_cpp.backend import best_thread_count
 from llm_magic.models import embedded_model_path
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old clockmaker who"

@@ -95,7 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LLMMagicError(f"serving needs the host extra ({exc.name} is missing): "
                             "pip install 'llm_magic[host]'") from None
-    from llm_magic.engine.llama_cpp.engine import Engine, gpu_offload_supported
+    from llm_magic.engine.llama_cpp.backend import Engine, gpu_offload_supported
     from llm_magic.engine.llama_cpp.gpu import offload_warning
     from llm_magic.models import ModelPolicy, ModelSpec, model_name, resolve_model
     from llm_magic.supervisor.snippets import connection_text
@@ -212,7 +212,7 @@ def gpu(args: argparse.Namespace) -> int:
     import tempfile
 
     from llm_magic.engine.llama_cpp import gpu as nvidia
-    from llm_magic.engine.llama_cpp.engine import gpu_offload_supported
+    from llm_magic.engine.llama_cpp.backend import gpu_offload_supported
 
     offload = gpu_offload_supported()
     print(nvidia.describe(offload, _llama_version()), flush=True)

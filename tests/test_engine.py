@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from llm_magic.engine.admission import Turnstile
-from llm_magic.engine.llama_cpp.engine import Engine, chat_formats
+from llm_magic.engine.llama_cpp.backend import Engine, chat_formats
 from llm_magic.errors import HostBusy, InvalidRequest, ModelNotAllowed
 from llm_magic.models import ModelPolicy
 from llm_magic.wire.events import Completion, Started, TextDelta

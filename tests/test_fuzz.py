@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from llm_magic.engine.llama_cpp.engine import Engine
+from llm_magic.engine.llama_cpp.backend import Engine
 from llm_magic.models import ModelPolicy
 from llm_magic.server.app import create_app
 

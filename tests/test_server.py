@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from llm_magic.engine.llama_cpp.engine import Engine
+from llm_magic.engine.llama_cpp.backend import Engine
 from llm_magic.models import ModelPolicy
 from llm_magic.server.app import create_app
 from llm_magic.wire.events import TextDelta
