@@ -95,7 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LLMMagicError(f"serving needs the host extra ({exc.name} is missing): "
                             "pip install 'llm_magic[host]'") from None
-    from llm_magic.engine.llama_cpp.backend import Engine, gpu_offload_supported
+    from llm_magic.engine.llama_cpp.backend import LlamaCppBackend, gpu_offload_supported
     from llm_magic.engine.llama_cpp.gpu import offload_warning
     from llm_magic.models import ModelPolicy, ModelSpec, model_name, resolve_model
     from llm_magic.supervisor.snippets import connection_text
@@ -109,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
     path = resolve_model(spec)
     name = args.model_name or (str(spec) if spec.repo_id else model_name(path))
     embedding_path = resolve_model(ModelSpec.parse(args.embedding_model)) if args.embedding_model else None
-    engine = Engine(path, default_name=name, ctx_length=args.ctx, max_ctx=args.max_ctx,
+    engine = LlamaCppBackend(path, default_name=name, ctx_length=args.ctx, max_ctx=args.max_ctx,
                     gpu_layers=args.gpu_layers, embedding_model=embedding_path,
                     threads=args.threads, chat_format=args.chat_format, max_queue=args.max_queue,
                     parallel=args.parallel, flash_attention=args.flash_attn,

@@ -10,8 +10,8 @@ from typing import Iterator
 import pytest
 
 from llm_magic.engine.admission import Turnstile
-from llm_magic.engine.llama_cpp.backend import Engine, chat_formats
-from llm_magic.errors import HostBusy, InvalidRequest, ModelNotAllowed
+from llm_magic.engine.llama_cpp.backend import LlamaCppBackend, chat_formats
+from llm_magic.errors import ContextLengthExceeded, EngineError, HostBusy, InvalidRequest, ModelNotAllowed
 from llm_magic.models import ModelPolicy
 from llm_magic.wire.events import Completion, Started, TextDelta
 from llm_magic.wire.types import GenerationRequest, Sampling
@@ -21,14 +21,14 @@ CHAT = ({"role": "user", "content": "What is the capital of France?"},)
 
 
 @pytest.fixture(scope="module")
-def engine(model_path: Path) -> Iterator[Engine]:
-    e = Engine(model_path)
+def engine(model_path: Path) -> Iterator[LlamaCppBackend]:
+    e = LlamaCppBackend(model_path)
     e.load_default()
     yield e
     e.close()
 
 
-def run(engine: Engine, **kwargs) -> tuple[list[str], Completion]:
+def run(engine: LlamaCppBackend, **kwargs) -> tuple[list[str], Completion]:
     events = list(engine.generate(GenerationRequest(**kwargs), threading.Event()))  # as the server does
     assert isinstance(events[0], Started)
     assert isinstance(events[-1], Completion)
@@ -46,7 +46,7 @@ def reference(model_path: Path):
     llm.close()
 
 
-def test_greedy_completion_matches_llama_cpp_python(engine: Engine, reference) -> None:
+def test_greedy_completion_matches_llama_cpp_python(engine: LlamaCppBackend, reference) -> None:
     deltas, result = run(engine, prompt="The three primary colours are", sampling=GREEDY)
     expected = reference.create_completion("The three primary colours are", max_tokens=40, temperature=0.0)
     assert result.text == expected["choices"][0]["text"]
@@ -55,7 +55,7 @@ def test_greedy_completion_matches_llama_cpp_python(engine: Engine, reference) -
     assert result.finish_reason == expected["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_long_prompt_read_in_chunks_gives_llama_cpp_pythons_greedy_answer(engine: Engine, reference) -> None:
+def test_a_long_prompt_read_in_chunks_gives_llama_cpp_pythons_greedy_answer(engine: LlamaCppBackend, reference) -> None:
     prompt = "Here is a list of fruits and what colour each is: " + ", ".join(
         f"fruit number {i} is {colour}" for i, colour in enumerate(["red", "yellow", "green", "orange"] * 25))
     _, result = run(engine, prompt=prompt, sampling=GREEDY)
@@ -64,7 +64,7 @@ def test_a_long_prompt_read_in_chunks_gives_llama_cpp_pythons_greedy_answer(engi
     assert result.text == expected["choices"][0]["text"]
 
 
-def test_greedy_under_a_grammar_matches_llama_cpp_python(engine: Engine, reference) -> None:
+def test_greedy_under_a_grammar_matches_llama_cpp_python(engine: LlamaCppBackend, reference) -> None:
     from llama_cpp.llama_grammar import LlamaGrammar
 
     from llm_magic.engine.llama_cpp.grammar.constraints import grammar_for
@@ -81,7 +81,7 @@ def test_greedy_under_a_grammar_matches_llama_cpp_python(engine: Engine, referen
         assert result.completion_tokens == expected["usage"]["completion_tokens"]
 
 
-def test_a_request_withdrawn_while_its_prompt_is_read_stops_within_a_chunk(engine: Engine) -> None:
+def test_a_request_withdrawn_while_its_prompt_is_read_stops_within_a_chunk(engine: LlamaCppBackend) -> None:
     cancel = threading.Event()
     events = engine.generate(GenerationRequest(prompt="word " * 3000, sampling=GREEDY), cancel)
     assert isinstance(next(events), Started)
@@ -105,14 +105,14 @@ def test_a_request_withdrawn_while_its_prompt_is_read_stops_within_a_chunk(engin
     assert result.completion_tokens > 0
 
 
-def test_greedy_chat_uses_the_gguf_template_and_matches_llama_cpp_python(engine: Engine, reference) -> None:
+def test_greedy_chat_uses_the_gguf_template_and_matches_llama_cpp_python(engine: LlamaCppBackend, reference) -> None:
     _, result = run(engine, messages=CHAT, sampling=GREEDY)
     expected = reference.create_chat_completion(list(CHAT), max_tokens=40, temperature=0.0)
     assert result.text == expected["choices"][0]["message"]["content"]
     assert result.prompt_tokens == expected["usage"]["prompt_tokens"]
 
 
-def test_stop_sequence_ends_the_answer_and_is_never_streamed(engine: Engine) -> None:
+def test_stop_sequence_ends_the_answer_and_is_never_streamed(engine: LlamaCppBackend) -> None:
     full = run(engine, messages=({"role": "user", "content": "Count from 1 to 10, one per line."},),
                sampling=Sampling(max_tokens=60, temperature=0.0))[1].text
     assert "4" in full
@@ -123,32 +123,36 @@ def test_stop_sequence_ends_the_answer_and_is_never_streamed(engine: Engine) -> 
     assert "".join(deltas) == result.text
 
 
-def test_empty_prompt_generates_from_the_start_token(engine: Engine) -> None:
+def test_empty_prompt_generates_from_the_start_token(engine: LlamaCppBackend) -> None:
     _, result = run(engine, prompt="", sampling=Sampling(max_tokens=3, temperature=0.0))
     assert result.prompt_tokens == 1 and result.completion_tokens == 3
 
 
-def test_max_tokens_is_exact(engine: Engine) -> None:
+def test_max_tokens_is_exact(engine: LlamaCppBackend) -> None:
     _, result = run(engine, prompt="Once upon a time", sampling=Sampling(max_tokens=7, temperature=0.0))
     assert result.completion_tokens == 7 and result.finish_reason == "length"
     assert result.timings["predicted_n"] == 7
 
 
-def test_same_seed_same_text_at_high_temperature(engine: Engine) -> None:
+def test_same_seed_same_text_at_high_temperature(engine: LlamaCppBackend) -> None:
     params = dict(prompt="My favourite animal is", sampling=Sampling(max_tokens=20, temperature=1.5, seed=42))
     assert run(engine, **params)[1].text == run(engine, **params)[1].text
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error(model_path: Path) -> None:
-    small = Engine(model_path, ctx_length=64)
-    with pytest.raises(InvalidRequest, match=r"the prompt is \d+ tokens but the model's context holds 64"):
+    small = LlamaCppBackend(model_path, ctx_length=64)
+    with pytest.raises(ContextLengthExceeded, match=r"the prompt is \d+ tokens but the model's context holds 64"):
         run(small, prompt="word " * 100)
+    with pytest.raises(ContextLengthExceeded, match=r"the prompt is at least \d+ tokens"):  # refused untokenised
+        run(small, prompt="word " * 100_000)
+    with pytest.raises(ContextLengthExceeded, match="the embedding context holds 64"):
+        small.embed(["word " * 100])
     _, result = run(small, prompt="word " * 50, sampling=Sampling(max_tokens=500, temperature=0.0))
     assert result.prompt_tokens + result.completion_tokens <= 64  # max_tokens bounded by the context
     small.close()
 
 
-def test_next_chat_turn_reuses_the_kv_cache(engine: Engine) -> None:
+def test_next_chat_turn_reuses_the_kv_cache(engine: LlamaCppBackend) -> None:
     history = [{"role": "user", "content": "Tell me about the moon. " * 20}]
     _, first = run(engine, messages=tuple(history), sampling=GREEDY)
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the sun?"}]
@@ -157,7 +161,7 @@ def test_next_chat_turn_reuses_the_kv_cache(engine: Engine) -> None:
     assert second.timings["prompt_n"] < second.prompt_tokens - first.prompt_tokens + 10
 
 
-def test_closing_a_generation_frees_the_model_at_once(engine: Engine) -> None:
+def test_closing_a_generation_frees_the_model_at_once(engine: LlamaCppBackend) -> None:
     events = engine.generate(GenerationRequest(prompt="word " * 100, sampling=Sampling(max_tokens=2000, temperature=0)))
     next(events), next(events)
     assert engine.turnstile.busy
@@ -166,7 +170,7 @@ def test_closing_a_generation_frees_the_model_at_once(engine: Engine) -> None:
     assert run(engine, prompt="Hi", sampling=Sampling(max_tokens=2))[1].completion_tokens == 2
 
 
-def test_named_chat_format_and_unknown_one(engine: Engine) -> None:
+def test_named_chat_format_and_unknown_one(engine: LlamaCppBackend) -> None:
     assert "chatml" in chat_formats() and "llama-2" in chat_formats()
     _, result = run(engine, messages=CHAT, chat_format="chatml", sampling=GREEDY)
     assert result.text
@@ -175,7 +179,7 @@ def test_named_chat_format_and_unknown_one(engine: Engine) -> None:
 
 
 def test_switching_models_unloads_the_old_one(model_path: Path, model_copy: Path) -> None:
-    e = Engine(model_path, policy=ModelPolicy(has_token=True, allow_patterns=[str(model_copy)]))
+    e = LlamaCppBackend(model_path, policy=ModelPolicy(has_token=True, allow_patterns=[str(model_copy)]))
     e.load_default()
     first = e._loaded
     _, result = run(e, prompt="Hi", model=str(model_copy), sampling=Sampling(max_tokens=2))
@@ -186,7 +190,7 @@ def test_switching_models_unloads_the_old_one(model_path: Path, model_copy: Path
     e.close()
 
 
-def test_model_policy_is_enforced(engine: Engine, model_copy: Path) -> None:
+def test_model_policy_is_enforced(engine: LlamaCppBackend, model_copy: Path) -> None:
     with pytest.raises(ModelNotAllowed):
         run(engine, prompt="Hi", model=str(model_copy))
 
@@ -273,7 +277,7 @@ PROMPTS = ("The three primary colours are", "Write a poem about the sea.\n", "de
            "Once upon a time")
 
 
-def run_together(engine: Engine, requests: list[dict]) -> list[Completion]:
+def run_together(engine: LlamaCppBackend, requests: list[dict]) -> list[Completion]:
     """Run the requests at once, each from a thread of its own, as a server's clients would."""
     results: list[Completion | None] = [None] * len(requests)
 
@@ -289,7 +293,7 @@ def run_together(engine: Engine, requests: list[dict]) -> list[Completion]:
     return results  # type: ignore[return-value]
 
 
-def recording_batches(engine: Engine) -> list[int]:
+def recording_batches(engine: LlamaCppBackend) -> list[int]:
     """Record how many tokens each decode step carries, from now until the returned list is
     dropped by ``del engine._loaded.context.decode``."""
     context = engine._loaded.context
@@ -304,7 +308,7 @@ def recording_batches(engine: Engine) -> list[int]:
     return sizes
 
 
-def test_requests_decode_together_and_each_gets_its_own_greedy_answer(engine: Engine, reference) -> None:
+def test_requests_decode_together_and_each_gets_its_own_greedy_answer(engine: LlamaCppBackend, reference) -> None:
     sampling = Sampling(max_tokens=48, temperature=0.0)
     expected = [reference.create_completion(p, max_tokens=48, temperature=0.0)["choices"][0]["text"] for p in PROMPTS]
     sizes = recording_batches(engine)
@@ -316,7 +320,7 @@ def test_requests_decode_together_and_each_gets_its_own_greedy_answer(engine: En
     assert max(sizes) >= 4 and sizes.count(4) > 20  # steps that carried all four answers' next tokens
 
 
-def test_a_seeded_answer_does_not_depend_on_what_runs_beside_it(engine: Engine) -> None:
+def test_a_seeded_answer_does_not_depend_on_what_runs_beside_it(engine: LlamaCppBackend) -> None:
     seeded = dict(prompt="My favourite animal is", sampling=Sampling(max_tokens=40, temperature=0.9, seed=7))
     alone = run(engine, **seeded)[1].text
     others = [dict(prompt=p, sampling=Sampling(max_tokens=60, temperature=1.0)) for p in PROMPTS[:3]]
@@ -324,7 +328,7 @@ def test_a_seeded_answer_does_not_depend_on_what_runs_beside_it(engine: Engine) 
     assert together[-1].text == alone
 
 
-def test_a_new_request_starts_while_a_long_one_is_written(engine: Engine) -> None:
+def test_a_new_request_starts_while_a_long_one_is_written(engine: LlamaCppBackend) -> None:
     long = engine.generate(GenerationRequest(prompt="Once upon a time", sampling=Sampling(max_tokens=400, temperature=0)))
     assert isinstance(next(long), Started)
     next(long)  # it is writing
@@ -337,7 +341,7 @@ def test_a_new_request_starts_while_a_long_one_is_written(engine: Engine) -> Non
     assert not engine.turnstile.busy
 
 
-def test_each_conversation_keeps_its_cache_when_they_alternate(engine: Engine) -> None:
+def test_each_conversation_keeps_its_cache_when_they_alternate(engine: LlamaCppBackend) -> None:
     def turn(history: list[dict]) -> Completion:
         return run(engine, messages=tuple(history), sampling=Sampling(max_tokens=12, temperature=0))[1]
 
@@ -354,7 +358,7 @@ def test_each_conversation_keeps_its_cache_when_they_alternate(engine: Engine) -
 def test_greedy_without_flash_attention_is_llama_cpp_pythons_default(model_path: Path) -> None:
     import llama_cpp
 
-    plain = Engine(model_path, flash_attention="off")
+    plain = LlamaCppBackend(model_path, flash_attention="off")
     reference = llama_cpp.Llama(str(model_path), n_ctx=4096, n_threads=2, verbose=False)
     try:
         for prompt in PROMPTS[:2]:
@@ -392,7 +396,7 @@ def test_turnstile_seats_several_and_a_switch_waits_for_all_of_them() -> None:
     assert order == ["switch", "later"] and not gate.busy
 
 
-def test_a_lone_generation_pauses_until_its_first_text_has_gone_out(engine: Engine) -> None:
+def test_a_lone_generation_pauses_until_its_first_text_has_gone_out(engine: LlamaCppBackend) -> None:
     passed = threading.Event()
     events = engine.generate(GenerationRequest(prompt="Once upon a time", sampling=Sampling(max_tokens=20, temperature=0)),
                              threading.Event(), passed)
@@ -411,7 +415,7 @@ def test_a_lone_generation_pauses_until_its_first_text_has_gone_out(engine: Engi
     assert len(sizes) > steps
 
 
-def test_n_answers_share_one_prompt_and_each_draws_its_own_samples(engine: Engine) -> None:
+def test_n_answers_share_one_prompt_and_each_draws_its_own_samples(engine: LlamaCppBackend) -> None:
     sampling = Sampling(max_tokens=24, temperature=0.9, seed=3)
     sizes = recording_batches(engine)
     try:
@@ -433,7 +437,7 @@ def test_n_answers_share_one_prompt_and_each_draws_its_own_samples(engine: Engin
         assert run(engine, prompt="My favourite animal is", sampling=alone)[1].text == choice.text
 
 
-def test_n_beyond_the_slots_is_a_clear_error(engine: Engine) -> None:
+def test_n_beyond_the_slots_is_a_clear_error(engine: LlamaCppBackend) -> None:
     with pytest.raises(InvalidRequest, match="'n' is 5, but this host writes at most 4 answers at once"):
         run(engine, prompt="Hi", n=5)
 
@@ -442,7 +446,7 @@ def test_a_full_shared_cache_ends_the_newest_answer_and_the_others_go_on(model_p
     """Slots that share one KV cache (the fallback when memory is short) can fill it: the
     answer started last ends there (finish_reason "length", as at a context's end), the
     others run to their end, and nobody gets an error."""
-    shared = Engine(model_path, ctx_length=512, parallel=2, kv_unified=True)
+    shared = LlamaCppBackend(model_path, ctx_length=512, parallel=2, kv_unified=True)
     try:
         shared.load_default()
         long = dict(prompt="Once upon a time", sampling=Sampling(max_tokens=400, temperature=0))
@@ -458,7 +462,7 @@ def test_a_full_shared_cache_ends_the_newest_answer_and_the_others_go_on(model_p
         shared.close()
 
 
-def test_a_prompt_a_slot_holds_exactly_is_answered_from_its_kept_logits(engine: Engine) -> None:
+def test_a_prompt_a_slot_holds_exactly_is_answered_from_its_kept_logits(engine: LlamaCppBackend) -> None:
     """A request for exactly what a slot holds (the same prompt again, say) decodes nothing
     before its first token: the slot kept the logits that follow it. The answer is the same."""
     ask = dict(prompt="The capital of Italy is", sampling=Sampling(max_tokens=1, temperature=0))
@@ -475,7 +479,7 @@ def test_a_prompt_a_slot_holds_exactly_is_answered_from_its_kept_logits(engine: 
     assert longer.text.startswith(first.text) and longer.completion_tokens == 12
 
 
-def test_a_grammar_that_dead_ends_fails_its_own_answer_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_grammar_that_dead_ends_fails_its_own_answer_only(engine: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     from llm_magic.engine.llama_cpp import sampling
     from llm_magic.wire.types import ResponseFormat
 
@@ -507,7 +511,7 @@ def test_a_grammar_that_dead_ends_fails_its_own_answer_only(engine: Engine, monk
     assert rest[-1].completion_tokens == 30
 
 
-def test_embeddings_packed_together_equal_those_computed_alone(engine: Engine) -> None:
+def test_embeddings_packed_together_equal_those_computed_alone(engine: LlamaCppBackend) -> None:
     texts = ["hi", "The capital of France is Paris.", "def add(a, b): return a + b", "a" * 300]
     together = engine.embed(texts).vectors
     for text, vector in zip(texts, together):
@@ -515,7 +519,7 @@ def test_embeddings_packed_together_equal_those_computed_alone(engine: Engine) -
         assert sum(a * b for a, b in zip(vector, alone)) > 0.9995  # the same, up to rounding
 
 
-def test_embedding_inputs_are_checked_whole_before_any_is_computed(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedding_inputs_are_checked_whole_before_any_is_computed(engine: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     from llm_magic.engine.llama_cpp.embeddings import EmbeddingContext
 
     engine.embed(["warm"])  # the context exists
@@ -529,7 +533,7 @@ def test_embedding_inputs_are_checked_whole_before_any_is_computed(engine: Engin
     assert computed == []
 
 
-def test_embeddings_stop_when_the_client_leaves_and_let_answers_go_on(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embeddings_stop_when_the_client_leaves_and_let_answers_go_on(engine: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     from llm_magic.engine.llama_cpp.embeddings import EmbeddingContext
     from llm_magic.errors import Cancelled
 
@@ -559,3 +563,36 @@ def test_embeddings_stop_when_the_client_leaves_and_let_answers_go_on(engine: En
     done.append("answer")
     embedding.join(120)
     assert done == ["answer", "embeddings"], (done, len(groups))
+
+
+def test_a_decode_fault_is_an_engine_error_and_the_host_goes_on(engine: LlamaCppBackend) -> None:
+    """llama.cpp failing in the middle of an answer is the engine's fault (500), not a model
+    that could not be loaded (502): that request ends with it, the next one is answered."""
+    context = engine._loaded.context
+    context.decode = lambda: -3  # as llama_decode's status for an error of its own
+    try:
+        with pytest.raises(EngineError, match=r"could not decode \(status -3\)"):
+            run(engine, prompt="Hello", sampling=Sampling(max_tokens=5, temperature=0))
+    finally:
+        del context.decode
+    assert run(engine, prompt="Hello", sampling=Sampling(max_tokens=5, temperature=0))[1].completion_tokens == 5
+
+
+def test_a_schema_sent_again_is_not_tokenised_again(engine: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the vocabulary can write a schema's exact texts is remembered per model, so
+    that a client sending the same schema with every request pays for the check once."""
+    from llm_magic.wire.types import ResponseFormat
+
+    model = engine._loaded.model
+    checked: list[bytes] = []
+    real = model.tokenize
+    monkeypatch.setattr(model, "tokenize", lambda data, add_bos, special: (
+        checked.append(data) if not add_bos and not special else None) or real(data, add_bos, special))
+    schema = {"type": "object", "properties": {"colour_of_the_sky": {"type": "string"}},
+              "required": ["colour_of_the_sky"]}
+    ask = dict(prompt="JSON:", response_format=ResponseFormat(schema=schema), sampling=Sampling(max_tokens=3, temperature=0))
+    run(engine, **ask)
+    after_the_first = list(checked)
+    run(engine, **ask)
+    assert any(b"colour_of_the_sky" in data for data in after_the_first)
+    assert checked == after_the_first

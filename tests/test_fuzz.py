@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from llm_magic.engine.llama_cpp.backend import Engine
+from llm_magic.engine.llama_cpp.backend import LlamaCppBackend
 from llm_magic.models import ModelPolicy
 from llm_magic.server.app import create_app
 
@@ -67,7 +67,7 @@ completion_bodies = maybe({
 @pytest.fixture(scope="module")
 def client(model_path: Path) -> Iterator:
     # ctx 512: ctx_length in fuzzed options rarely matches it, so model reloads are exercised too
-    engine = Engine(model_path, ctx_length=512, policy=ModelPolicy(has_token=False))
+    engine = LlamaCppBackend(model_path, ctx_length=512, policy=ModelPolicy(has_token=False))
     engine.load_default()
     yield create_app(engine, token=None).test_client()
     engine.close()

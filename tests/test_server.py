@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from llm_magic.engine.llama_cpp.backend import Engine
+from llm_magic.engine.llama_cpp.backend import LlamaCppBackend
 from llm_magic.models import ModelPolicy
 from llm_magic.server.app import create_app
 from llm_magic.wire.events import TextDelta
@@ -21,21 +21,21 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def engine(model_path: Path) -> Iterator[Engine]:
-    e = Engine(model_path, policy=ModelPolicy(has_token=True))
+def engine(model_path: Path) -> Iterator[LlamaCppBackend]:
+    e = LlamaCppBackend(model_path, policy=ModelPolicy(has_token=True))
     e.load_default()
     yield e
     e.close()
 
 
 @pytest.fixture
-def client(engine: Engine):
+def client(engine: LlamaCppBackend):
     return create_app(engine, token=TOKEN).test_client()
 
 
 @pytest.fixture
 def open_client(model_path: Path):
-    e = Engine(model_path, policy=ModelPolicy(has_token=False))
+    e = LlamaCppBackend(model_path, policy=ModelPolicy(has_token=False))
     yield create_app(e, token=None).test_client()
     e.close()
 
@@ -146,7 +146,7 @@ def test_bad_bodies_are_400_json(client, data: bytes, match: str) -> None:
     assert_error(r, 400, match)
 
 
-def test_unknown_route_wrong_method_and_big_body_are_json(client, engine: Engine) -> None:
+def test_unknown_route_wrong_method_and_big_body_are_json(client, engine: LlamaCppBackend) -> None:
     assert_error(client.get("/nope"), 404, "no route GET /nope")
     assert_error(client.get("/api"), 405, "GET is not allowed on /api")
     big = create_app(engine, token=None, max_body=1000).test_client()
@@ -161,7 +161,7 @@ def test_prompt_longer_than_context_is_400(client) -> None:
 
 
 def test_busy_host_answers_503_with_retry_after(model_path: Path) -> None:
-    e = Engine(model_path, max_queue=0)
+    e = LlamaCppBackend(model_path, max_queue=0)
     app = create_app(e, token=None).test_client()
     holding, release = threading.Event(), threading.Event()
 
@@ -254,7 +254,7 @@ def test_the_response_tells_the_generation_when_its_first_text_has_gone_out() ->
         assert log.index("sent a") < log.index("made b")
 
 
-def test_cors_is_off_by_default_and_answers_preflights_for_allowed_origins(engine: Engine) -> None:
+def test_cors_is_off_by_default_and_answers_preflights_for_allowed_origins(engine: LlamaCppBackend) -> None:
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization, content-type"}
     closed = create_app(engine, token=TOKEN).test_client()
@@ -305,7 +305,7 @@ def test_json_with_parameters_is_read(open_engine_client, content_type: str) -> 
 
 @pytest.fixture(scope="module")
 def open_engine_client(model_path: Path):
-    e = Engine(model_path, policy=ModelPolicy(has_token=False))
+    e = LlamaCppBackend(model_path, policy=ModelPolicy(has_token=False))
     e.load_default()
     yield e, create_app(e, token=None).test_client()
     e.close()
@@ -349,7 +349,7 @@ def test_a_withdrawn_generation_gives_its_seat_back_only_once_its_slot_is_free(m
     from llm_magic.wire.types import GenerationRequest, Sampling
     from llm_magic.server.generation import Pump
 
-    e = Engine(model_path, policy=ModelPolicy(has_token=False), parallel=1)
+    e = LlamaCppBackend(model_path, policy=ModelPolicy(has_token=False), parallel=1)
     e.load_default()
     context = e._loaded.context
     decode = context.decode
@@ -387,7 +387,7 @@ def test_a_list_of_prompts_with_one_too_long_is_a_400_and_leaves_nothing_running
     assert all("".join(c["logprobs"]["tokens"]) == c["text"] for c in choices)
 
 
-def test_a_long_embedding_request_is_kept_alive_and_answered_whole(engine: Engine) -> None:
+def test_a_long_embedding_request_is_kept_alive_and_answered_whole(engine: LlamaCppBackend) -> None:
     app = create_app(engine, token=None, keepalive=0.2).test_client()
     r = app.post("/v1/embeddings", json={"input": ["a sentence of some words to embed " * 8] * 40})
     assert r.status_code == 200

@@ -16,10 +16,11 @@ answers being written fill it on their own does the newest of them end, as at a 
 A request with ``n`` choices holds ``n`` slots: its prompt is read once, in the first, and
 copied to the others (``llama_memory_seq_cp``) before each samples its own answer.
 
+Which slot a request takes, and which gives up its cache, is ``slots.SlotPool``'s choice.
+
 Other jobs (switching the context to a newly loaded model, embeddings) run in the same thread
-between two steps: ggml's
-CPU threads are an OpenMP team per calling thread, and two threads that compute in turn keep
-two teams that fight for the cores. Imports llama_cpp lazily, like ``engine.py``.
+between two steps: ggml's CPU threads are an OpenMP team per calling thread, and two threads
+that compute in turn keep two teams that fight for the cores. Imports llama_cpp lazily, like ``loading.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from llm_magic.engine.llama_cpp.decoding import Choice
-from llm_magic.errors import LLMMagicError, ModelLoadError
+from llm_magic.engine.llama_cpp.slots import Slot, SlotPool
+from llm_magic.errors import EngineError, LLMMagicError, ModelLoadError
 from llm_magic.engine.llama_cpp.sampling import logits_at
 from llm_magic.wire.events import Signal
 
@@ -153,43 +155,25 @@ class Task:
             closed(self)
 
 
-@dataclass(eq=False)
-class Slot:
-    """One sequence of the context: the tokens it holds in the KV cache, and what it writes."""
+class ComputeThread:
+    """The thread llama.cpp computes in, started at the first thing handed to it: other threads
+    put tasks and jobs in its ``inbox``, and ``serve`` (the scheduler's loop) takes them out."""
 
-    seq: int
-    cache: list[int] = field(default_factory=list)
-    task: Task | None = None
-    choice: Choice | None = None
-    next_token: int | None = None  # sampled, not yet in the cache
-    last_used: float = 0.0
-    # The logits that follow the cache's last token, kept when an answer ends: a request whose
-    # prompt is exactly the cache samples from them instead of decoding its last token again.
-    logits: Any = None
-
-
-class Scheduler:
-    """The one thread that drives llama.cpp, stepping every running request together."""
-
-    def __init__(self) -> None:
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    def __init__(self, serve: Callable[[], None]) -> None:
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._serve = serve
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.context: BatchContext | None = None
-        self._slots: list[Slot] = []
-        self._pending: collections.deque[Task] = collections.deque()
-        self._running: list[Task] = []
-        self._chunk = PROMPT_CHUNK_MIN
-        self._hold_new = False  # the KV cache was full: no new task until one ends
 
-    # -- from other threads --------------------------------------------------------------
-
-    def submit(self, task: Task) -> None:
-        """Queue ``task``; its events arrive on ``task.events``."""
-        self._put(task)
+    def put(self, item: Any) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="llm-magic-compute", daemon=True)
+                self._thread.start()
+            self.inbox.put(item)
 
     def call(self, job: Callable[[], Any], timeout: float = 3600.0) -> Any:
-        """Run ``job`` in the scheduler's thread, between two steps, and return its result."""
+        """Run ``job`` in the thread and return its result (or raise its exception here)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
@@ -199,8 +183,46 @@ class Scheduler:
                 except BaseException as exc:  # handed to the waiting thread
                     future.set_exception(exc)
 
-        self._put(run)
+        self.put(run)
         return future.result(timeout=timeout)  # a job ends on its own; this only bounds the wait
+
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the thread after what it was already given (``None`` in the inbox: the end)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self.inbox.put(None)
+        if thread is not None:
+            thread.join(timeout)
+
+
+class Scheduler:
+    """The one thread that drives llama.cpp, stepping every running request together."""
+
+    def __init__(self) -> None:
+        self._compute = ComputeThread(self._serve)
+        self.context: BatchContext | None = None
+        self._pool = SlotPool(None)
+        self._slots: list[Slot] = self._pool.slots  # the pool's own list, read every step
+        self._pending: collections.deque[Task] = collections.deque()
+        self._running: list[Task] = []
+        self._chunk = PROMPT_CHUNK_MIN
+        self._hold_new = False  # the KV cache was full: no new task until one ends
+
+    # -- from other threads --------------------------------------------------------------
+
+    def submit(self, task: Task) -> None:
+        """Queue ``task``; its events arrive on ``task.events``."""
+        self._compute.put(task)
+
+    def call(self, job: Callable[[], Any], timeout: float = 3600.0) -> Any:
+        """Run ``job`` in the scheduler's thread, between two steps, and return its result."""
+        return self._compute.call(job, timeout)
 
     @property
     def generating(self) -> bool:
@@ -209,24 +231,11 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
+        return self._compute.alive
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the thread after what it was already given."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-            if thread is not None:
-                self._inbox.put(None)
-        if thread is not None:
-            thread.join(timeout)
-
-    def _put(self, item: Any) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="llm-magic-compute", daemon=True)
-                self._thread.start()
-            self._inbox.put(item)
+        self._compute.stop(timeout)
 
     # -- in the scheduler's thread -------------------------------------------------------
 
@@ -236,12 +245,14 @@ class Scheduler:
             self._drop(task)
         self._pending.clear()
         self.context = context
-        self._slots = [Slot(seq) for seq in range(context.n_seq)] if context is not None else []
+        self._pool = SlotPool(context)
+        self._slots = self._pool.slots
 
     def _serve(self) -> None:
+        inbox = self._compute.inbox
         while True:
             try:
-                item = self._inbox.get(block=not self._busy)
+                item = inbox.get(block=not self._busy)
             except queue.Empty:
                 item = _NOTHING
             while item is not _NOTHING:
@@ -256,7 +267,7 @@ class Scheduler:
                     except Exception:  # a job reports its own failures; this keeps the thread
                         log.exception("a compute job failed")
                 try:
-                    item = self._inbox.get_nowait()
+                    item = inbox.get_nowait()
                 except queue.Empty:
                     item = _NOTHING
             if self._busy:
@@ -305,9 +316,9 @@ class Scheduler:
             self._make_room()
             return
         if status != 0:
-            raise ModelLoadError(f"llama.cpp could not decode (status {status})")
+            raise EngineError(f"llama.cpp could not decode (status {status})")
         if chunks:
-            self._pace(time.perf_counter() - started, bool(writing))
+            self._chunk = paced(self._chunk, time.perf_counter() - started, bool(writing), ctx.n_batch)
         for task, n, index in chunks:
             lead = task.slots[0]
             lead.cache.extend(task.tokens[task.read:task.read + n])
@@ -325,24 +336,10 @@ class Scheduler:
                 task.handed_off = True
                 task.first_text_passed.wait(FIRST_TEXT_WAIT)
 
-    def _pace(self, seconds: float, others_writing: bool) -> None:
-        """Size the next prompt chunk: as large as keeps a step short, so that a client that
-        leaves during a long prompt is noticed soon and others' streams keep flowing."""
-        ctx = self.context
-        if seconds < PROMPT_CHUNK_SECONDS and ctx is not None:
-            self._chunk = min(self._chunk * 2, ctx.n_batch)
-        elif seconds > 2 * PROMPT_CHUNK_SECONDS and others_writing:
-            self._chunk = max(self._chunk // 2, PROMPT_CHUNK_MIN)
-
     def _begin(self, task: Task, first: Callable[[Slot], None]) -> None:
         """The prompt is in the first slot's cache: copy it to the others (n > 1), and let
         every choice take its first token with ``first(slot)``."""
-        assert self.context is not None
-        lead = task.slots[0]
-        for slot in task.slots[1:]:
-            self.context.forget(slot.seq)
-            self.context.copy(lead.seq, slot.seq)
-            slot.cache = list(lead.cache)
+        self._pool.share_prompt(task)
         for slot in list(task.slots):
             if slot.task is task:  # the task may have failed at an earlier choice
                 first(slot)
@@ -374,7 +371,7 @@ class Scheduler:
         assert choice is not None and task is not None
         logits_of = logits if callable(logits) else (lambda: logits)
         if choice.add(token, logits_of):
-            self._release(slot, kept=logits_of().copy() if callable(logits) else logits)
+            self._pool.release(slot, kept=logits_of().copy() if callable(logits) else logits)
             if all(c.finish_reason is not None for c in task.choices):
                 self._end(task)
         else:
@@ -386,31 +383,14 @@ class Scheduler:
             self._hold_new = False
         while self._pending and not self._hold_new:
             task = self._pending[0]
-            free = [s for s in self._slots if s.task is None]
+            free = self._pool.free()
             if len(free) < len(task.choices):
                 return
             self._pending.popleft()
-            ctx = self.context
-            if ctx is None:
-                self._fail(task, ModelLoadError("no model is loaded"))
+            if self.context is None:
+                self._fail(task, EngineError("no model is loaded"))
                 continue
-            lead = _best_slot(free, task.tokens)
-            shared = _common_prefix(lead.cache, task.tokens)
-            if shared == len(task.tokens) == len(lead.cache) and lead.logits is not None:
-                keep, task.kept_logits = shared, lead.logits  # all of it, and what follows it
-            else:
-                keep = min(shared, len(task.tokens) - 1)  # the last token is read again for its logits
-            if keep < len(lead.cache) and not ctx.forget(lead.seq, keep):
-                ctx.forget(lead.seq)
-                keep = 0
-            del lead.cache[keep:]
-            others = sorted((s for s in free if s is not lead), key=lambda s: s.last_used)
-            task.slots = [lead, *others[: len(task.choices) - 1]]
-            now = time.perf_counter()
-            for slot, choice in zip(task.slots, task.choices):
-                slot.task, slot.choice, slot.next_token, slot.last_used, slot.logits = task, choice, None, now, None
-            task.read = task.cached = keep
-            task.started = now
+            self._pool.seat(task, free)
             self._running.append(task)
 
     def _make_room(self) -> None:
@@ -418,42 +398,28 @@ class Scheduler:
         unused first); then the newest task still reading its prompt waits again, and no new
         task starts until one ends; only when the answers being written fill the cache on
         their own does the newest of them end, as an answer does that reaches the context's end."""
-        assert self.context is not None
-        idle = [s for s in self._slots if s.task is None and s.cache]
-        if idle:
-            slot = min(idle, key=lambda s: s.last_used)
-            self.context.forget(slot.seq)
-            slot.cache, slot.logits = [], None
+        if self._pool.evict_idle():
             return
         self._hold_new = True
         reading = [t for t in self._running if t.reading]
         if reading:
             task = max(reading, key=lambda t: t.arrived)
             for slot in task.slots:
-                self.context.forget(slot.seq)
-                slot.cache = []
-                self._release(slot)
+                self._pool.empty(slot)
             task.slots, task.read = [], 0
             self._running.remove(task)
             self._pending.appendleft(task)
             log.info("the KV cache is full: a request waits for others to finish")
             return
-        writing = [s for s in self._slots if s.choice is not None]
-        if writing:
-            slot = max(writing, key=lambda s: s.task.arrived if s.task else 0.0)
+        slot = self._pool.newest_writing()
+        if slot is not None:
             task = slot.task
             assert slot.choice is not None and task is not None
             log.warning("the KV cache is full: the newest answer ends here")
             slot.choice.cut("length")
-            self.context.forget(slot.seq)
-            slot.cache = []
-            self._release(slot)
+            self._pool.empty(slot)
             if all(c.finish_reason is not None for c in task.choices):
                 self._end(task)
-
-    def _release(self, slot: Slot, kept: Any = None) -> None:
-        slot.task, slot.choice, slot.next_token, slot.logits = None, None, None, kept
-        slot.last_used = time.perf_counter()
 
     def _end(self, task: Task) -> None:
         self._running.remove(task)
@@ -463,9 +429,7 @@ class Scheduler:
 
     def _drop(self, task: Task) -> None:
         """Withdraw a task (its client left): free its slots, keeping what they cached."""
-        for slot in task.slots:
-            if slot.task is task:
-                self._release(slot)
+        self._pool.release_all(task)
         if task in self._running:
             self._running.remove(task)
             self._hold_new = False
@@ -475,40 +439,23 @@ class Scheduler:
         task.events.put(DROPPED)
 
     def _fail(self, task: Task, exc: BaseException) -> None:
-        for slot in task.slots:
-            if slot.task is task:
-                if self.context is not None:
-                    self.context.forget(slot.seq)
-                slot.cache = []
-                self._release(slot)
+        """End a task with ``exc``; its slots forget their caches, which it may have left half written."""
+        self._pool.release_all(task, forget=True)
         if task in self._running:
             self._running.remove(task)
         task.close()
         task.events.put(exc if isinstance(exc, LLMMagicError) else
-                        ModelLoadError(f"generation failed ({type(exc).__name__}); see the host's log"))
+                        EngineError(f"generation failed ({type(exc).__name__}); see the host's log"))
 
 
 _NOTHING = object()
 
 
-def _best_slot(free: list[Slot], tokens: list[int]) -> Slot:
-    """The free slot to write an answer to ``tokens`` in. One whose cache starts this prompt
-    for at least half of the cache or half of the prompt (a conversation going on; a prompt
-    varied at its end), with the longest such start; else one with nothing cached, else the one
-    unused the longest. Sharing a little (a system prompt) is no reason to take a slot: its
-    cache holds someone else's conversation. Among equal starts, the slot with the least else
-    cached (a prompt it holds exactly needs no decode at all)."""
-    shared = [(n, slot) for slot in free if (n := _common_prefix(slot.cache, tokens))
-              and (2 * n >= len(slot.cache) or 2 * n >= len(tokens))]
-    if shared:
-        return max(shared, key=lambda pair: (pair[0], -len(pair[1].cache)))[1]
-    return min(free, key=lambda slot: (bool(slot.cache), slot.last_used))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def paced(chunk: int, seconds: float, others_writing: bool, n_batch: int) -> int:
+    """The next prompt chunk's size: as large as keeps a step short, so that a client that
+    leaves during a long prompt is noticed soon and others' streams keep flowing."""
+    if seconds < PROMPT_CHUNK_SECONDS:
+        return min(chunk * 2, n_batch)
+    if seconds > 2 * PROMPT_CHUNK_SECONDS and others_writing:
+        return max(chunk // 2, PROMPT_CHUNK_MIN)
+    return chunk

@@ -4,9 +4,9 @@ The context is created on an already loaded model (``llama_init_from_model``), s
 are shared with the generating context and never loaded twice. Each input is one sequence,
 pooled (the model's own pooling; mean pooling for a model that has none, such as a chat model)
 and L2-normalised, as OpenAI's embeddings are. Short inputs are packed, up to ``SEQUENCES`` of
-them in one decode; the engine hands the compute thread one such group at a time, so that the
+them in one decode; the backend hands the compute thread one such group at a time, so that the
 generations running go on between two groups. Called from the engine's compute thread only.
-Imports llama_cpp lazily, like ``engine.py``.
+Imports llama_cpp lazily, like ``loading.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import ctypes
 import math
 from typing import Any, Sequence
 
-from llm_magic.errors import ModelLoadError
+from llm_magic.errors import EngineError, ModelLoadError
 
 SEQUENCES = 16  # inputs computed together in one decode
 
@@ -80,7 +80,7 @@ class EmbeddingContext:
             batch.n_tokens = total
             lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
             if lib.llama_decode(self._ctx, batch) != 0:
-                raise ModelLoadError("llama.cpp could not compute these embeddings")
+                raise EngineError("llama.cpp could not compute these embeddings")
             vectors = []
             for seq in range(len(inputs)):
                 pointer = lib.llama_get_embeddings_seq(self._ctx, seq)

@@ -6,7 +6,7 @@ is the one llama-cpp-python builds for ``Llama.generate`` (penalties, then greed
 typical, top-p, min-p, temperature and a seeded draw), so greedy answers and seeded samples are
 token for token those of llama-cpp-python. Sampling runs in C (``llama_sampler_sample``); only a
 grammar adds Python work, and only when the grammar refuses the token the chain chose.
-Called from the engine's compute thread only. Imports llama_cpp lazily, like ``engine.py``.
+Called from the engine's compute thread only. Imports llama_cpp lazily, like ``loading.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable, Sequence
 
-from llm_magic.errors import InvalidRequest, ModelLoadError
+from llm_magic.errors import EngineError, InvalidRequest
 from llm_magic.wire.types import Sampling, TokenLogprob
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back on (llama-cpp-python's default)
@@ -135,7 +135,7 @@ class TokenSampler:
                 return None
         lib.llama_sampler_apply(self.chain, ctypes.byref(array))
         if array.selected < 0:
-            raise ModelLoadError("llama.cpp's sampler chose no token")
+            raise EngineError("llama.cpp's sampler chose no token")
         return int(array.data[array.selected].id)
 
     def close(self) -> None:

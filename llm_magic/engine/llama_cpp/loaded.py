@@ -1,0 +1,275 @@
+"""The resident model, and everything about it a request needs.
+
+``LoadedModel`` holds the weights, the batch context and what is worked out from them once
+(token pieces, the longest piece, control tokens, chat formatters, which exact schema texts
+its vocabulary can write). ``prepare`` turns a request into the scheduler's ``Task``: the
+prompt (chat template, tool format), its constraint and a sampler per choice. It knows nothing
+of the line requests wait in, nor of other models: the backend above decides which model
+serves a request and hands the request down.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import json
+import queue
+import random
+import threading
+from typing import Any, Sequence
+
+from llm_magic.engine.llama_cpp.batching import BatchContext, Task
+from llm_magic.engine.llama_cpp.decoding import Choice
+from llm_magic.engine.llama_cpp.grammar.check import GrammarChecker
+from llm_magic.engine.llama_cpp.grammar.constraints import Constraint, grammar_for, tool_grammar
+from llm_magic.engine.llama_cpp.loading import HostSettings, ModelKey, llama_cpp_module, make_formatter
+from llm_magic.engine.llama_cpp.sampling import Logprobs, TokenSampler
+from llm_magic.errors import ContextLengthExceeded, InvalidRequest
+from llm_magic.wire.tool_calls import FORMATS, ToolFormat, detect_format, generic_messages
+from llm_magic.wire.types import GenerationRequest
+
+EMBEDDING_CTX = 4096  # the longest input an embedding takes (also bounded by --ctx and the model)
+EMBEDDING_TOKENS = 8 * EMBEDDING_CTX  # the most one embedding request computes
+WRITABLE_MEMORY = 4096  # schema texts remembered as writable, per model (then forgotten, all at once)
+
+
+class LoadedModel:
+    """A model in memory: its weights, its context for generating (None for an embedding
+    model) and what requests learn about its vocabulary, kept while it stays loaded."""
+
+    def __init__(self, key: ModelKey, name: str, model: Any, settings: HostSettings,
+                 context: BatchContext | None = None, grammars: GrammarChecker | None = None) -> None:
+        self.key = key
+        self.name = name
+        self.model = model  # llama_cpp's LlamaModel: weights, vocabulary, metadata
+        self.context = context
+        self.settings = settings
+        self.grammars = grammars  # the host's: grammars are compiled in a child process first
+        self.metadata: dict[str, str] = model.metadata()
+        self.embedder: Any = None  # an EmbeddingContext on these weights, made at its first use
+        self._pieces: dict[int, bytes] = {}
+        self._longest_piece: int | None = None
+        self._control_tokens: tuple[int, ...] | None = None
+        self._formatters: dict[str | None, Any] = {}
+        self._writable: set[str] = set()
+
+    def close(self) -> None:
+        """Free the contexts, then the weights they use."""
+        for part in (self.embedder, self.context, self.model):
+            if part is not None:
+                part.close()
+
+    # -- the vocabulary ------------------------------------------------------------------
+
+    def piece(self, token: int) -> bytes:
+        """The raw bytes of one token (cached: the vocabulary is fixed)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            lib = llama_cpp_module()
+            vocab = self.model.vocab
+            buf = ctypes.create_string_buffer(64)
+            n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    @property
+    def n_vocab(self) -> int:
+        return llama_cpp_module().llama_vocab_n_tokens(self.model.vocab)
+
+    def longest_piece(self) -> int:
+        """The most bytes one token stands for: a text that long times the context cannot fit."""
+        if self._longest_piece is None:
+            self._longest_piece = max(len(self.piece(t)) for t in range(self.n_vocab))
+        return max(1, self._longest_piece)
+
+    def control_tokens(self) -> tuple[int, ...]:
+        """The tokens whose text holds a control character (a raw newline, a tab): JSON grammars
+        never allow one, so a constrained answer bans them up front (looked up once)."""
+        if self._control_tokens is None:
+            self._control_tokens = tuple(t for t in range(self.n_vocab)
+                                         if any(b < 0x20 or b == 0x7F for b in self.piece(t)))
+        return self._control_tokens
+
+    def check_writable(self, texts: frozenset[str]) -> None:
+        """Refuse a constraint whose exact texts (keys, constants) this vocabulary cannot write:
+        the answer would reach them and find no token to go on with. A text found writable is
+        remembered, so that a schema sent with every request is tokenised once."""
+        for text in texts:
+            if text in self._writable:
+                continue
+            data = text.encode("utf-8")
+            tokens = self.model.tokenize(data, add_bos=False, special=False)
+            if b"".join(self.piece(t) for t in tokens) != data:
+                raise InvalidRequest(f"the schema asks for {json.dumps(text, ensure_ascii=False)[:80]}, which "
+                                     f"{self.name}'s vocabulary cannot write (it lacks some of its bytes); "
+                                     "use other characters there")
+            if len(self._writable) >= WRITABLE_MEMORY:
+                self._writable.clear()
+            self._writable.add(text)
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def formatter(self, chat_format: str | None) -> Any:
+        """The chat formatter for ``chat_format`` (None: the GGUF's template), made once."""
+        if chat_format not in self._formatters:
+            self._formatters[chat_format] = make_formatter(self.model, self.metadata, chat_format)
+        return self._formatters[chat_format]
+
+    def tool_format(self, request: GenerationRequest) -> ToolFormat | None:
+        """How this model writes tool calls, when the request involves tools (offers them, or
+        its history holds calls and results); the template's own format, else ``generic``."""
+        involved = request.tools is not None or any(
+            m.get("tool_calls") or m["role"] == "tool" for m in request.messages or ())
+        if not involved:
+            return None
+        if request.chat_format or self.settings.chat_format:  # a named format, not the GGUF's template
+            return FORMATS["generic"]
+        return detect_format(self.metadata.get("tokenizer.chat_template"))
+
+    def prompt_tokens(self, request: GenerationRequest, n_ctx: int,
+                      tool_format: ToolFormat | None) -> tuple[list[int], tuple[str, ...]]:
+        """The request's prompt as tokens, and the stop sequences (the request's and the
+        template's)."""
+        stops = request.sampling.stop
+        if not request.is_chat:
+            text, add_bos = request.prompt or "", True
+        else:
+            formatter = self.formatter(request.chat_format or self.settings.chat_format)
+            messages = [dict(m) for m in request.messages or ()]
+            extra: dict = {}
+            if tool_format is not None and not tool_format.native:
+                messages = generic_messages(request.messages or (), request.tools)
+            elif request.tools is not None:
+                extra["tools"] = [t.as_openai() for t in request.tools.tools]
+            try:
+                result = formatter(messages=messages, **extra)
+            except Exception as exc:  # jinja2 errors and the template's raise_exception()
+                raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from None
+            extra = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+            text, add_bos = result.prompt, not result.added_special
+            stops = tuple(dict.fromkeys([*stops, *extra]))
+        data = text.encode("utf-8")
+        # Tokenising megabytes takes seconds: refuse at once what cannot fit, by the fewest
+        # tokens that many bytes can make.
+        if len(data) > n_ctx and len(data) > n_ctx * self.longest_piece():
+            raise prompt_too_long(f"at least {len(data) // self.longest_piece()}", n_ctx)
+        return self.model.tokenize(data, add_bos=add_bos, special=True), stops
+
+    # -- requests ------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest, cancel: threading.Event,
+                first_text_passed: threading.Event | None = None) -> Task:
+        """The request as the scheduler takes it: its prompt's tokens and a sampler per choice.
+        Every refusal (prompt too long, a schema the vocabulary cannot write) comes from here,
+        before anything is queued."""
+        lib = llama_cpp_module()
+        model = self.model
+        assert self.context is not None
+        n_ctx = self.context.n_ctx
+        tool_format = self.tool_format(request)
+        tokens, stops = self.prompt_tokens(request, n_ctx, tool_format)
+        if request.tools is None:  # a history with tool calls, but none offered now: plain text
+            tool_format = None
+        if not tokens:  # an empty prompt: generate from the start-of-text token, as llama.cpp does
+            if model.token_bos() == -1:
+                raise InvalidRequest("the prompt is empty and this model has no start token: send some text")
+            tokens = [model.token_bos()]
+        if len(tokens) >= n_ctx:
+            raise prompt_too_long(str(len(tokens)), n_ctx)
+        budget = n_ctx - len(tokens)
+        s = request.sampling
+        max_tokens = min(s.max_tokens or budget, budget)
+        seed = random.getrandbits(32) if s.seed is None or s.seed < 0 else s.seed % 2**32
+        constraint = constraint_for(request, tool_format)
+        grammar, banned = None, ()
+        if constraint is not None:
+            banned = () if constraint.controls else self.control_tokens()
+            self.check_writable(constraint.texts)
+            grammar = constraint.grammar
+            if self.grammars is not None:  # compiled in a child first: a bad one cannot take the host down
+                self.grammars.check(grammar)
+        vocab, n_vocab = model.vocab, lib.llama_vocab_n_tokens(model.vocab)
+        piece = self.piece
+        is_end = functools.partial(lib.llama_vocab_is_eog, vocab)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+
+        choices = []
+        try:
+            for i in range(request.n):  # each answer draws its own samples: seed, seed + 1, ...
+                choices.append(Choice(
+                    i, TokenSampler(vocab, s, (seed + i) % 2**32, grammar, banned), max_tokens=max_tokens,
+                    stops=stops, piece=piece, is_end=is_end, emit=events.put,
+                    logprobs=Logprobs(request.logprobs, n_vocab, piece) if request.logprobs is not None else None))
+        except BaseException:
+            for choice in choices:
+                choice.close()
+            raise
+        name = self.name
+
+        def finish(task: Task) -> None:
+            answers = [c.completion(name, len(tokens), task.cached, task.started) for c in task.choices]
+            if len(answers) > 1:  # one event: the first answer, with them all and their usage summed
+                answers[0] = dataclasses.replace(
+                    answers[0], completion_tokens=sum(a.completion_tokens for a in answers), choices=tuple(answers))
+            events.put(answers[0])
+
+        return Task(tokens, choices, finish, cancel, events=events, first_text_passed=first_text_passed,
+                    tool_format=tool_format.name if tool_format else None)
+
+    # -- embeddings ----------------------------------------------------------------------
+
+    def make_embedder(self) -> Any:
+        """The model's embedding context, made at its first use (in the compute thread)."""
+        from llm_magic.engine.llama_cpp.embeddings import EmbeddingContext
+
+        if self.embedder is None:
+            host_ctx = self.settings.ctx_length
+            n_ctx = min(host_ctx, self.model.n_ctx_train() or host_ctx, EMBEDDING_CTX)
+            self.embedder = EmbeddingContext(self.model.model, n_ctx, self.settings.threads)
+        return self.embedder
+
+    def embedding_tokens(self, inputs: Sequence[str | Sequence[int]], n_ctx: int) -> list[list[int]]:
+        """Every input as tokens, checked whole before any is computed: in the vocabulary, within
+        the embedding context, and all of them within ``EMBEDDING_TOKENS``."""
+        n_vocab = self.n_vocab
+        sequences, total = [], 0
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                if len(item.encode("utf-8")) > n_ctx * self.longest_piece():
+                    raise ContextLengthExceeded(f"'input[{i}]' is longer than the embedding context ({n_ctx} tokens)")
+                tokens = self.model.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+            else:
+                tokens = list(item)
+                bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+                if bad is not None:
+                    raise InvalidRequest(f"'input[{i}]' holds token {bad}, which is not in the model's "
+                                         f"vocabulary (0 to {n_vocab - 1})")
+            if not tokens:
+                raise InvalidRequest(f"'input[{i}]' is empty: send some text")
+            if len(tokens) > n_ctx:
+                raise ContextLengthExceeded(f"'input[{i}]' is {len(tokens)} tokens but the embedding context "
+                                            f"holds {n_ctx}")
+            total += len(tokens)
+            if total > EMBEDDING_TOKENS:
+                raise InvalidRequest(f"the inputs are more than {EMBEDDING_TOKENS} tokens together (at 'input[{i}]'); "
+                                     "send them in several requests")
+            sequences.append(tokens)
+        return sequences
+
+
+def constraint_for(request: GenerationRequest, tool_format: ToolFormat | None) -> Constraint | None:
+    """The llama.cpp grammar for a request's ``response_format`` or tool calls, if any."""
+    if request.response_format is not None:
+        return grammar_for(request.response_format)
+    if request.tools is not None and tool_format is not None:
+        return tool_grammar(request.tools, tool_format)
+    return None
+
+
+def prompt_too_long(tokens: str, n_ctx: int) -> ContextLengthExceeded:
+    return ContextLengthExceeded(f"the prompt is {tokens} tokens but the model's context holds {n_ctx}: shorten "
+                                 "it (the context is set by the host's owner with --ctx)")

@@ -1,0 +1,195 @@
+"""Bringing a GGUF model into memory with llama.cpp, and what is known of it once there.
+
+The weights are loaded alone (llama-cpp-python's ``LlamaModel``), without its ``Llama`` wrapper:
+the backend makes its own contexts (``BatchContext`` for generating, an embedding context when
+asked), so that one set of weights serves every slot. Also here: the device a model ended up
+on, and the chat formatters, which llama-cpp-python only hands out inside completion handlers.
+With the backend's other modules, the only code that imports ``llama_cpp`` (lazily, so that
+the package imports without it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm_magic.engine.llama_cpp.batching import BatchContext
+from llm_magic.errors import InvalidRequest, ModelLoadError
+
+log = logging.getLogger("llm_magic.engine")
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """The settings a model is loaded with: another key for the same file means a reload."""
+
+    path: Path
+    ctx_length: int
+    gpu_layers: int
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """The host owner's settings, the same for every model the host loads."""
+
+    ctx_length: int
+    threads: int
+    parallel: int
+    flash_attention: str = "auto"
+    kv_unified: bool = False  # one KV cache shared by the slots: less memory, answers may vary
+    chat_format: str | None = None  # a named prompt format instead of each GGUF's own template
+
+
+def llama_cpp_module() -> Any:
+    """llama-cpp-python, or the error that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModelLoadError(
+            "serving models needs llama-cpp-python: pip install 'llm_magic[host]'") from None
+    return llama_cpp
+
+
+def best_thread_count() -> int:
+    """Threads for generation: every core this process may use (on 2 cores,
+    2 threads give ~1.5x the tokens/s of llama-cpp-python's default of cpu_count // 2)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_backend_ready = False
+
+
+def load_model(key: ModelKey) -> Any:
+    """llama_cpp's ``LlamaModel`` for ``key``: the weights, vocabulary and metadata alone."""
+    global _backend_ready
+    lib = llama_cpp_module()
+    from llama_cpp import _internals, _logger
+
+    if not _backend_ready:
+        lib.llama_backend_init()
+        _logger.set_verbose(False)  # llama.cpp's own log: errors only, as Llama(verbose=False)
+        _backend_ready = True
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = key.gpu_layers
+    try:
+        return _internals.LlamaModel(path_model=str(key.path), params=params, verbose=False)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(
+            f"llama.cpp could not load {key.path.name} ({exc}); the file may be corrupt or "
+            "incomplete: delete it (for a hub model, from the Hugging Face cache) and retry") from None
+
+
+def make_context(model: Any, key: ModelKey, settings: HostSettings) -> BatchContext:
+    """A context with a KV cache per slot; if there is not memory for that, one cache the slots
+    share (with a warning: an answer may then vary with what runs beside it)."""
+    options = dict(n_ctx=key.ctx_length, n_seq=settings.parallel, threads=settings.threads,
+                   flash_attention=settings.flash_attention)
+    try:
+        return BatchContext(model.model, unified=settings.kv_unified, **options)
+    except ModelLoadError:
+        if settings.parallel == 1 or settings.kv_unified:
+            raise
+    context = BatchContext(model.model, unified=True, **options)
+    log.warning("there is no memory for %d KV caches of %d tokens: the slots share one, and an "
+                "answer may then differ slightly with what runs beside it (lower --parallel or "
+                "--ctx to avoid this)", settings.parallel, key.ctx_length)
+    return context
+
+
+def offload_works() -> bool:
+    """Whether layers can go to a GPU at all (a CPU-only build keeps them on the CPU whatever
+    is asked, so asking changes nothing and must not reload)."""
+    try:
+        return bool(llama_cpp_module().llama_supports_gpu_offload())
+    except (ModelLoadError, AttributeError):
+        return False
+
+
+def gpu_offload_supported() -> bool | None:
+    """Whether the installed llama-cpp-python can offload layers to a GPU (built with CUDA,
+    Metal, …); None when llama-cpp-python is not installed."""
+    try:
+        llama_cpp_module()
+    except ModelLoadError:
+        return None
+    return offload_works()
+
+
+def _mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def device_info(model: Any, key: ModelKey, metadata: dict[str, str], context: BatchContext | None) -> dict[str, str]:
+    """Where a loaded model runs, for ``/health``: ``device``, ``gpu_layers`` offloaded and
+    ``memory`` (weights and KV cache as llama.cpp sizes them), worked out once at load."""
+    from llm_magic.engine.llama_cpp.gpu import device_name
+
+    lib = llama_cpp_module()
+    weights, meta = model.model, metadata
+    n_layer = lib.llama_model_n_layer(weights)
+    layers = n_layer + 1  # as llama.cpp counts them ("offloaded 29/29 layers"): the output layer too
+    offloaded = 0 if key.gpu_layers == 0 or not offload_works() else (
+        layers if key.gpu_layers < 0 else min(key.gpu_layers, layers))
+    arch = meta.get("general.architecture", "")
+    n_head, n_head_kv = lib.llama_model_n_head(weights), lib.llama_model_n_head_kv(weights)
+    head = lib.llama_model_n_embd(weights) // max(n_head, 1)
+    k_dim = int(meta.get(f"{arch}.attention.key_length") or head)
+    v_dim = int(meta.get(f"{arch}.attention.value_length") or head)
+    cells = lib.llama_n_ctx(context.ctx) if context is not None else 0
+    kv_bytes = cells * n_layer * n_head_kv * (k_dim + v_dim) * 2  # an f16 cache, llama.cpp's default
+    slots = "no context" if context is None else (
+        f"{context.n_seq} slot{'s' * (context.n_seq > 1)} of {context.n_ctx} tokens"
+        if cells >= context.n_seq * context.n_ctx else f"{context.n_seq} slots sharing {cells} tokens")
+    return {"device": device_name(offloaded),
+            "gpu_layers": f"{offloaded} of {layers}" if offloaded else "0 (CPU only)",
+            "memory": f"{_mib(lib.llama_model_size(weights))} model + {_mib(kv_bytes)} KV cache ({slots})"}
+
+
+def chat_formats() -> list[str]:
+    """Names accepted as ``chat_format`` besides the GGUF's own template (the default)."""
+    from llama_cpp import llama_chat_format
+
+    registry = llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers
+    return sorted(name for name, handler in registry.items() if _formatter_of(handler) is not None)
+
+
+def _formatter_of(handler: Any) -> Any:
+    # llama-cpp-python registers named prompt formats only as completion handlers that close
+    # over their formatter; we need the formatter alone, to run generation through our loop.
+    code = getattr(handler, "__code__", None)
+    if code is None or "chat_formatter" not in code.co_freevars:
+        return None
+    return handler.__closure__[code.co_freevars.index("chat_formatter")].cell_contents
+
+
+def make_formatter(model: Any, metadata: dict[str, str], chat_format: str | None) -> Any:
+    """What turns messages into this model's prompt: its GGUF template (``chat_format`` None),
+    else the named format; chatml for a model that has no template."""
+    from llama_cpp import llama_chat_format
+
+    template = metadata.get("tokenizer.chat_template")
+    if chat_format is None and template:
+        eos, bos = model.token_eos(), model.token_bos()
+        text = model.token_get_text
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=text(eos) if eos != -1 else "",
+            bos_token=text(bos) if bos != -1 else "")
+    if chat_format is None:
+        log.warning("the model has no chat template; using chatml")
+        chat_format = "chatml"
+    try:
+        handler = llama_chat_format.get_chat_completion_handler(chat_format)
+    except Exception:  # llama-cpp-python raises its own not-found exception type
+        handler = None
+    formatter = _formatter_of(handler) if handler is not None else None
+    if formatter is None:
+        raise InvalidRequest(
+            f"unknown chat_format '{chat_format}'; leave it out to use the model's own template, "
+            f"or use one of: {', '.join(chat_formats())}")
+    return formatter
