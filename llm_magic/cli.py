@@ -17,7 +17,8 @@ from typing import Any, Sequence
 from llm_magic.version import __version__
 from llm_magic.errors import LLMMagicError
 from llm_magic.files import write_atomically
-from llm_magic.supervisor.host import TOKEN_ENV, add_serve_arguments, new_token
+from llm_magic.settings import TOKEN_ENV, ServeSettings, add_serve_arguments
+from llm_magic.supervisor.host import new_token
 
 URL_ENV = "LLM_MAGIC_URL"
 
@@ -95,30 +96,21 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LLMMagicError(f"serving needs the host extra ({exc.name} is missing): "
                             "pip install 'llm_magic[host]'") from None
-    from llm_magic.engine.llama_cpp.backend import LlamaCppBackend, gpu_offload_supported
-    from llm_magic.engine.llama_cpp.gpu import offload_warning
-    from llm_magic.models import ModelPolicy, ModelSpec, model_name, resolve_model
+    from llm_magic.engine.factory import build_backend
     from llm_magic.supervisor.snippets import connection_text
 
+    settings = ServeSettings.from_args(args)
     tunnel_note = "none" if args.tunnel else "none (the terminal default; a public URL needs --tunnel cloudflared)"
 
     token_from_env = not args.token and not args.no_token and bool(os.environ.get(TOKEN_ENV))
     token = None if args.no_token else (args.token or os.environ.get(TOKEN_ENV) or new_token())
-
-    spec = ModelSpec.parse(args.model)
-    path = resolve_model(spec)
-    name = args.model_name or (str(spec) if spec.repo_id else model_name(path))
-    embedding_path = resolve_model(ModelSpec.parse(args.embedding_model)) if args.embedding_model else None
-    engine = LlamaCppBackend(path, default_name=name, ctx_length=args.ctx, max_ctx=args.max_ctx,
-                    gpu_layers=args.gpu_layers, embedding_model=embedding_path,
-                    threads=args.threads, chat_format=args.chat_format, max_queue=args.max_queue,
-                    parallel=args.parallel, flash_attention=args.flash_attn,
-                    policy=ModelPolicy(has_token=token is not None, allow_patterns=args.allow_model))
+    built = build_backend(settings, has_token=token is not None, model_name=args.model_name)
+    engine = built.backend
     tunnel = None
     app = create_app(engine, token=token, keepalive=args.keepalive, cors=args.cors,
                      extra_status=lambda: {"tunnel": tunnel.status() if tunnel else _read_status(args.tunnel_status)})
     try:
-        server = HttpServer(app, args.host, args.port, held=args.max_queue + args.parallel)
+        server = HttpServer(app, args.host, args.port, held=args.max_queue + settings.slots)
     except OSError as exc:  # a port in use, an address not on this machine
         raise LLMMagicError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
@@ -133,7 +125,8 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, _raise_stop)
     try:
         engine.load_default()  # /health says "loading" meanwhile
-        warnings = [w for w in [offload_warning(gpu_offload_supported())] if w and args.gpu_layers != 0]
+        built.describe()
+        warnings, name = built.warnings, built.name
         for warning in warnings:
             logging.getLogger("llm_magic.serve").warning("%s", warning)
         url = f"http://{_display_host(args.host)}:{server.port}"
@@ -145,7 +138,7 @@ def serve(args: argparse.Namespace) -> int:
             public_url, tunnel_note = open_tunnel(tunnel)
         streams = tunnel is None or tunnel.streams is not False
         shown_token = "(set by $LLM_MAGIC_TOKEN)" if token_from_env and token else token
-        device = engine.device()
+        device = built.device
         print(connection_text(url, shown_token, name, public_url=public_url, tunnel=tunnel_note, streams=streams,
                               device=device, warnings=warnings), flush=True)
         print("\nPress Ctrl-C to stop.", flush=True)

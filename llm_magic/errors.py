@@ -110,6 +110,23 @@ class EngineError(LLMMagicError):
     type = "engine_error"
 
 
+class EngineUnavailable(LLMMagicError):
+    """The engine a host fronts (vLLM, llama-server, any OpenAI-compatible URL) does not answer,
+    or answers with a failure of its own; the message names it."""
+
+    status = 502
+    type = "engine_unavailable"
+    code = "engine_unavailable"
+
+
+class EngineTimeout(EngineUnavailable):
+    """The engine a host fronts took longer than the host waits for it."""
+
+    status = 504
+    type = "engine_timeout"
+    code = "engine_timeout"
+
+
 class ModelDownloadError(LLMMagicError):
     """The hub could not be reached or the download failed."""
 
@@ -180,6 +197,7 @@ OPENAI_CODES: dict[int, str] = {
     415: "unsupported_media_type",
     502: "model_load_error",
     503: "server_busy",
+    504: "engine_timeout",
 }
 
 # Messages name the field at fault first, in quotes: 'messages[0].content' must be ...

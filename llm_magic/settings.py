@@ -16,6 +16,8 @@ from typing import Any, Sequence
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
 TUNNELS = ("cloudflared", "none")
 FLASH_ATTENTION = ("auto", "on", "off")
+LLAMA_PARALLEL = 4  # slots, as llama-server's default
+FRONTED_PARALLEL = 64  # requests in flight to an engine that batches itself (vLLM's scheduler)
 
 
 @dataclass
@@ -23,6 +25,8 @@ class ServeSettings:
     """What a host serves and how; each field is the ``serve`` flag of the same name."""
 
     model: str | None = None
+    engine: str | None = None  # None: llama.cpp in this process; else the URL of an engine to front
+    engine_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 5000
     token: str | None = None
@@ -34,12 +38,17 @@ class ServeSettings:
     threads: int | None = None
     chat_format: str | None = None
     allow_model: list[str] = field(default_factory=list)
-    parallel: int = 4  # as llama-server's default
+    parallel: int | None = None  # None: 4 for llama.cpp (as llama-server's), 64 in front of an engine
     max_queue: int = 16
     flash_attn: str = "auto"  # as llama-server's default
     embedding_model: str | None = None
     cors: list[str] = field(default_factory=list)
     keepalive: float = 15.0  # well inside Cloudflare's 100 s idle limit
+
+    @property
+    def slots(self) -> int:
+        """``parallel``, or its default for the engine."""
+        return self.parallel or (FRONTED_PARALLEL if self.engine else LLAMA_PARALLEL)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServeSettings":
@@ -64,7 +73,7 @@ class ServeSettings:
                 for item in value:
                     argv += [flag, str(item)]
             elif value is not None:
-                argv += [flag, _number(value) if isinstance(value, float) else str(value)]
+                argv += [flag, str(value)]
         return argv
 
 
@@ -73,10 +82,6 @@ DEFAULTS = ServeSettings()
 
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if value.is_integer() else str(value)
 
 
 def _at_least_one(text: str) -> int:
@@ -94,7 +99,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument("--model", metavar="SPEC",
                         help="a .gguf path, OWNER/REPO:QUANT, OWNER/REPO:FILENAME (glob allowed); "
-                             "default: the embedded SmolLM2-135M-Instruct")
+                             "default: the embedded SmolLM2-135M-Instruct. With --engine: the engine's "
+                             "model to serve (default: the first it lists)")
+    parser.add_argument("--engine", metavar="URL", default=d.engine,
+                        help="front a running OpenAI-compatible engine (vLLM, SGLang, llama-server, Ollama, "
+                             "TGI, LM Studio, another llm_magic) at URL instead of running llama.cpp here")
+    parser.add_argument("--engine-key", metavar="KEY", default=d.engine_key,
+                        help="the API key the engine at --engine wants (sent as a Bearer token; never shown)")
     parser.add_argument("--host", default=d.host, help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=d.port,
                         help="port to bind; 0 picks a free one (default: %(default)s)")
@@ -118,7 +129,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=_at_least_one, default=d.parallel, metavar="N",
                         help="answers written at once, decoded together in one batch; each slot keeps "
                              "its own KV cache of --ctx tokens, so memory for the cache grows with N "
-                             "(default: %(default)s, as llama-server's; 1 serves one request at a time)")
+                             f"(default: {LLAMA_PARALLEL}, as llama-server's; {FRONTED_PARALLEL} in front of an "
+                             "--engine, which batches itself; 1 serves one request at a time)")
     parser.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
                         help="requests that may wait for a free slot before 503 (default: %(default)s)")
     parser.add_argument("--flash-attn", choices=FLASH_ATTENTION, default=d.flash_attn,

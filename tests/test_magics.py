@@ -288,7 +288,8 @@ def test_restart_with_new_flags_keeps_the_url_and_the_token(fresh_magics, capsys
     assert not err and f"Local URL:  {url}" in out
     assert magics.host is host and (host.url, host.token) == (url, token) and host.pid != pid
     argv = Path(f"/proc/{host.pid}/cmdline").read_bytes().decode().split("\0")
-    assert argv[argv.index("--ctx") + 1] == "1024" and argv[argv.index("--keepalive") + 1] == "15.0"  # the new flags
+    # the new flags: the context given, the keep-alive back to its default (defaults are not passed)
+    assert argv[argv.index("--ctx") + 1] == "1024" and "--keepalive" not in argv
     out, err = run(sh, "%%llm --max-tokens 2\nhi", capsys)
     assert not err and "tokens" in out  # the notebook's client follows
     out, err = run(sh, "%llm_host restart", capsys)  # no flags: the last ones again

@@ -11,6 +11,7 @@ import time
 from typing import Iterator
 
 from llm_magic.errors import Cancelled, HostBusy
+from llm_magic.settings import DEFAULTS
 
 
 class Turnstile:
@@ -18,7 +19,7 @@ class Turnstile:
 
     A generation holds one seat per answer it writes; a model switch holds them all."""
 
-    def __init__(self, max_queue: int = 16, timeout: float = 600.0, capacity: int = 1) -> None:
+    def __init__(self, max_queue: int = DEFAULTS.max_queue, timeout: float = 600.0, capacity: int = 1) -> None:
         self.max_queue = max_queue
         self.timeout = timeout
         self.capacity = capacity

@@ -11,6 +11,7 @@ from IPython.core.error import UsageError
 from IPython.display import display
 
 from llm_magic.client.client import Client
+from llm_magic.settings import ServeSettings
 from llm_magic.supervisor.host import ApiHost, HostState
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ class HostCommands:
                              "%llm_host stop (or restart) first")
         if magics.host is not None:
             magics.host.stop()  # one that died or failed: its tunnel and folder go
-        missing = [m for m in ("flask", "llama_cpp") if importlib.util.find_spec(m) is None]
+        needed = ("flask",) if args.engine else ("flask", "llama_cpp")  # an engine elsewhere needs no llama_cpp
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
         if missing:
             raise UsageError(f"hosting needs the host extra ({', '.join(missing)} missing): "
                              "pip install 'llm_magic[host]'")
@@ -46,17 +48,9 @@ class HostCommands:
 
     def _settings(self, args: argparse.Namespace) -> dict[str, Any]:
         """``ApiHost``'s keywords for the ``%llm_host start`` flags."""
-        return dict(
-            model=args.model, use_token=not args.no_token, token=None if args.no_token else args.token,
-            host=args.host, port=args.port, tunnel=args.tunnel or self.magics.tunnel, ctx_length=args.ctx,
-            gpu_layers=args.gpu_layers, allow_models=args.allow_model, max_queue=args.max_queue,
-            extra_args=["--keepalive", str(args.keepalive),
-                        "--parallel", str(args.parallel), "--flash-attn", args.flash_attn,
-                        *(["--threads", str(args.threads)] if args.threads else []),
-                        *(["--chat-format", args.chat_format] if args.chat_format else []),
-                        *(["--max-ctx", str(args.max_ctx)] if args.max_ctx else []),
-                        *(["--embedding-model", args.embedding_model] if args.embedding_model else []),
-                        *[arg for origin in args.cors for arg in ("--cors", origin)]])
+        return dict(model=args.model, use_token=not args.no_token, token=None if args.no_token else args.token,
+                    host=args.host, port=args.port, tunnel=args.tunnel or self.magics.tunnel,
+                    settings=ServeSettings.from_args(args))
 
     def _connect(self, host: ApiHost) -> None:
         self.magics.client = Client(host.url, host.token)

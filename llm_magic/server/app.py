@@ -27,6 +27,7 @@ from llm_magic.server.generation import start_generation
 from llm_magic.server.httpserver import MAX_BODY_BYTES, loggable
 from llm_magic.server.inbound import ClientGone, authorize, client_gone_check, json_body
 from llm_magic.server.replies import SSE_HEADERS, Done, error_response, in_background, json_response, sse_response
+from llm_magic.settings import DEFAULTS
 from llm_magic.version import __version__
 from llm_magic.wire.openai import (
     DEFAULT_MODEL_ALIASES, OpenAIRenderer, embeddings_answer, parse_chat, parse_completion, parse_embeddings,
@@ -38,7 +39,7 @@ from llm_magic.wire.types import GenerationRequest
 
 log = logging.getLogger("llm_magic.server")
 
-KEEPALIVE_SECONDS = 15.0  # well inside Cloudflare's 100 s idle limit
+KEEPALIVE_SECONDS = DEFAULTS.keepalive  # well inside Cloudflare's 100 s idle limit
 ROUTES = ("GET / (the chat page), POST /api, POST /v1/chat/completions, POST /v1/completions, "
           "POST /v1/responses, POST /v1/embeddings, GET /v1/models, GET /health, POST /health/stream")
 WEB = Path(__file__).parent / "web"  # the chat page: static files, public, free of secrets

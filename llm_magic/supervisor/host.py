@@ -6,7 +6,6 @@ stays responsive, a llama.cpp abort cannot kill it, and stopping frees all GPU m
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import enum
 import json
@@ -27,11 +26,12 @@ import requests
 
 from llm_magic.errors import HostError
 from llm_magic.files import write_atomically
+from llm_magic.settings import DEFAULTS, TOKEN_ENV, TUNNELS, ServeSettings, add_serve_arguments
 from llm_magic.supervisor.logfile import ServerLog
 
-TOKEN_ENV = "LLM_MAGIC_TOKEN"
+__all__ = ["ApiHost", "HostState", "TOKEN_ENV", "TUNNELS", "add_serve_arguments", "new_token"]
+
 HF_TOKEN_ENV = "HF_TOKEN"
-TUNNELS = ("cloudflared", "none")
 LOG_LINES_KEPT = 1000  # of a stopped server's log, for logs()
 DEATH_LOG_LINES = 15  # of a dead server's log, in status()
 
@@ -43,59 +43,6 @@ def new_token() -> str:
         token = secrets.token_urlsafe(24)
         if token[0].isalnum():
             return token
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``serve`` flags (shared with ``%llm_host start``)."""
-    parser.add_argument("--model", metavar="SPEC",
-                        help="a .gguf path, OWNER/REPO:QUANT, OWNER/REPO:FILENAME (glob allowed); "
-                             "default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=5000, help="port to bind; 0 picks a free one (default: %(default)s)")
-    auth = parser.add_mutually_exclusive_group()
-    auth.add_argument("--token", metavar="T", help=f"access token (default: ${TOKEN_ENV}, else a new random one)")
-    auth.add_argument("--no-token", action="store_true", help="serve without a token (only the default model)")
-    parser.add_argument("--tunnel", choices=TUNNELS, default=None,
-                        help="public tunnel (default: none on the terminal)")
-    parser.add_argument("--ctx", type=int, default=4096, metavar="N", help="context length in tokens (default: %(default)s)")
-    parser.add_argument("--max-ctx", type=int, default=None, metavar="N",
-                        help="the largest context a token holder's request may ask for with /api's "
-                             "options.ctx_length, reloading the model (default: --ctx, no reloads)")
-    parser.add_argument("--gpu-layers", type=int, default=-1, metavar="N",
-                        help="layers to offload to the GPU; -1 all, 0 CPU only (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: every core)")
-    parser.add_argument("--chat-format", default=None, metavar="NAME",
-                        help="chat template name (default: the template inside the GGUF)")
-    parser.add_argument("--allow-model", action="append", default=[], metavar="PATTERN",
-                        help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
-    parser.add_argument("--parallel", type=_at_least_one, default=4, metavar="N",
-                        help="answers written at once, decoded together in one batch; each slot keeps "
-                             "its own KV cache of --ctx tokens, so memory for the cache grows with N "
-                             "(default: %(default)s, as llama-server's; 1 serves one request at a time)")
-    parser.add_argument("--max-queue", type=int, default=16, metavar="N",
-                        help="requests that may wait for a free slot before 503 (default: %(default)s)")
-    parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
-                        help="llama.cpp's flash attention: faster, and llama-server's default "
-                             "(default: %(default)s; 'off' gives llama-cpp-python's default numerics)")
-    parser.add_argument("--embedding-model", metavar="SPEC", default=None,
-                        help="a model for /v1/embeddings (default: the served model, in an embedding "
-                             "context sharing its weights)")
-    parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
-                        help="let browser pages from ORIGIN call the host (repeatable; '*' for any); "
-                             "default: none")
-    parser.add_argument("--keepalive", type=float, default=15.0, metavar="S",
-                        help="while the model is busy, send a keep-alive every S seconds so that "
-                             "proxies and tunnels do not cut the answer (default: %(default)s)")
 
 
 def notebook_secret(name: str) -> str | None:
@@ -157,17 +104,6 @@ def last_error(log_text: str) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
-def _serve_args(no_token: bool, ctx_length: int | None, gpu_layers: int | None, allow_models: Sequence[str],
-                max_queue: int | None, extra: Sequence[str]) -> list[str]:
-    args = ["--no-token"] if no_token else []
-    for flag, value in (("--ctx", ctx_length), ("--gpu-layers", gpu_layers), ("--max-queue", max_queue)):
-        if value is not None:
-            args += [flag, str(value)]
-    for pattern in allow_models:
-        args += ["--allow-model", pattern]
-    return args + list(extra)
-
-
 def free_port(host: str) -> int:
     """A port free on ``host`` now. A server asked for port 0 is started on one of these instead:
     cheroot lets a listener on a port it was given reuse the address (SO_REUSEADDR), not one on
@@ -187,11 +123,14 @@ def get_health(url: str, timeout: float = 5.0) -> dict[str, Any]:
         return {}
 
 
-def prepare_model(model: str | None) -> list[str]:
+def prepare_model(model: str | None, fronted: bool = False) -> list[str]:
     """The ``serve`` arguments for ``model``. A hub model is downloaded here, in the caller's
-    process, so that its progress bar shows in the notebook; the server then loads the file."""
+    process, so that its progress bar shows in the notebook; the server then loads the file.
+    ``fronted``: the server fronts another engine, and ``model`` is one of that engine's names."""
     if not model:
         return []
+    if fronted:
+        return ["--model", model]
     from llm_magic.models import ModelSpec, resolve_model
 
     spec = ModelSpec.parse(model)
@@ -293,6 +232,7 @@ class ApiHost:
         max_queue: int | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 600.0,
+        settings: ServeSettings | None = None,
     ) -> None:
         self.model = model
         self.token = (token or os.environ.get(TOKEN_ENV) or notebook_secret(TOKEN_ENV) or new_token()) if use_token else None
@@ -300,7 +240,12 @@ class ApiHost:
         self.tunnel = tunnel or ("cloudflared" if "ipykernel" in sys.modules else "none")
         self.host, self.port = host, port
         self.startup_timeout = startup_timeout
-        self._args = _serve_args(self.token is None, ctx_length, gpu_layers, allow_models, max_queue, extra_args)
+        # the serve flags: ``settings`` (as ``%llm_host start`` reads them), else the keywords
+        self.settings = settings or ServeSettings(
+            ctx=ctx_length or DEFAULTS.ctx, gpu_layers=DEFAULTS.gpu_layers if gpu_layers is None else gpu_layers,
+            allow_model=list(allow_models), max_queue=DEFAULTS.max_queue if max_queue is None else max_queue)
+        self._args = (["--no-token"] if self.token is None else []) + self.settings.to_argv(
+            skip=("model", "host", "port", "token", "no_token", "tunnel")) + list(extra_args)
         self._state = HostState.STOPPED
         self.url: str | None = None
         self.public_url: str | None = None
@@ -356,7 +301,7 @@ class ApiHost:
         if not os.environ.get(HF_TOKEN_ENV) and (hf_token := notebook_secret(HF_TOKEN_ENV)):
             # for private and gated hub models, downloaded here and (on request) by the server
             os.environ[HF_TOKEN_ENV] = hf_token
-        model_args = prepare_model(self.model)
+        model_args = prepare_model(self.model, fronted=self.settings.engine is not None or "--engine" in self._args)
         self._remove_run_dir()
         self.death = self.exit_code = None
         server = self._server = ServerProcess()
@@ -401,7 +346,7 @@ class ApiHost:
         if fresh is not None:
             self.model, self.token, self.tunnel, self.host, self.port = (fresh.model, fresh.token, fresh.tunnel,
                                                                          fresh.host, fresh.port)
-            self.startup_timeout, self._args = fresh.startup_timeout, fresh._args
+            self.startup_timeout, self._args, self.settings = fresh.startup_timeout, fresh._args, fresh.settings
             if self.tunnel != "cloudflared" and self._tunnel is not None:
                 self._tunnel.stop()  # a tunnel no longer wanted
                 self._tunnel = None

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from llm_magic.settings import DEFAULTS, LLAMA_PARALLEL
 from llm_magic.engine.admission import Turnstile
 from llm_magic.engine.backend import Embeddings, EngineStats
 from llm_magic.engine.llama_cpp.batching import DROPPED, FLASH_ATTENTION, Scheduler, Task
@@ -39,8 +40,8 @@ __all__ = ["DEFAULT_CTX", "DEFAULT_PARALLEL", "EMBEDDING_TOKENS", "FLASH_ATTENTI
 
 log = logging.getLogger("llm_magic.engine")
 
-DEFAULT_CTX = 4096
-DEFAULT_PARALLEL = 4  # slots, as llama-server's default; each keeps its own KV cache of --ctx tokens
+DEFAULT_CTX = DEFAULTS.ctx
+DEFAULT_PARALLEL = LLAMA_PARALLEL  # slots, as llama-server's default; each keeps its own KV cache of --ctx tokens
 EMBEDDING_GROUP_TOKENS = 512  # inputs computed in one go (a longer input alone), between decode steps
 
 
@@ -58,11 +59,11 @@ class LlamaCppBackend:
         threads: int | None = None,
         chat_format: str | None = None,
         policy: ModelPolicy | None = None,
-        max_queue: int = 16,
+        max_queue: int = DEFAULTS.max_queue,
         queue_timeout: float = 600.0,
         embedding_model: Path | None = None,
         parallel: int = DEFAULT_PARALLEL,
-        flash_attention: str = "auto",
+        flash_attention: str = DEFAULTS.flash_attn,
         kv_unified: bool = False,  # one KV cache shared by the slots: less memory, answers may vary
     ) -> None:
         if flash_attention not in FLASH_ATTENTION:

@@ -1,0 +1,73 @@
+"""The backend a ``ServeSettings`` asks for: llama.cpp in this process, or a running engine at
+a URL. The only place that chooses; ``llm-magic serve`` builds its backend here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_magic.engine.backend import Backend
+from llm_magic.errors import InvalidRequest
+from llm_magic.settings import ServeSettings
+
+ENGINE_KINDS_TO_COME = ("vllm", "llama-server")
+ENGINE_START_WAIT = 30.0  # seconds a fronted engine may take to answer at start-up
+
+
+@dataclass
+class Built:
+    """A backend and what ``serve`` says of it at start-up."""
+
+    backend: Backend
+    name: str  # the default model's name
+    device: dict[str, str] = field(default_factory=dict)  # device, gpu_layers, memory, for the banner
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> None:
+        """Fill in what is known once the backend is ready (where the model runs)."""
+        engine: dict[str, Any] = self.backend.status().get("engine") or {}
+        if engine.get("kind") == "upstream":
+            self.device = {"device": f"the engine at {engine.get('url')}"}
+            self.name = self.backend.default_name
+        else:
+            self.device = {k: engine[k] for k in ("device", "gpu_layers", "memory") if k in engine}
+
+
+def build_backend(settings: ServeSettings, *, has_token: bool, model_name: str | None = None) -> Built:
+    """The backend for ``settings``; a host with a token may load other models (``has_token``)."""
+    if settings.engine:
+        return _upstream(settings)
+    return _llama_cpp(settings, has_token, model_name)
+
+
+def _upstream(settings: ServeSettings) -> Built:
+    engine = settings.engine or ""
+    if engine in ENGINE_KINDS_TO_COME:
+        raise InvalidRequest(f"'--engine {engine}': starting {engine} from llm_magic is not built yet; start it "
+                             "yourself and pass its URL, e.g. --engine http://127.0.0.1:8000")
+    if not engine.startswith(("http://", "https://")):
+        raise InvalidRequest(f"'--engine' must be the URL of an OpenAI-compatible server (http://HOST:PORT), "
+                             f"not {engine!r}")
+    from llm_magic.engine.upstream.backend import UpstreamBackend
+
+    backend = UpstreamBackend(engine, key=settings.engine_key, model=settings.model, parallel=settings.slots,
+                              max_queue=settings.max_queue, start_wait=ENGINE_START_WAIT)
+    return Built(backend, backend.default_name)
+
+
+def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None) -> Built:
+    from llm_magic.engine.llama_cpp.backend import LlamaCppBackend, gpu_offload_supported
+    from llm_magic.engine.llama_cpp.gpu import offload_warning
+    from llm_magic.models import ModelPolicy, ModelSpec, model_name as name_of, resolve_model
+
+    spec = ModelSpec.parse(settings.model)
+    path = resolve_model(spec)
+    name = model_name or (str(spec) if spec.repo_id else name_of(path))
+    embedding = resolve_model(ModelSpec.parse(settings.embedding_model)) if settings.embedding_model else None
+    backend = LlamaCppBackend(path, default_name=name, ctx_length=settings.ctx, max_ctx=settings.max_ctx,
+                              gpu_layers=settings.gpu_layers, embedding_model=embedding, threads=settings.threads,
+                              chat_format=settings.chat_format, max_queue=settings.max_queue,
+                              parallel=settings.slots, flash_attention=settings.flash_attn,
+                              policy=ModelPolicy(has_token=has_token, allow_patterns=settings.allow_model))
+    warning = offload_warning(gpu_offload_supported()) if settings.gpu_layers != 0 else None
+    return Built(backend, name, warnings=[warning] if warning else [])
