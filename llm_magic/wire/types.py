@@ -49,6 +49,7 @@ class GenerationRequest:
     # /v1/completions with a list of prompts: all of them (``prompt`` is the first). The engine
     # writes one prompt per request; the server runs one generation per prompt and merges them.
     prompts: tuple[str, ...] = ()
+    request_id: str | None = None  # the server's id for it (X-Request-Id): /slots, an engine's log
 
     @property
     def is_chat(self) -> bool:
