@@ -1,7 +1,8 @@
 """What a backend yields for one generation, and the ticks the server adds while it waits.
 
-A generation is ``Started``, then text deltas (``TextDelta``) and tool-call pieces
-(``ToolCallDelta``) as the answer grows, then one ``Completion``. Backends parse their model's
+A generation is ``Started``, then reasoning deltas (``ReasoningDelta``, a thinking model's
+scratch work), text deltas (``TextDelta``) and tool-call pieces (``ToolCallDelta``) as the
+answer grows, then one ``Completion``. Backends parse their model's
 raw text themselves; renderers only render these events. Pure Python.
 """
 
@@ -33,6 +34,14 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    """A piece of a thinking model's reasoning, kept apart from the visible answer."""
+
+    text: str
+    index: int = 0  # which of the request's answers
+
+
+@dataclass(frozen=True)
 class ToolCallDelta:
     """A piece of a tool call: the first piece of call ``call`` carries its ``id`` and ``name``,
     later pieces carry its arguments' JSON text, in order."""
@@ -59,6 +68,8 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # when asked
     index: int = 0  # which of a request's answers this is
     choices: tuple["Completion", ...] = ()  # with n > 1: every answer (this one sums their usage)
+    reasoning: str = ""  # a thinking model's reasoning, apart from ``text``; "" when none
+    reasoning_tokens: int = 0  # of ``completion_tokens``, those the reasoning took
 
     @property
     def usage(self) -> dict[str, int]:
@@ -70,8 +81,10 @@ class Completion:
 
     @property
     def openai_usage(self) -> dict[str, Any]:
-        return {**self.usage, "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-
+        usage = {**self.usage, "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        if self.reasoning_tokens or self.reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
 
 
 class Signal(enum.Enum):
@@ -82,4 +95,4 @@ class Signal(enum.Enum):
     END = "end"  # the last item of a queue of events: there are no more (a generation withdrawn)
 
 
-Event = Union[Started, TextDelta, ToolCallDelta, "Completion", Signal]
+Event = Union[Started, ReasoningDelta, TextDelta, ToolCallDelta, "Completion", Signal]
