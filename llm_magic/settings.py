@@ -44,6 +44,7 @@ class ServeSettings:
     embedding_model: str | None = None
     cors: list[str] = field(default_factory=list)
     keepalive: float = 15.0  # well inside Cloudflare's 100 s idle limit
+    log_prompts: bool = False  # the access log shows each request's prompt (off: never any prompt text)
 
     @property
     def slots(self) -> int:
@@ -145,3 +146,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keepalive", type=float, default=d.keepalive, metavar="S",
                         help="while the model is busy, send a keep-alive every S seconds so that "
                              "proxies and tunnels do not cut the answer (default: %(default)s)")
+    parser.add_argument("--log-prompts", action="store_true", default=d.log_prompts,
+                        help="write each request's prompt (its start) into the access log; by default "
+                             "no prompt text is ever logged")
