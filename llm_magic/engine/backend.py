@@ -34,6 +34,8 @@ class EngineStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generation_seconds: float = 0.0
+    model_loads: int = 0  # for /metrics (not /health): loads of a model for generating, and their time
+    model_load_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         rate = self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
@@ -79,6 +81,16 @@ class Backend(Protocol):
         """``/health``'s fields: ``status`` ("ok"/"loading"), ``model``, ``default_model``,
         ``busy``, ``slots``, ``slots_busy``, ``queue``, the served counts, and an ``engine`` block
         of the backend's own (its kind and what it knows of its device)."""
+
+    def slots(self) -> list[dict[str, Any]]:
+        """What each slot does now, for ``/slots`` and ``/metrics``: ``id``, ``state`` ("idle",
+        "reading_prompt", "writing"), ``cache_tokens`` (None: unknown), and for a busy slot
+        ``request_id`` (the request's ``request_id``), ``tokens`` written so far and their
+        ``tokens_per_second`` (None where the backend does not know; the server fills them in
+        from what it saw). A snapshot, read without stopping the work: it may be a step old.
+
+        A backend may also have ``gauges() -> dict[str, float]``, read when ``/metrics`` is
+        scraped: ``kv_cells_used``, ``kv_cells_total``, ``model_loads``, ``model_load_seconds``."""
 
     def load_default(self) -> None:
         """Make the default model ready now rather than at the first request."""
