@@ -142,6 +142,7 @@ class Task:
     arrived: float = field(default_factory=time.perf_counter)
     handed_off: bool = False  # its first text went out (see FIRST_TEXT_WAIT)
     kept_logits: Any = None  # its prompt's logits, kept by its slot: nothing to decode
+    request_id: str | None = None  # the server's id for the request (shown by /slots)
 
     @property
     def reading(self) -> bool:
@@ -232,6 +233,11 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._compute.alive
+
+    @property
+    def pool(self) -> SlotPool:
+        """The slots now (read from other threads only through ``SlotPool.snapshot``)."""
+        return self._pool
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the thread after what it was already given."""
