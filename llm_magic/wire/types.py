@@ -50,6 +50,11 @@ class GenerationRequest:
     # writes one prompt per request; the server runs one generation per prompt and merges them.
     prompts: tuple[str, ...] = ()
     request_id: str | None = None  # the server's id for it (X-Request-Id): /slots, an engine's log
+    # Thinking models (wire/reasoning.py): None for each means the host's setting.
+    reasoning_format: str | None = None  # auto | none | deepseek, as llama-server spells them
+    reasoning_budget: int | None = None  # the most reasoning tokens; -1 unlimited
+    reasoning_effort: str | None = None  # low | medium | high, for templates that take it (gpt-oss)
+    chat_template_kwargs: dict | None = None  # more variables for the chat template (enable_thinking)
 
     @property
     def is_chat(self) -> bool:
