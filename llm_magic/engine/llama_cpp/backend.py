@@ -127,10 +127,20 @@ class LlamaCppBackend:
             **self.stats.as_dict(),
         }
 
+    def slots(self) -> list[dict[str, Any]]:
+        """Each slot's state, cache and request (``SlotPool.snapshot``: no lock, no wait)."""
+        return self.scheduler.pool.snapshot()
+
+    def gauges(self) -> dict[str, float]:
+        """For ``/metrics``: KV cache cells in use and in all, model loads and their seconds."""
+        used, total = self.scheduler.pool.cache_cells(shared=self.settings.kv_unified)
+        return {"kv_cells_used": used, "kv_cells_total": total, "model_loads": self.stats.model_loads,
+                "model_load_seconds": self.stats.model_load_seconds}
+
     def load_default(self) -> None:
         """Load the default model now (at start-up) rather than on the first request."""
         with self.turnstile.turn(seats=self.parallel):
-            self.models.ensure(self.models.key(self.default_path), self.default_name)
+            self._ensure(self.models.key(self.default_path), self.default_name)
 
     def close(self) -> None:
         """Free the resident models (waits for running generations) and end the compute thread."""
@@ -176,11 +186,12 @@ class LlamaCppBackend:
         task: Task | None = None
         submitted = False
         try:
-            loaded = self.models.ensure(key, name)
+            loaded = self._ensure(key, name)
             if seats > request.n:  # held them all to load the model: the others may go on now
                 self.turnstile.release(seats - request.n)
                 seats = request.n
             task = loaded.prepare(request, cancel, first_text_passed)
+            task.request_id = request.request_id
             task.closed = self._count
             yield Started(loaded.name)
             self.scheduler.submit(task)
@@ -216,7 +227,7 @@ class LlamaCppBackend:
         seats, key = self._take_seats(
             lambda: models.loaded.key if models.loaded else models.key(self.default_path), 1, cancel)
         try:
-            loaded = models.ensure(key, models.loaded.name if models.loaded else self.default_name)
+            loaded = self._ensure(key, models.loaded.name if models.loaded else self.default_name)
             return self._embed(loaded, inputs, cancel)
         finally:
             self.turnstile.release(seats)
@@ -232,6 +243,16 @@ class LlamaCppBackend:
         return Embeddings(vectors, loaded.name, total)
 
     # -- models --------------------------------------------------------------------------
+
+    def _ensure(self, key: ModelKey, name: str) -> LoadedModel:
+        """``Residency.ensure``, a load counted with its seconds (for /metrics)."""
+        if self.models.is_resident(key):
+            return self.models.ensure(key, name)
+        started = time.perf_counter()
+        loaded = self.models.ensure(key, name)
+        self.stats.model_loads += 1
+        self.stats.model_load_seconds += time.perf_counter() - started
+        return loaded
 
     def _take_seats(self, key_of: Callable[[], ModelKey], seats: int,
                     cancel: threading.Event | None) -> tuple[int, ModelKey]:

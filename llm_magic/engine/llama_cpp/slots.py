@@ -113,6 +113,31 @@ class SlotPool:
         slot.cache, slot.logits = [], None
         return True
 
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Each slot as ``/slots`` shows it. Read from any thread, without a lock: each field
+        is one attribute read, so the compute thread is never held up (what it shows may be a
+        step old, never broken)."""
+        now = time.perf_counter()
+        rows: list[dict[str, Any]] = []
+        for slot in list(self.slots):
+            task, choice = slot.task, slot.choice
+            row: dict[str, Any] = {"id": slot.seq, "state": "idle", "cache_tokens": len(slot.cache)}
+            if task is not None:
+                generated = choice.generated if choice is not None else 0
+                first = choice.first_token_at if choice is not None else None
+                rate = generated / (now - first) if first is not None and now > first and generated else 0.0
+                row.update(state="reading_prompt" if task.reading else "writing", request_id=task.request_id,
+                           prompt_tokens=len(task.tokens), tokens=generated, tokens_per_second=round(rate, 1))
+            rows.append(row)
+        return rows
+
+    def cache_cells(self, shared: bool = False) -> tuple[int, int]:
+        """KV cache cells in use (tokens the slots hold) and the room in all: a cache per slot,
+        or with ``shared`` one for them all."""
+        ctx = self.context
+        used = sum(len(slot.cache) for slot in list(self.slots))
+        return used, (0 if ctx is None else ctx.n_ctx if shared else ctx.n_ctx * ctx.n_seq)
+
     def newest_writing(self) -> Slot | None:
         """The slot writing the answer of the newest request, if any."""
         writing = [s for s in self.slots if s.choice is not None]
