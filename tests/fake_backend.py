@@ -6,6 +6,7 @@ the integration tests keep running the real model through the real server."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 import time
@@ -52,6 +53,8 @@ class ScriptedBackend:
     def __post_init__(self) -> None:
         self.turnstile = Turnstile(self.max_queue, 30.0, capacity=self.parallel)
         self._lock = threading.Lock()
+        self._keys = itertools.count()
+        self._flight: dict[int, str | None] = {}  # the requests being answered: their ids, for /slots
 
     @property
     def model(self) -> str | None:
@@ -75,42 +78,51 @@ class ScriptedBackend:
             raise InvalidRequest(f"'n' is {request.n}, but this host writes at most {self.parallel} answers at once")
         cancel = cancel or threading.Event()
         with self.turnstile.turn(cancel, seats=request.n):
-            deadline = time.monotonic() + reply.wait
-            while time.monotonic() < deadline and not cancel.is_set():
-                time.sleep(0.01)
-            if reply.error is not None:
-                raise reply.error
-            yield Started(self.default_name)
-            pieces = [w for w in reply.text.split(" ")]
-            pieces = [p + " " for p in pieces[:-1]] + pieces[-1:] if pieces != [""] else []
-            for i, piece in enumerate(pieces):
-                if cancel.is_set():
-                    return
-                if reply.fail_after is not None and i >= reply.fail_after:
-                    raise InvalidRequest("the script fails here")
-                for index in range(request.n):
-                    yield TextDelta(piece, index)
-                if reply.piece_delay:
-                    time.sleep(reply.piece_delay)
-                    if tick is not None:
-                        yield Signal.QUIET
-            calls = tuple(ToolCall(name, args) for name, args in reply.tool_calls)
-            for i, call in enumerate(calls):
-                yield ToolCallDelta(i, id=call.id, name=call.name)
-                half = len(call.arguments) // 2
-                for part in (call.arguments[:half], call.arguments[half:]):
-                    yield ToolCallDelta(i, arguments=part)
-            finish = reply.finish_reason or ("tool_calls" if calls else "stop")
-            prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in request.messages or ()) or \
-                len((request.prompt or "").split()) or 1
-            answers = [Completion(reply.text, self.default_name, finish, prompt_tokens, len(pieces),
-                                  {"predicted_n": len(pieces)}, tool_calls=calls, index=i) for i in range(request.n)]
-            self.stats.requests += 1
-            if request.n == 1:
-                yield answers[0]
-            else:
-                yield Completion(reply.text, self.default_name, finish, prompt_tokens, len(pieces) * request.n,
-                                 tool_calls=calls, choices=tuple(answers))
+            key = next(self._keys)
+            self._flight[key] = request.request_id
+            try:
+                yield from self._answer(request, reply, cancel, tick)
+            finally:
+                self._flight.pop(key, None)
+
+    def _answer(self, request: GenerationRequest, reply: Reply, cancel: threading.Event,
+                tick: float | None) -> Iterator[Event]:
+        deadline = time.monotonic() + reply.wait
+        while time.monotonic() < deadline and not cancel.is_set():
+            time.sleep(0.01)
+        if reply.error is not None:
+            raise reply.error
+        yield Started(self.default_name)
+        pieces = [w for w in reply.text.split(" ")]
+        pieces = [p + " " for p in pieces[:-1]] + pieces[-1:] if pieces != [""] else []
+        for i, piece in enumerate(pieces):
+            if cancel.is_set():
+                return
+            if reply.fail_after is not None and i >= reply.fail_after:
+                raise InvalidRequest("the script fails here")
+            for index in range(request.n):
+                yield TextDelta(piece, index)
+            if reply.piece_delay:
+                time.sleep(reply.piece_delay)
+                if tick is not None:
+                    yield Signal.QUIET
+        calls = tuple(ToolCall(name, args) for name, args in reply.tool_calls)
+        for i, call in enumerate(calls):
+            yield ToolCallDelta(i, id=call.id, name=call.name)
+            half = len(call.arguments) // 2
+            for part in (call.arguments[:half], call.arguments[half:]):
+                yield ToolCallDelta(i, arguments=part)
+        finish = reply.finish_reason or ("tool_calls" if calls else "stop")
+        prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in request.messages or ()) or \
+            len((request.prompt or "").split()) or 1
+        answers = [Completion(reply.text, self.default_name, finish, prompt_tokens, len(pieces),
+                              {"predicted_n": len(pieces)}, tool_calls=calls, index=i) for i in range(request.n)]
+        self.stats.requests += 1
+        if request.n == 1:
+            yield answers[0]
+        else:
+            yield Completion(reply.text, self.default_name, finish, prompt_tokens, len(pieces) * request.n,
+                             tool_calls=calls, choices=tuple(answers))
 
     def embed(self, inputs: Sequence[str | Sequence[int]], cancel: threading.Event | None = None) -> Embeddings:
         vectors = []
@@ -126,6 +138,18 @@ class ScriptedBackend:
                 "busy": self.turnstile.busy, "slots": self.parallel,
                 "slots_busy": min(self.turnstile.held, self.parallel), "queue": self.turnstile.waiting,
                 **self.stats.as_dict(), "engine": {"kind": "scripted"}}
+
+    def slots(self) -> list[dict[str, Any]]:
+        """The requests being answered, one slot each (as the upstream backend shows them), and
+        the rest idle."""
+        busy = list(self._flight.copy().values())
+        rows: list[dict[str, Any]] = [{"id": i, "state": "writing", "cache_tokens": None, "request_id": rid,
+                                       "tokens": None, "tokens_per_second": None} for i, rid in enumerate(busy)]
+        return rows + [{"id": i, "state": "idle", "cache_tokens": 0} for i in range(len(rows), self.parallel)]
+
+    def gauges(self) -> dict[str, float]:
+        return {"kv_cells_used": 0, "kv_cells_total": 1024 * self.parallel, "model_loads": 1,
+                "model_load_seconds": 0.25}
 
     def load_default(self) -> None:
         pass

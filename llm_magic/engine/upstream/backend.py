@@ -11,6 +11,7 @@ writing. The engine's own structured tool calls pass through as they come.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
@@ -59,6 +60,8 @@ class UpstreamBackend:
         self._http = requests.Session()
         self._status: tuple[float, dict[str, Any]] = (0.0, {})
         self._lock = threading.Lock()
+        self._flight: dict[int, dict[str, Any]] = {}  # the requests at the engine now, for /slots
+        self._flight_ids = itertools.count()
 
     def __repr__(self) -> str:  # never the key
         return f"UpstreamBackend({self.url!r})"
@@ -140,6 +143,12 @@ class UpstreamBackend:
             self._status = (time.monotonic(), state)
             return state
 
+    def slots(self) -> list[dict[str, Any]]:
+        """The requests at the engine now (its own slots are its business): their ids and how
+        long they have run; the server adds what it has seen of their answers."""
+        return [{"id": i, "state": "writing", "cache_tokens": None, "request_id": f["request_id"], "tokens": None,
+                 "tokens_per_second": None} for i, f in sorted(self._flight.copy().items())]
+
     def close(self) -> None:
         self._http.close()
 
@@ -162,7 +171,13 @@ class UpstreamBackend:
         body = request_body(request, model)
         with self.turnstile.turn(cancel, seats=request.n):
             started = time.perf_counter()
-            response = self._post(path, body, cancel)
+            flight = next(self._flight_ids)
+            self._flight[flight] = {"request_id": request.request_id, "started": started}
+            try:
+                response = self._post(path, body, cancel, request.request_id)
+            except BaseException:
+                self._flight.pop(flight, None)
+                raise
             reader = ChunkReader(model, request.is_chat, request.n, want_logprobs=request.logprobs is not None)
             lines: queue.SimpleQueue = queue.SimpleQueue()
             thread = threading.Thread(target=_read_lines, args=(response, lines), name="llm-magic-upstream",
@@ -183,10 +198,12 @@ class UpstreamBackend:
                 _hang_up(response)  # the engine sees the connection end and stops writing
                 thread.join(timeout=5.0)
                 response.close()
+                self._flight.pop(flight, None)
 
-    def _post(self, path: str, body: dict, cancel: threading.Event) -> requests.Response:
+    def _post(self, path: str, body: dict, cancel: threading.Event, request_id: str | None = None) -> requests.Response:
+        headers = {**self._headers(), **({"X-Request-Id": request_id} if request_id else {})}  # followed there too
         try:
-            response = self._http.post(self.url + path, json=body, headers=self._headers(), stream=True,
+            response = self._http.post(self.url + path, json=body, headers=headers, stream=True,
                                        timeout=(CONNECT_SECONDS, self.read_timeout))
         except requests.Timeout:
             raise EngineTimeout(f"the engine at {self.url} did not answer within {self.read_timeout:.0f} s") from None
