@@ -16,6 +16,7 @@ from typing import Any, Sequence
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
 TUNNELS = ("cloudflared", "none")
 FLASH_ATTENTION = ("auto", "on", "off")
+REASONING_FORMATS = ("auto", "none", "deepseek")  # as llama-server's --reasoning-format
 LLAMA_PARALLEL = 4  # slots, as llama-server's default
 FRONTED_PARALLEL = 64  # requests in flight to an engine that batches itself (vLLM's scheduler)
 
@@ -37,6 +38,9 @@ class ServeSettings:
     gpu_layers: int = -1
     threads: int | None = None
     chat_format: str | None = None
+    chat_template_file: str | None = None  # a Jinja chat template used instead of the GGUF's
+    reasoning_format: str = "auto"  # thinking models: auto | none | deepseek, as llama-server spells it
+    reasoning_budget: int = -1  # the most reasoning tokens per answer; -1 unlimited
     allow_model: list[str] = field(default_factory=list)
     parallel: int | None = None  # None: 4 for llama.cpp (as llama-server's), 64 in front of an engine
     max_queue: int = 16
@@ -95,6 +99,16 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _budget(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (unlimited) or more, not {value}")
+    return value
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` flags (shared with ``%llm_host start``), their defaults from ``ServeSettings``."""
     d = DEFAULTS
@@ -125,6 +139,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads, metavar="N", help="CPU threads (default: every core)")
     parser.add_argument("--chat-format", default=d.chat_format, metavar="NAME",
                         help="chat template name (default: the template inside the GGUF)")
+    parser.add_argument("--chat-template-file", default=d.chat_template_file, metavar="PATH",
+                        help="a Jinja chat template to use instead of the one inside the GGUF (one that is "
+                             "wrong or missing)")
+    parser.add_argument("--reasoning-format", choices=REASONING_FORMATS, default=d.reasoning_format,
+                        help="thinking models: auto reads <think> blocks or gpt-oss channels as the chat "
+                             "template says; deepseek reads <think> blocks whatever it says; none leaves the "
+                             "reasoning in the content (default: %(default)s)")
+    parser.add_argument("--reasoning-budget", type=_budget, default=d.reasoning_budget, metavar="N",
+                        help="the most tokens an answer may think; past them the host closes the block "
+                             "and the answer follows; 0 no thinking, -1 unlimited (default: %(default)s)")
     parser.add_argument("--allow-model", action="append", default=[], metavar="PATTERN",
                         help="let requests load models matching PATTERN (repeatable), e.g. 'bartowski/*'")
     parser.add_argument("--parallel", type=_at_least_one, default=d.parallel, metavar="N",

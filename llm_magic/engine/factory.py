@@ -68,6 +68,9 @@ def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None)
                               gpu_layers=settings.gpu_layers, embedding_model=embedding, threads=settings.threads,
                               chat_format=settings.chat_format, max_queue=settings.max_queue,
                               parallel=settings.slots, flash_attention=settings.flash_attn,
+                              reasoning_format=settings.reasoning_format,
+                              reasoning_budget=settings.reasoning_budget,
+                              chat_template_file=settings.chat_template_file,
                               policy=ModelPolicy(has_token=has_token, allow_patterns=settings.allow_model))
     warning = offload_warning(gpu_offload_supported()) if settings.gpu_layers != 0 else None
     return Built(backend, name, warnings=[warning] if warning else [])

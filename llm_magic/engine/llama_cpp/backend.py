@@ -28,10 +28,12 @@ from llm_magic.engine.llama_cpp.loaded import EMBEDDING_TOKENS, LoadedModel
 from llm_magic.engine.llama_cpp.loading import (HostSettings, ModelKey, best_thread_count, chat_formats,
                                                 gpu_offload_supported)
 from llm_magic.engine.llama_cpp.residency import Residency
+from llm_magic.engine.llama_cpp.thinking import read_template, split_reasoning
 from llm_magic.engine.llama_cpp.tool_events import split_tool_calls
 from llm_magic.errors import Cancelled, EngineError, InvalidRequest
 from llm_magic.models import ModelPolicy, ModelSpec, model_name, resolve_model
 from llm_magic.wire.events import Completion, Event, Signal, Started
+from llm_magic.wire.reasoning import REASONING_FORMATS
 from llm_magic.wire.tool_calls import FORMATS
 from llm_magic.wire.types import GenerationRequest
 
@@ -65,12 +67,19 @@ class LlamaCppBackend:
         parallel: int = DEFAULT_PARALLEL,
         flash_attention: str = DEFAULTS.flash_attn,
         kv_unified: bool = False,  # one KV cache shared by the slots: less memory, answers may vary
+        reasoning_format: str = DEFAULTS.reasoning_format,
+        reasoning_budget: int = DEFAULTS.reasoning_budget,
+        chat_template_file: Path | str | None = None,
     ) -> None:
         if flash_attention not in FLASH_ATTENTION:
             raise ValueError(f"flash_attention must be one of {', '.join(FLASH_ATTENTION)}")
+        if reasoning_format not in REASONING_FORMATS:
+            raise InvalidRequest(f"'--reasoning-format' must be one of {', '.join(REASONING_FORMATS)}")
         self.settings = HostSettings(ctx_length=ctx_length, threads=threads or best_thread_count(),
                                      parallel=max(1, parallel), flash_attention=flash_attention,
-                                     kv_unified=kv_unified, chat_format=chat_format)
+                                     kv_unified=kv_unified, chat_format=chat_format,
+                                     chat_template=read_template(chat_template_file),
+                                     reasoning_format=reasoning_format, reasoning_budget=max(-1, reasoning_budget))
         self.default_path = Path(default_model)
         self.default_name = default_name or model_name(self.default_path)
         self.max_ctx = max(max_ctx or ctx_length, ctx_length)
@@ -197,6 +206,8 @@ class LlamaCppBackend:
             self.scheduler.submit(task)
             submitted = True
             results = _events_of(task, self.scheduler, tick)
+            if task.reasoning is not None:  # reasoning first, then tool calls in the content
+                results = split_reasoning(results, task.reasoning, first_text_passed)
             yield from split_tool_calls(results, FORMATS[task.tool_format]) if task.tool_format else results
         finally:
             cancel.set()  # a task still running stops at the next step

@@ -134,6 +134,7 @@ class Task:
     events: "queue.SimpleQueue[Any]" = field(default_factory=queue.SimpleQueue)
     closed: Callable[["Task"], None] | None = None  # called once, however the task ends
     tool_format: str | None = None
+    reasoning: Any = None  # the answer's ReasoningFormat (wire/reasoning.py), if it may think
     first_text_passed: threading.Event | None = None  # set by the consumer once it sent the first text
     slots: list["Slot"] = field(default_factory=list)
     read: int = 0  # prompt tokens in the KV cache of the first slot

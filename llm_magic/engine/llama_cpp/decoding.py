@@ -109,7 +109,8 @@ class Choice:
         return Completion(self.text, model, self.finish_reason or "length", prompt_tokens, self.generated,
                           timings(prompt_tokens, cached, self.generated, started, first, ended),
                           cached_tokens=cached, index=self.index,
-                          logprobs=self.logprobs.reported if self.logprobs is not None else None)
+                          logprobs=self.logprobs.reported if self.logprobs is not None else None,
+                          reasoning_tokens=getattr(self.sampler, "reasoning_tokens", 0))
 
     def close(self) -> None:
         self.sampler.close()

@@ -25,7 +25,9 @@ from llm_magic.engine.llama_cpp.grammar.check import GrammarChecker
 from llm_magic.engine.llama_cpp.grammar.constraints import Constraint, grammar_for, tool_grammar
 from llm_magic.engine.llama_cpp.loading import HostSettings, ModelKey, llama_cpp_module, make_formatter
 from llm_magic.engine.llama_cpp.sampling import Logprobs, TokenSampler
+from llm_magic.engine.llama_cpp.thinking import ThinkingSampler
 from llm_magic.errors import ContextLengthExceeded, InvalidRequest
+from llm_magic.wire.reasoning import ReasoningFormat, detect_reasoning
 from llm_magic.wire.tool_calls import FORMATS, ToolFormat, detect_format, generic_messages
 from llm_magic.wire.types import GenerationRequest
 
@@ -49,6 +51,7 @@ class LoadedModel:
         self.metadata: dict[str, str] = model.metadata()
         self.embedder: Any = None  # an EmbeddingContext on these weights, made at its first use
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}  # with control tokens' text (harmony's markers)
         self._longest_piece: int | None = None
         self._control_tokens: tuple[int, ...] | None = None
         self._formatters: dict[str | None, Any] = {}
@@ -62,19 +65,24 @@ class LoadedModel:
 
     # -- the vocabulary ------------------------------------------------------------------
 
-    def piece(self, token: int) -> bytes:
-        """The raw bytes of one token (cached: the vocabulary is fixed)."""
-        piece = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes of one token (cached: the vocabulary is fixed); ``special``: a control
+        token's text too, else it has none."""
+        pieces = self._special_pieces if special else self._pieces
+        piece = pieces.get(token)
         if piece is None:
             lib = llama_cpp_module()
             vocab = self.model.vocab
             buf = ctypes.create_string_buffer(64)
-            n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+            n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
+                n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+            piece = pieces[token] = buf.raw[:n]
         return piece
+
+    def special_piece(self, token: int) -> bytes:
+        return self.piece(token, True)
 
     @property
     def n_vocab(self) -> int:
@@ -116,8 +124,14 @@ class LoadedModel:
     def formatter(self, chat_format: str | None) -> Any:
         """The chat formatter for ``chat_format`` (None: the GGUF's template), made once."""
         if chat_format not in self._formatters:
-            self._formatters[chat_format] = make_formatter(self.model, self.metadata, chat_format)
+            self._formatters[chat_format] = make_formatter(
+                self.model, self.metadata, chat_format, self.settings.chat_template if chat_format is None else None)
         return self._formatters[chat_format]
+
+    @property
+    def template(self) -> str | None:
+        """The chat template prompts are made with: the host's --chat-template-file, else the GGUF's."""
+        return self.settings.chat_template or self.metadata.get("tokenizer.chat_template")
 
     def tool_format(self, request: GenerationRequest) -> ToolFormat | None:
         """How this model writes tool calls, when the request involves tools (offers them, or
@@ -128,19 +142,19 @@ class LoadedModel:
             return None
         if request.chat_format or self.settings.chat_format:  # a named format, not the GGUF's template
             return FORMATS["generic"]
-        return detect_format(self.metadata.get("tokenizer.chat_template"))
+        return detect_format(self.template)
 
     def prompt_tokens(self, request: GenerationRequest, n_ctx: int,
-                      tool_format: ToolFormat | None) -> tuple[list[int], tuple[str, ...]]:
-        """The request's prompt as tokens, and the stop sequences (the request's and the
-        template's)."""
+                      tool_format: ToolFormat | None) -> tuple[list[int], tuple[str, ...], str]:
+        """The request's prompt as tokens, the stop sequences (the request's and the
+        template's), and the prompt's text."""
         stops = request.sampling.stop
         if not request.is_chat:
             text, add_bos = request.prompt or "", True
         else:
             formatter = self.formatter(request.chat_format or self.settings.chat_format)
             messages = [dict(m) for m in request.messages or ()]
-            extra: dict = {}
+            extra: dict = template_kwargs(request)
             if tool_format is not None and not tool_format.native:
                 messages = generic_messages(request.messages or (), request.tools)
             elif request.tools is not None:
@@ -157,7 +171,7 @@ class LoadedModel:
         # tokens that many bytes can make.
         if len(data) > n_ctx and len(data) > n_ctx * self.longest_piece():
             raise prompt_too_long(f"at least {len(data) // self.longest_piece()}", n_ctx)
-        return self.model.tokenize(data, add_bos=add_bos, special=True), stops
+        return self.model.tokenize(data, add_bos=add_bos, special=True), stops, text
 
     # -- requests ------------------------------------------------------------------------
 
@@ -170,8 +184,10 @@ class LoadedModel:
         model = self.model
         assert self.context is not None
         n_ctx = self.context.n_ctx
-        tool_format = self.tool_format(request)
-        tokens, stops = self.prompt_tokens(request, n_ctx, tool_format)
+        harmony = reasoning_for(self.template, self.settings, request, "")
+        tool_format = None if harmony and harmony.name == "harmony" else self.tool_format(request)  # gpt-oss's own
+        tokens, stops, prompt = self.prompt_tokens(request, n_ctx, tool_format)
+        reasoning = reasoning_for(self.template, self.settings, request, prompt)
         if request.tools is None:  # a history with tool calls, but none offered now: plain text
             tool_format = None
         if not tokens:  # an empty prompt: generate from the start-of-text token, as llama.cpp does
@@ -193,7 +209,14 @@ class LoadedModel:
             if self.grammars is not None:  # compiled in a child first: a bad one cannot take the host down
                 self.grammars.check(grammar)
         vocab, n_vocab = model.vocab, lib.llama_vocab_n_tokens(model.vocab)
-        piece = self.piece
+        piece = self.special_piece if reasoning is not None and reasoning.special_tokens else self.piece
+        budget = request.reasoning_budget if request.reasoning_budget is not None else self.settings.reasoning_budget
+
+        def sampler(seed: int) -> TokenSampler:
+            if reasoning is None:
+                return TokenSampler(vocab, s, seed, grammar, banned)
+            return ThinkingSampler(vocab, s, seed, grammar, fmt=reasoning, budget=budget, piece=piece,
+                                   tokenize=lambda text: model.tokenize(text.encode(), add_bos=False, special=True))
         is_end = functools.partial(lib.llama_vocab_is_eog, vocab)
         events: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -201,7 +224,7 @@ class LoadedModel:
         try:
             for i in range(request.n):  # each answer draws its own samples: seed, seed + 1, ...
                 choices.append(Choice(
-                    i, TokenSampler(vocab, s, (seed + i) % 2**32, grammar, banned), max_tokens=max_tokens,
+                    i, sampler((seed + i) % 2**32), max_tokens=max_tokens,
                     stops=stops, piece=piece, is_end=is_end, emit=events.put,
                     logprobs=Logprobs(request.logprobs, n_vocab, piece) if request.logprobs is not None else None))
         except BaseException:
@@ -214,11 +237,12 @@ class LoadedModel:
             answers = [c.completion(name, len(tokens), task.cached, task.started) for c in task.choices]
             if len(answers) > 1:  # one event: the first answer, with them all and their usage summed
                 answers[0] = dataclasses.replace(
-                    answers[0], completion_tokens=sum(a.completion_tokens for a in answers), choices=tuple(answers))
+                    answers[0], completion_tokens=sum(a.completion_tokens for a in answers),
+                reasoning_tokens=sum(a.reasoning_tokens for a in answers), choices=tuple(answers))
             events.put(answers[0])
 
         return Task(tokens, choices, finish, cancel, events=events, first_text_passed=first_text_passed,
-                    tool_format=tool_format.name if tool_format else None)
+                    tool_format=tool_format.name if tool_format else None, reasoning=reasoning)
 
     # -- embeddings ----------------------------------------------------------------------
 
@@ -259,6 +283,29 @@ class LoadedModel:
                                      "send them in several requests")
             sequences.append(tokens)
         return sequences
+
+
+TEMPLATE_NAMES = ("messages", "tools", "functions", "function_call", "tool_choice", "eos_token", "bos_token",
+                  "raise_exception", "add_generation_prompt", "strftime_now")  # the formatter sets these
+
+
+def reasoning_for(template: str | None, settings: HostSettings, request: GenerationRequest,
+                  prompt: str) -> ReasoningFormat | None:
+    """How a chat answer to ``prompt`` may think (None: it is content only)."""
+    if not request.is_chat:
+        return None
+    setting = request.reasoning_format or settings.reasoning_format
+    named = request.chat_format or settings.chat_format  # a named format, not the template
+    return detect_reasoning(None if named else template, setting, prompt)
+
+
+def template_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    """The request's own variables for the chat template (``chat_template_kwargs``, and
+    ``reasoning_effort`` for templates that read it, as gpt-oss's)."""
+    kwargs = {k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in TEMPLATE_NAMES}
+    if request.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", request.reasoning_effort)
+    return kwargs
 
 
 def constraint_for(request: GenerationRequest, tool_format: ToolFormat | None) -> Constraint | None:

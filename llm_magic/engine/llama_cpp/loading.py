@@ -41,6 +41,9 @@ class HostSettings:
     flash_attention: str = "auto"
     kv_unified: bool = False  # one KV cache shared by the slots: less memory, answers may vary
     chat_format: str | None = None  # a named prompt format instead of each GGUF's own template
+    chat_template: str | None = None  # a Jinja chat template used instead of each GGUF's (--chat-template-file)
+    reasoning_format: str = "auto"  # auto | none | deepseek (wire/reasoning.py)
+    reasoning_budget: int = -1  # the most reasoning tokens per answer; -1 unlimited
 
 
 def llama_cpp_module() -> Any:
@@ -168,12 +171,13 @@ def _formatter_of(handler: Any) -> Any:
     return handler.__closure__[code.co_freevars.index("chat_formatter")].cell_contents
 
 
-def make_formatter(model: Any, metadata: dict[str, str], chat_format: str | None) -> Any:
-    """What turns messages into this model's prompt: its GGUF template (``chat_format`` None),
-    else the named format; chatml for a model that has no template."""
+def make_formatter(model: Any, metadata: dict[str, str], chat_format: str | None,
+                   template: str | None = None) -> Any:
+    """What turns messages into this model's prompt: ``template`` if given, else its GGUF
+    template (``chat_format`` None), else the named format; chatml for a model that has none."""
     from llama_cpp import llama_chat_format
 
-    template = metadata.get("tokenizer.chat_template")
+    template = template or metadata.get("tokenizer.chat_template")
     if chat_format is None and template:
         eos, bos = model.token_eos(), model.token_bos()
         text = model.token_get_text
