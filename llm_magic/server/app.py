@@ -11,13 +11,15 @@ drive a host on their machine. The app is written against ``engine.backend.Backe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from flask import Flask, Response, request, send_from_directory
+from flask import Flask, Response, g, request, send_from_directory
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, NotFound
 
 from llm_magic.engine.backend import Backend
@@ -26,6 +28,7 @@ from llm_magic.server.fanout import Fanout
 from llm_magic.server.generation import start_generation
 from llm_magic.server.httpserver import MAX_BODY_BYTES, loggable
 from llm_magic.server.inbound import ClientGone, authorize, client_gone_check, json_body
+from llm_magic.server.metrics import REQUEST_ID_HEADER, Meter, install_log_filter, prompt_text, request_id_from
 from llm_magic.server.replies import SSE_HEADERS, Done, error_response, in_background, json_response, sse_response
 from llm_magic.settings import DEFAULTS
 from llm_magic.version import __version__
@@ -41,7 +44,8 @@ log = logging.getLogger("llm_magic.server")
 
 KEEPALIVE_SECONDS = DEFAULTS.keepalive  # well inside Cloudflare's 100 s idle limit
 ROUTES = ("GET / (the chat page), POST /api, POST /v1/chat/completions, POST /v1/completions, "
-          "POST /v1/responses, POST /v1/embeddings, GET /v1/models, GET /health, POST /health/stream")
+          "POST /v1/responses, POST /v1/embeddings, GET /v1/models, GET /health, POST /health/stream, "
+          "GET /metrics, GET /slots")
 WEB = Path(__file__).parent / "web"  # the chat page: static files, public, free of secrets
 ICON_SECONDS = 86400  # browsers ask for /favicon.ico on every page; a day's cache spares them
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}  # all /static serves: never HTML
@@ -68,24 +72,35 @@ def create_app(
     keepalive: float = KEEPALIVE_SECONDS,
     extra_status: Callable[[], dict] | None = None,
     cors: Sequence[str] = (),
+    log_prompts: bool = False,
 ) -> Flask:
     """The llm_magic Flask app around ``backend``; ``token=None`` serves without a token.
 
     ``keepalive``: seconds of silence after which a busy response sends a keep-alive (an SSE
     comment, or leading whitespace before a JSON body). ``extra_status``: more for ``/health``.
     ``cors``: origins (or ``*``) whose browser pages may call the host; none by default.
+    ``log_prompts``: the access log shows the start of each prompt (never, by default).
     """
     app = Flask("llm_magic", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # Flask's own OPTIONS answer is empty HTML
     app.url_map.merge_slashes = False  # werkzeug would answer '//' with an HTML redirect
-    app.extensions["llm_magic"] = {"backend": backend, "token": token, "started": int(time.time())}
+    meter = Meter(backend, extra_status, log_prompts)
+    install_log_filter()
+    app.extensions["llm_magic"] = {"backend": backend, "token": token, "started": int(time.time()), "meter": meter}
     if cors:
         from flask_cors import CORS
 
         # The token travels in a header, never a cookie: no credentials mode is needed.
         CORS(app, origins=list(cors), allow_headers=["Authorization", "Content-Type"], max_age=600,
-             expose_headers=["Retry-After"])
+             expose_headers=["Retry-After", REQUEST_ID_HEADER])
+
+    @app.before_request
+    def begin() -> None:  # first of all: every response, errors too, carries the request's id
+        rule = request.url_rule
+        g.track = meter.begin(request_id_from(request.headers.get(REQUEST_ID_HEADER), token), request.method,
+                              request.path, rule.rule if rule is not None else "unmatched",
+                              request.remote_addr or "-")
 
     @app.before_request
     def options() -> Any:
@@ -99,9 +114,24 @@ def create_app(
                         headers={"Allow": ", ".join(allowed)})
 
     @app.after_request
-    def log_request(response: Response) -> Response:  # one line per request, never a body
-        log.info("%s %s %s", request.method, loggable(request.path), response.status_code)
+    def end(response: Response) -> Response:
+        """The id in the header; the request counted, and its one log line written (never a
+        token, nor prompt text unless --log-prompts), once its response is over: a stream's too."""
+        track = g.get("track")
+        if track is not None:
+            response.headers[REQUEST_ID_HEADER] = track.id
+            status = response.status_code
+            if response.is_streamed:  # counted once it is sent, or its client is gone
+                response.call_on_close(lambda: meter.finish(track, status))
+            else:
+                meter.finish(track, status)
         return response
+
+    def tagged(gen_request: GenerationRequest) -> GenerationRequest:
+        """The request under its id (the backend's slots show it), its prompt kept for the log if asked."""
+        if log_prompts:
+            g.track.prompt = prompt_text(gen_request)
+        return dataclasses.replace(gen_request, request_id=g.track.id)
 
     @app.get("/")
     def chat_page() -> Any:
@@ -125,10 +155,22 @@ def create_app(
     @app.get("/health")
     def health() -> Any:
         status = backend.status()
-        status.update(version=__version__, auth=token is not None)
+        status.update(version=__version__, auth=token is not None, decode_tokens_per_second=meter.rate.rate())
         if extra_status is not None:
             status.update(extra_status())
         return status
+
+    @app.get("/metrics")
+    def metrics() -> Any:
+        """Prometheus' text format (a scrape sends the token as its bearer token)."""
+        authorize(token, None, body_token=False)
+        return Response(generate_latest(meter.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.get("/slots")
+    def slots() -> Any:
+        """Each slot: idle, reading a prompt or writing; its cache; the request it serves."""
+        authorize(token, None, body_token=False)
+        return meter.slots()
 
     @app.post("/health/stream")
     def stream_probe() -> Any:
@@ -149,8 +191,8 @@ def create_app(
     def api() -> Any:
         body = json_body(max_body)
         authorize(token, body)
-        gen_request = parse_api_request(body)
-        _, events = start_generation(backend, gen_request, keepalive)
+        gen_request = tagged(parse_api_request(body))
+        _, events = start_generation(backend, gen_request, keepalive, g.track)
         if gen_request.stream:
             return sse_response(api_stream(events), events)
         return json_response(events, api_answer, keepalive)
@@ -176,11 +218,11 @@ def create_app(
         ``parse``, the answer rendered, whole or streamed, by ``make_renderer``'s renderer."""
         body = json_body(max_body)
         authorize(token, body, body_token=False)
-        gen_request = parse(body, model_ids=(backend.default_name,))
+        gen_request = tagged(parse(body, model_ids=(backend.default_name,)))
         if len(gen_request.prompts) > 1:  # a list of prompts: one generation each, merged
-            started, events = Fanout.start(backend, gen_request, keepalive)
+            started, events = Fanout.start(backend, gen_request, keepalive, g.track)
         else:
-            started, events = start_generation(backend, gen_request, keepalive)
+            started, events = start_generation(backend, gen_request, keepalive, g.track)
         renderer = make_renderer(body, gen_request, started.model if started else backend.default_name)
         if gen_request.stream:
             return sse_response(renderer.stream(events), events)
@@ -195,9 +237,11 @@ def create_app(
             raise InvalidRequest("'model': embeddings come from the host's own model (or its "
                                  "--embedding-model); leave 'model' out or send the listed id")
         dimensions = body.get("dimensions")
+        track = g.track
 
         def render(done: Done) -> dict:
             result = done.value
+            track.prompt_tokens, track.completed = result.prompt_tokens, True
             if dimensions is not None and result.vectors and dimensions != len(result.vectors[0]):
                 raise InvalidRequest(f"'dimensions': this model's embeddings have {len(result.vectors[0])}")
             return embeddings_answer(result.vectors, result.model, result.prompt_tokens, wanted.base64)

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 from llm_magic.engine.backend import Backend
 from llm_magic.server.generation import Failure, Pump
 from llm_magic.server.inbound import ClientGone, client_gone_check
+from llm_magic.server.metrics import RequestTrack
 from llm_magic.server.replies import CHECK_SECONDS
 from llm_magic.wire.events import Completion, Event, Signal, Started, TextDelta
 from llm_magic.wire.types import GenerationRequest
@@ -26,7 +27,9 @@ class Fanout:
     most as many run at once as the host has slots for (each holds ``n``), the rest following
     as they finish, so a long list neither fills the queue nor is refused as busy."""
 
-    def __init__(self, backend: Backend, gen_request: GenerationRequest, gone: Callable[[], bool]) -> None:
+    def __init__(self, backend: Backend, gen_request: GenerationRequest, gone: Callable[[], bool],
+                 track: RequestTrack | None = None) -> None:
+        self._track = track  # every prompt's pieces and usage count for the one request
         self._requests = [dataclasses.replace(gen_request, prompt=p, prompts=()) for p in gen_request.prompts]
         self._n = gen_request.n
         self._gone = gone
@@ -46,11 +49,11 @@ class Fanout:
             thread.start()
 
     @classmethod
-    def start(cls, backend: Backend, gen_request: GenerationRequest,
-              keepalive: float) -> tuple[Started | None, Iterator[Event]]:
+    def start(cls, backend: Backend, gen_request: GenerationRequest, keepalive: float,
+              track: RequestTrack | None = None) -> tuple[Started | None, Iterator[Event]]:
         """As ``start_generation``: refusals of the prompts that start at once (too long, busy, ...)
         become an HTTP error status, waiting up to ``keepalive`` s for them."""
-        fanout = cls(backend, gen_request, client_gone_check())
+        fanout = cls(backend, gen_request, client_gone_check(), track)
         deadline = time.monotonic() + keepalive
         try:
             with fanout._changed:
@@ -77,7 +80,7 @@ class Fanout:
     def _work(self, backend: Backend) -> None:
         """One of ``_wave`` threads: run prompts one after another, passing their events on."""
         while (index := self._take()) is not None:
-            pump = Pump(backend, self._requests[index])
+            pump = Pump(backend, self._requests[index], self._track)
             with self._lock:
                 self._pumps.append(pump)
                 if self._cancelled:  # the answer was given up as this one started
@@ -118,6 +121,8 @@ class Fanout:
                     checked = now
                     if self._gone():
                         log.info("the client left; generation stopped")
+                        if self._track is not None:
+                            self._track.left = True
                         return
                 if item is Signal.QUIET:
                     if now - quiet_since >= keepalive:
@@ -137,6 +142,10 @@ class Fanout:
                 elif isinstance(item, TextDelta):
                     yield dataclasses.replace(item, index=index * self._n + item.index)
             yield self._merged(done)
+        except GeneratorExit:  # closed before its end: whoever read it (the client) went away
+            if self._track is not None and not self._track.completed:
+                self._track.left = True
+            raise
         finally:
             self.close()
 
