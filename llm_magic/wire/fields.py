@@ -10,6 +10,7 @@ import re
 from typing import Any, Iterable
 
 from llm_magic.errors import InvalidRequest
+from llm_magic.wire.reasoning import REASONING_FORMATS
 from llm_magic.wire.types import MAX_TOKENS_LIMIT, SEED_LIMIT, ResponseFormat, Sampling
 
 MAX_MESSAGES = 4096
@@ -196,6 +197,33 @@ def parse_response_format(value: Any, where: str = "response_format") -> Respons
         raise InvalidRequest(f"'{where}.json_schema.schema' must be a JSON Schema object, not {type_name(schema)}")
     return ResponseFormat(schema=schema, name=spec.string("name", "response", max_length=64),
                           strict=bool(spec.boolean("strict", False)))
+
+
+REASONING_FIELDS = ("reasoning_format", "thinking_budget_tokens", "reasoning_effort", "chat_template_kwargs")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")  # OpenAI's
+MAX_TEMPLATE_KWARGS = 64
+
+
+def parse_reasoning(f: Fields, effort: Any = None) -> dict[str, Any]:
+    """The thinking fields (``REASONING_FIELDS``) as ``GenerationRequest`` keywords; ``effort``:
+    the effort given elsewhere (Responses' ``reasoning.effort``)."""
+    fmt = f.obj.get("reasoning_format")
+    if fmt is not None and fmt not in REASONING_FORMATS:
+        raise InvalidRequest(f"{f.name('reasoning_format')} must be one of {', '.join(REASONING_FORMATS)}, "
+                             f"got {json.dumps(fmt)[:40]}")
+    effort = f.obj.get("reasoning_effort") if effort is None else effort
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise InvalidRequest(f"{f.name('reasoning_effort')} must be one of {', '.join(REASONING_EFFORTS)}, "
+                             f"got {json.dumps(effort)[:40]}")
+    kwargs = f.obj.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise InvalidRequest(f"{f.name('chat_template_kwargs')} must be an object of template variables "
+                                 f"(e.g. {{\"enable_thinking\": false}}), not {type_name(kwargs)}")
+        if len(kwargs) > MAX_TEMPLATE_KWARGS:
+            raise InvalidRequest(f"{f.name('chat_template_kwargs')} holds more than {MAX_TEMPLATE_KWARGS} variables")
+    return {"reasoning_format": fmt, "reasoning_effort": effort, "chat_template_kwargs": kwargs,
+            "reasoning_budget": f.integer("thinking_budget_tokens", -1, MAX_TOKENS_LIMIT)}
 
 
 def check_message_list(value: Any, field_name: str) -> None:

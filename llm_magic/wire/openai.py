@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.wire.events import Completion, TextDelta, ToolCallDelta
+from llm_magic.wire.events import Completion, ReasoningDelta, TextDelta, ToolCallDelta
 from llm_magic.wire.fields import (
-    SAMPLING_FIELDS, Fields, check_message_list, looks_like_model_spec, object_or_empty, parse_response_format,
-    parse_sampling, type_name,
+    REASONING_FIELDS, SAMPLING_FIELDS, Fields, check_message_list, looks_like_model_spec, object_or_empty,
+    parse_reasoning, parse_response_format, parse_sampling, type_name,
 )
 from llm_magic.wire.render import StreamRenderer
 from llm_magic.wire.sse import SSE_DONE, sse
@@ -36,15 +36,16 @@ MAX_PROMPTS = 128  # prompts in one /v1/completions list; they run a few at a ti
 
 # Valid OpenAI fields that change nothing here; accepted so that clients sending them work.
 IGNORED_FIELDS = (
-    "user", "store", "metadata", "service_tier", "parallel_tool_calls", "reasoning_effort",
+    "user", "store", "metadata", "service_tier", "parallel_tool_calls",
     "prediction", "verbosity", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
     "web_search_options", "modalities", "audio",
 )
 _COMMON = ("model", "stream", "stream_options", "n", "logit_bias", "logprobs", *SAMPLING_FIELDS,
            *IGNORED_FIELDS)
 CHAT_FIELDS = (*_COMMON, "messages", "max_completion_tokens", "response_format", "top_logprobs",
-               "tools", "tool_choice", "functions", "function_call")
-COMPLETION_FIELDS = (*_COMMON, "prompt", "echo", "suffix", "best_of", "response_format")
+               "tools", "tool_choice", "functions", "function_call", *REASONING_FIELDS)
+COMPLETION_FIELDS = (*_COMMON, "prompt", "echo", "suffix", "best_of", "response_format",
+                     "reasoning_effort")  # accepted, as before; a completion has no template to pass it to
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio",
                   "function_call", "annotations", "reasoning_content")
@@ -150,6 +151,12 @@ def parse_messages(value: Any, field_name: str = "messages") -> tuple[dict, ...]
             message["tool_calls"] = _tool_calls(item["tool_calls"], where)
         if role == "tool":
             message["tool_call_id"] = f.string("tool_call_id", "", max_length=256) or ""
+        reasoning = item.get("reasoning_content")
+        if reasoning is not None and role == "assistant":  # for templates that show past thinking
+            if not isinstance(reasoning, str):
+                raise InvalidRequest(f"'{where}.reasoning_content' must be a string, not {type_name(reasoning)}")
+            if reasoning:
+                message["reasoning_content"] = reasoning
         messages.append(message)
     if messages[-1]["role"] == "system":
         raise InvalidRequest(f"'{field_name}' must not end with a system message")
@@ -190,6 +197,7 @@ def parse_chat(body: Any, model_ids: Iterable[str] = ()) -> GenerationRequest:
         sampling=parse_sampling(f, ("max_tokens", "max_completion_tokens"), None, logit_bias=True),
         response_format=response_format,
         logprobs=_chat_logprobs(f),
+        **parse_reasoning(f),
         **_common(f, model_ids),
     )
 
@@ -301,6 +309,8 @@ class OpenAIRenderer(StreamRenderer):
             return {"index": result.index, "text": result.text, "logprobs": logprobs,
                     "finish_reason": result.finish_reason}
         message: dict = {"role": "assistant", "content": result.text, "refusal": None}
+        if result.reasoning:  # llama-server's and DeepSeek's field, only when there is reasoning
+            message["reasoning_content"] = result.reasoning
         if result.tool_calls:
             message.update(content=result.text or None, tool_calls=[c.as_openai() for c in result.tool_calls])
         return {"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": result.finish_reason}
@@ -321,6 +331,10 @@ class OpenAIRenderer(StreamRenderer):
     def text(self, delta: TextDelta) -> Iterable[str]:
         logprobs = self._logprobs(delta.logprobs, delta.index)
         yield self._chunk({"content": delta.text} if self.chat else delta.text, None, self.model, delta.index, logprobs)
+
+    def reasoning(self, delta: ReasoningDelta) -> Iterable[str]:
+        if self.chat:  # a text completion has no reasoning apart
+            yield self._chunk({"reasoning_content": delta.text}, None, self.model, delta.index)
 
     def tool_call(self, delta: ToolCallDelta) -> Iterable[str]:
         """As OpenAI streams a call: its id and name first, then pieces of its arguments."""

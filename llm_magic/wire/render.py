@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from llm_magic.wire.events import Completion, Event, Signal, Started, TextDelta, ToolCallDelta
+from llm_magic.wire.events import Completion, Event, ReasoningDelta, Signal, Started, TextDelta, ToolCallDelta
 from llm_magic.wire.sse import SSE_KEEPALIVE
 
 
@@ -22,6 +22,8 @@ class StreamRenderer:
                 yield from self.text(event)
             elif isinstance(event, ToolCallDelta):
                 yield from self.tool_call(event)
+            elif isinstance(event, ReasoningDelta):
+                yield from self.reasoning(event)
             elif isinstance(event, Completion):
                 yield from self.finished(event)
             elif event is Signal.KEEPALIVE:
@@ -37,6 +39,9 @@ class StreamRenderer:
         return ()
 
     def tool_call(self, delta: ToolCallDelta) -> Iterable[str]:
+        return ()
+
+    def reasoning(self, delta: ReasoningDelta) -> Iterable[str]:
         return ()
 
     def finished(self, result: Completion) -> Iterable[str]:

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Iterator
 
 from llm_magic.errors import InvalidRequest
 from llm_magic.wire.openai import _model, parse_messages
-from llm_magic.wire.events import Completion, TextDelta, ToolCallDelta
-from llm_magic.wire.fields import Fields, parse_response_format, parse_sampling, type_name
+from llm_magic.wire.events import Completion, ReasoningDelta, TextDelta, ToolCallDelta
+from llm_magic.wire.fields import REASONING_FIELDS, Fields, parse_reasoning, parse_response_format, parse_sampling, type_name
 from llm_magic.wire.render import StreamRenderer
 from llm_magic.wire.sse import sse
 from llm_magic.wire.tool_calls import ToolCall, parse_tool_request
@@ -29,6 +29,7 @@ RESPONSES_FIELDS = (
     "prompt_cache_retention", "safety_identifier", "background", "max_tool_calls", "conversation",
     "top_logprobs", "prompt",
     "seed", "top_k", "min_p", "repeat_penalty", "stop",  # llama.cpp's sampling, as on /v1/chat
+    *(k for k in REASONING_FIELDS if k != "reasoning_effort"),  # the effort is reasoning.effort here
 )
 STATELESS = "this host keeps no state between requests: send the whole conversation in 'input'"
 
@@ -127,9 +128,12 @@ def parse_responses(body: Any, model_ids: Iterable[str] = ()) -> GenerationReque
     if tools is not None and response_format is not None:
         raise InvalidRequest("give 'tools' or a JSON 'text.format', not both: both constrain the reply")
     sampling = parse_sampling(f, ("max_output_tokens",), None)
+    reasoning = Fields(body.get("reasoning") or {}, "reasoning.")
+    reasoning.reject_unknown(("effort", "summary", "generate_summary"))
     return GenerationRequest(messages=parse_messages(_messages(body), "input"), model=_model(f, model_ids),
                              sampling=sampling, stream=f.boolean("stream", False),
-                             response_format=response_format, tools=tools)
+                             response_format=response_format, tools=tools,
+                             **parse_reasoning(f, reasoning.obj.get("effort")))
 
 
 @dataclass
@@ -148,6 +152,9 @@ class ResponsesRenderer(StreamRenderer):
     _message_done: bool = False
     _open_call: dict | None = None  # the function_call item being streamed, with its output index
     _calls_done: int = 0
+    _message_index: int = 0  # the message item's output index (1 after a reasoning item)
+    _reasoning_id: str = field(default_factory=lambda: "rs_" + uuid.uuid4().hex)
+    _reasoning: str | None = None  # the reasoning streamed so far, while its item is open
 
     def _response(self, status: str, output: list, result: Completion | None) -> dict:
         body = self.request
@@ -165,7 +172,8 @@ class ResponsesRenderer(StreamRenderer):
             "tools": body.get("tools") or [], "truncation": "disabled", "user": body.get("user"),
             "usage": None if result is None else {
                 "input_tokens": result.prompt_tokens, "input_tokens_details": {"cached_tokens": result.cached_tokens},
-                "output_tokens": result.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens": result.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": result.reasoning_tokens},
                 "total_tokens": result.prompt_tokens + result.completion_tokens},
         }
 
@@ -183,12 +191,19 @@ class ResponsesRenderer(StreamRenderer):
         return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
                 "name": call.name, "arguments": "" if status == "in_progress" else call.arguments, "status": status}
 
+    def _reasoning_item(self, text: str, status: str = "completed") -> dict:
+        content = [] if status == "in_progress" else [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "id": self._reasoning_id, "summary": [], "content": content,
+                "encrypted_content": None, "status": status}
+
     def answer(self, result: Completion) -> dict:
         calls = list(result.tool_calls)
         cut = result.finish_reason == "length"
         # a message cut off is incomplete; one followed by calls was finished before them
         status = "incomplete" if cut and not calls else "completed"
-        output = [self._message(self._item_id, result.text, status)] if result.text or not calls else []
+        output = [self._reasoning_item(result.reasoning)] if result.reasoning else []
+        if result.text or not calls:
+            output.append(self._message(self._item_id, result.text, status))
         output += [self._call(c) for c in calls]
         return self._response("completed", output, result)
 
@@ -198,16 +213,39 @@ class ResponsesRenderer(StreamRenderer):
 
     @property
     def _where(self) -> dict:
-        return {"item_id": self._item_id, "output_index": 0, "content_index": 0}
+        return {"item_id": self._item_id, "output_index": self._message_index, "content_index": 0}
 
     def opening(self) -> Iterable[str]:
         yield self._event("response.created", response=self._response("in_progress", [], None))
         yield self._event("response.in_progress", response=self._response("in_progress", [], None))
 
+    def reasoning(self, delta: ReasoningDelta) -> Iterable[str]:
+        if delta.index or self._opened or self._output:  # reasoning comes first, in one item
+            return
+        where = {"item_id": self._reasoning_id, "output_index": 0, "content_index": 0}
+        if self._reasoning is None:
+            self._reasoning = ""
+            yield self._event("response.output_item.added", output_index=0, item=self._reasoning_item("", "in_progress"))
+            yield self._event("response.content_part.added", **where, part={"type": "reasoning_text", "text": ""})
+        self._reasoning += delta.text
+        yield self._event("response.reasoning_text.delta", **where, delta=delta.text)
+
+    def _close_reasoning(self) -> Iterator[str]:
+        if self._reasoning is None:
+            return
+        text, self._reasoning = self._reasoning, None
+        where = {"item_id": self._reasoning_id, "output_index": 0, "content_index": 0}
+        yield self._event("response.reasoning_text.done", **where, text=text)
+        yield self._event("response.content_part.done", **where, part={"type": "reasoning_text", "text": text})
+        self._output.append(self._reasoning_item(text))
+        yield self._event("response.output_item.done", output_index=0, item=self._output[-1])
+
     def _open_message(self) -> Iterator[str]:
+        yield from self._close_reasoning()
         if not self._opened:
             self._opened = True
-            yield self._event("response.output_item.added", output_index=0,
+            self._message_index = len(self._output)
+            yield self._event("response.output_item.added", output_index=self._message_index,
                               item=self._message(self._item_id, "", "in_progress"))
             yield self._event("response.content_part.added", **self._where,
                               part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
@@ -219,7 +257,7 @@ class ResponsesRenderer(StreamRenderer):
         yield self._event("response.output_text.done", **self._where, text=self._text, logprobs=[])
         yield self._event("response.content_part.done", **self._where, part=part)
         self._output.append(self._message(self._item_id, self._text, status))
-        yield self._event("response.output_item.done", output_index=0, item=self._output[-1])
+        yield self._event("response.output_item.done", output_index=self._message_index, item=self._output[-1])
 
     def text(self, delta: TextDelta) -> Iterable[str]:
         if delta.index or self._message_done:  # one answer; text after its calls has nowhere to go
@@ -249,6 +287,7 @@ class ResponsesRenderer(StreamRenderer):
     def tool_call(self, delta: ToolCallDelta) -> Iterable[str]:
         if delta.index:
             return
+        yield from self._close_reasoning()
         if self._opened and not self._message_done:  # the message before the calls is done
             yield from self._close_message("completed")
         if delta.id is not None:
@@ -263,6 +302,7 @@ class ResponsesRenderer(StreamRenderer):
     def finished(self, result: Completion) -> Iterable[str]:
         cut = result.finish_reason == "length"
         calls = list(result.tool_calls)
+        yield from self._close_reasoning()
         if not calls or (self._opened and not self._message_done):
             yield from self._close_message("incomplete" if cut and not calls else "completed")
         if self._open_call is not None:

@@ -7,9 +7,10 @@ import json
 from typing import Any, Iterable, Iterator
 
 from llm_magic.errors import InvalidRequest
-from llm_magic.wire.events import Completion, Event, Signal, TextDelta
+from llm_magic.wire.events import Completion, Event, ReasoningDelta, Signal, TextDelta
 from llm_magic.wire.fields import (
-    SAMPLING_FIELDS, Fields, check_message_list, object_or_empty, parse_response_format, parse_sampling, type_name,
+    REASONING_FIELDS, SAMPLING_FIELDS, Fields, check_message_list, object_or_empty, parse_reasoning,
+    parse_response_format, parse_sampling, type_name,
 )
 from llm_magic.wire.sse import SSE_DONE, SSE_KEEPALIVE, sse
 from llm_magic.wire.types import GenerationRequest, ResponseFormat
@@ -60,7 +61,7 @@ def _check_seed_order(messages: list[dict], field_name: str) -> None:
 
 
 API_FIELDS = ("token", "task", "repo_id", "file_name", "inputs", "parameters", "options")
-API_OPTIONS = ("use_gpu", "ctx_length", "ctx_lenght", "chat_format", "stream")
+API_OPTIONS = ("use_gpu", "ctx_length", "ctx_lenght", "chat_format", "stream", *REASONING_FIELDS)
 API_DEFAULT_MAX_TOKENS = 512
 
 
@@ -107,6 +108,7 @@ def parse_api_request(body: Any) -> GenerationRequest:
         chat_format=options.string("chat_format", max_length=100),
         stream=options.boolean("stream", False),
         response_format=_api_response_format(params.obj.get("response_format")),
+        **parse_reasoning(options),
     )
 
 
@@ -116,8 +118,11 @@ def _api_response_format(value: Any) -> ResponseFormat | None:
 
 def api_answer(result: Completion) -> dict:
     """The seed's 200 answer, for chat and completion alike."""
+    answer = {"role": "assistant", "content": result.text}
+    if result.reasoning:
+        answer["reasoning_content"] = result.reasoning
     return {
-        "answer": {"role": "assistant", "content": result.text},
+        "answer": answer,
         "model": result.model,
         "finish_reason": result.finish_reason,
         "usage": result.usage,
@@ -130,6 +135,8 @@ def api_stream(events: Iterable[Event]) -> Iterator[str]:
     for event in events:
         if isinstance(event, TextDelta):
             yield sse({"delta": event.text})
+        elif isinstance(event, ReasoningDelta):
+            yield sse({"reasoning": event.text})
         elif isinstance(event, Completion):
             yield sse(api_answer(event))
         elif event is Signal.KEEPALIVE:

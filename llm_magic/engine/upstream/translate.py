@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_magic.wire.events import Completion, TextDelta, ToolCallDelta
+from llm_magic.wire.events import Completion, ReasoningDelta, TextDelta, ToolCallDelta
 from llm_magic.wire.tool_calls import ToolCall
 from llm_magic.wire.types import GenerationRequest, Sampling, TokenLogprob
 
@@ -45,6 +45,15 @@ def request_body(request: GenerationRequest, model: str, prompt: str | None = No
         body["logit_bias"] = {str(token): bias for token, bias in s.logit_bias}
     if request.n > 1:
         body["n"] = request.n
+    if request.is_chat:  # thinking: as vLLM and llama-server read them
+        if request.reasoning_effort is not None:
+            body["reasoning_effort"] = request.reasoning_effort
+        if request.chat_template_kwargs is not None:
+            body["chat_template_kwargs"] = request.chat_template_kwargs
+        if request.reasoning_budget is not None:
+            body["thinking_budget_tokens"] = request.reasoning_budget
+        if request.reasoning_format is not None:
+            body["reasoning_format"] = request.reasoning_format
     if request.logprobs is not None:
         if request.is_chat:
             body.update(logprobs=True, top_logprobs=request.logprobs)
@@ -68,6 +77,7 @@ class _Answer:
     """One choice as its chunks arrive."""
 
     text: str = ""
+    reasoning: str = ""
     finish_reason: str | None = None
     calls: dict[int, dict] = field(default_factory=dict)  # call index -> id, name, arguments
     logprobs: list[TokenLogprob] | None = None
@@ -102,6 +112,10 @@ class ChunkReader:
                 answer.logprobs.extend(logprobs)  # type: ignore[union-attr]
             delta = choice.get("delta") if self.chat else {"content": choice.get("text")}
             delta = delta if isinstance(delta, dict) else {}
+            thought = delta.get("reasoning_content", delta.get("reasoning"))  # llama-server's; vLLM's newer name
+            if isinstance(thought, str) and thought:
+                answer.reasoning += thought
+                events.append(ReasoningDelta(thought, index))
             text = delta.get("content")
             if isinstance(text, str) and text:
                 answer.text += text
@@ -136,6 +150,8 @@ class ChunkReader:
         completion_tokens = int(self.usage.get("completion_tokens") or 0)
         details = self.usage.get("prompt_tokens_details") or {}
         cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        details = self.usage.get("completion_tokens_details") or {}
+        thinking = int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
         answers = []
         for i, answer in enumerate(self.answers):
             calls = tuple(ToolCall(c["name"], c["arguments"] or "{}", id=c["id"])
@@ -145,13 +161,15 @@ class ChunkReader:
                 reason = "tool_calls"
             answers.append(Completion(answer.text, self.model, reason, prompt_tokens, completion_tokens,
                                       dict(self.timings), cached_tokens=cached, tool_calls=calls,
-                                      logprobs=answer.logprobs, index=i))
+                                      logprobs=answer.logprobs, index=i, reasoning=answer.reasoning,
+                                      reasoning_tokens=thinking))
         if len(answers) == 1:
             return answers[0]
         first = answers[0]
         return Completion(first.text, self.model, first.finish_reason, prompt_tokens, completion_tokens,
                           dict(self.timings), cached_tokens=cached, tool_calls=first.tool_calls,
-                          logprobs=first.logprobs, choices=tuple(answers))
+                          logprobs=first.logprobs, choices=tuple(answers), reasoning=first.reasoning,
+                          reasoning_tokens=thinking)
 
 
 def _token_logprobs(value: Any, chat: bool) -> list[TokenLogprob]:
