@@ -96,3 +96,30 @@ def test_formats_are_chosen_from_the_template():
     assert detect_reasoning("{{ messages }}", "deepseek").name == "deepseek"
     assert detect_reasoning(qwen3, "none") is None
     assert opens_think("...<think>\n") and not opens_think("no tag")
+
+
+def test_the_backend_events_keep_reasoning_apart_and_parse_calls_after_it():
+    from llm_magic.engine.llama_cpp.thinking import split_reasoning as split_events
+    from llm_magic.engine.llama_cpp.tool_events import split_tool_calls
+    from llm_magic.wire.events import Completion, ReasoningDelta, TextDelta, ToolCallDelta
+    from llm_magic.wire.tool_calls import FORMATS
+
+    text = 'I should call it.\n</think>\n\n<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    events = [TextDelta(ch) for ch in text] + [Completion(text, "m", "stop", 3, 20)]
+    out = list(split_tool_calls(split_events(events, ReasoningFormat("deepseek", opened=True)), FORMATS["hermes"]))
+    assert "".join(e.text for e in out if isinstance(e, ReasoningDelta)) == "I should call it."
+    assert not "".join(e.text for e in out if isinstance(e, TextDelta)).strip()
+    done = out[-1]
+    assert (done.reasoning, done.text, done.finish_reason) == ("I should call it.", "", "tool_calls")
+    assert [c.name for c in done.tool_calls] == ["add"] and any(isinstance(e, ToolCallDelta) for e in out)
+
+
+def test_harmony_commentary_calls_become_tool_calls():
+    from llm_magic.engine.llama_cpp.thinking import split_reasoning as split_events
+    from llm_magic.wire.events import Completion, TextDelta
+
+    events = [TextDelta(HARMONY_CALL[i:i + 5]) for i in range(0, len(HARMONY_CALL), 5)]
+    done = list(split_events([*events, Completion(HARMONY_CALL, "m", "stop", 3, 20)], ReasoningFormat("harmony")))[-1]
+    assert done.reasoning == "Need weather: call the tool." and done.text == ""
+    assert [(c.name, c.arguments) for c in done.tool_calls] == [("get_weather", '{"city": "Paris"}')]
+    assert done.finish_reason == "tool_calls"
