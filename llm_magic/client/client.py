@@ -315,3 +315,12 @@ class Client:
             if isinstance(exc, HostUnreachable):
                 raise
             return {"status": "ok", "models": self.models()}
+
+    def slots(self) -> dict[str, Any]:
+        """The host's ``/slots`` (with the token): each slot's state, its cache and the request
+        it serves, the queue, and the host's tokens/s. Other servers have none: an error."""
+        return self._json(self._request("GET", "/slots", timeout=(self.timeout[0], 30)))
+
+    def metrics(self) -> str:
+        """The host's ``/metrics`` (with the token), Prometheus' text format."""
+        return self._request("GET", "/metrics", timeout=(self.timeout[0], 30)).text

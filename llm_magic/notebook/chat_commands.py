@@ -11,7 +11,9 @@ from IPython.core.error import UsageError
 from IPython.display import display
 
 from llm_magic.client.client import Client
+from llm_magic.errors import LLMMagicError
 from llm_magic.notebook.rendering import Shown, fixed_cell
+from llm_magic.notebook.watch import slots_text
 
 if TYPE_CHECKING:
     from llm_magic.notebook.magics import LLMMagics
@@ -87,6 +89,11 @@ class ChatCommands:
         print(f"connected to {client.url}\nmodel        {health.get('model', '?')}\n"
               f"host status  {health.get('status', '?')} (waiting: {health.get('queue', '?')})\n"
               f"conversation {turns} turn(s)")
+        try:
+            slots = client.slots()  # with the token; another kind of server has none
+        except LLMMagicError:
+            return
+        print(slots_text(slots))
 
     def models(self, args: argparse.Namespace) -> None:
         print("\n".join(self.magics.connected().models()))

@@ -11,6 +11,8 @@ from IPython.core.error import UsageError
 from IPython.display import display
 
 from llm_magic.client.client import Client
+from llm_magic.errors import LLMMagicError
+from llm_magic.notebook.watch import TopView, slots_text
 from llm_magic.settings import ServeSettings
 from llm_magic.supervisor.host import ApiHost, HostState
 
@@ -26,7 +28,7 @@ class HostCommands:
 
     def run(self, args: argparse.Namespace, argv: list[str]) -> None:
         handlers = {"start": self.start, "stop": self.stop, "restart": self.restart,
-                    "status": self.status, "logs": self.logs}
+                    "status": self.status, "logs": self.logs, "top": self.top}
         handlers[args.command](args, argv)
 
     def start(self, args: argparse.Namespace, argv: list[str]) -> None:
@@ -100,16 +102,37 @@ class HostCommands:
                       else status.get("busy")),
                      ("tokens generated", status.get("completion_tokens")),
                      ("tokens/s", status.get("tokens_per_second")),
+                     ("tokens/s now", status.get("decode_tokens_per_second")),
                      ("device", status.get("device")), ("gpu layers", status.get("gpu_layers")),
                      ("memory", status.get("memory"))]
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows if v is not None))
+        if "uptime_s" in status:
+            slots = self._slots(self._require_host())
+            if slots is not None:
+                print("\n" + slots_text(slots))
         if status.get("died"):
             print("\nIts log's last lines:\n" + "\n".join("  " + line for line in status.get("log") or ["(none)"]))
             print("\n%llm_host restart brings it back on the same URL, with the same token.")
 
     def logs(self, args: argparse.Namespace, argv: list[str]) -> None:
-        print(self._require_host().logs(args.n) or "(no output yet)")
+        print(self._require_host().logs(40 if args.n is None else args.n) or "(no output yet)")
+
+    @staticmethod
+    def _slots(host: ApiHost) -> dict[str, Any] | None:
+        try:
+            return Client(host.url, host.token).slots()
+        except LLMMagicError:  # an older host, or one going away: the rest of the status stands
+            return None
+
+    def top(self, args: argparse.Namespace, argv: list[str]) -> None:
+        """Slots, queue and tokens/s, redrawn in place every ``--interval`` s until the cell
+        is interrupted (or ``-n`` times; ``--once``)."""
+        host = self._require_host()
+        if not host.running:
+            raise UsageError("the host is not running (%llm_host status says why)")
+        client = Client(host.url, host.token)
+        TopView(client.slots, f"host {host.url}").run(1 if args.once else args.n, max(0.2, args.interval))
 
 
 def _duration(seconds: float) -> str:

@@ -38,8 +38,13 @@ class _Parser(MagicArgumentParser):
 
 def _serve_parser() -> _Parser:
     parser = _Parser("llm_host", description="Run a model server in the background of this notebook.")
-    parser.add_argument("command", choices=("start", "stop", "restart", "status", "logs"))
-    parser.add_argument("-n", type=int, default=40, help="logs: how many lines (default: %(default)s)")
+    parser.add_argument("command", choices=("start", "stop", "restart", "status", "logs", "top"))
+    parser.add_argument("-n", type=int, default=None,
+                        help="logs: how many lines (default: 40); top: how many refreshes (default: until "
+                             "the cell is interrupted)")
+    parser.add_argument("--once", action="store_true", help="top: one refresh, then end")
+    parser.add_argument("--interval", type=float, default=2.0, metavar="S",
+                        help="top: seconds between refreshes (default: %(default)s)")
     add_serve_arguments(parser)
     for action in parser._actions:
         if action.dest == "tunnel":  # the notebook's default differs from the terminal's
@@ -142,10 +147,12 @@ class LLMMagics(Magics):
         self.session.messages = messages
 
     @line_magic
-    @_with_help(_serve_parser, "Host a model from this notebook: %llm_host start|stop|restart|status|logs.\n\n"
+    @_with_help(_serve_parser, "Host a model from this notebook: %llm_host start|stop|restart|status|logs|top.\n\n"
                 "Examples::\n\n  %llm_host start --model bartowski/Qwen2.5-7B-Instruct-GGUF:Q4_K_M\n"
                 "  %llm_host start --tunnel none        # the embedded tiny model, local only\n"
-                "  %llm_host status\n  %llm_host logs -n 20\n  %llm_host stop")
+                "  %llm_host status\n  %llm_host logs -n 20\n"
+                "  %llm_host top                 # slots, queue, tokens/s, live (interrupt the cell to stop)\n"
+                "  %llm_host stop")
     def llm_host(self, line: str) -> None:
         argv = _split(line)
         args = _serve_parser().parse_args(argv)
