@@ -26,8 +26,15 @@ class ServeSettings:
     """What a host serves and how; each field is the ``serve`` flag of the same name."""
 
     model: str | None = None
-    engine: str | None = None  # None: llama.cpp in this process; else the URL of an engine to front
+    engine: str | None = None  # None: llama.cpp here; a URL: the engine to front; vllm | llama-server: start it
     engine_key: str | None = None
+    tensor_parallel_size: int | None = None  # --engine vllm: GPUs per model replica
+    pipeline_parallel_size: int | None = None  # --engine vllm: pipeline stages (nodes, through Ray)
+    max_model_len: int | None = None  # --engine vllm (default: --ctx)
+    gpu_memory_utilization: float | None = None  # --engine vllm
+    vllm_arg: list[str] = field(default_factory=list)  # --engine vllm: any further `vllm serve` argument
+    llama_server_arg: list[str] = field(default_factory=list)  # --engine llama-server: e.g. -sm row, -ts 3,1, --rpc
+    engine_start_timeout: float = 900.0  # a started engine's time to answer /health (vLLM loads and compiles)
     host: str = "127.0.0.1"
     port: int = 5000
     token: str | None = None
@@ -53,7 +60,8 @@ class ServeSettings:
     @property
     def slots(self) -> int:
         """``parallel``, or its default for the engine."""
-        return self.parallel or (FRONTED_PARALLEL if self.engine else LLAMA_PARALLEL)
+        batches_itself = self.engine is not None and self.engine != "llama-server"  # a URL, or vLLM
+        return self.parallel or (FRONTED_PARALLEL if batches_itself else LLAMA_PARALLEL)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServeSettings":
@@ -121,6 +129,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "TGI, LM Studio, another llm_magic) at URL instead of running llama.cpp here")
     parser.add_argument("--engine-key", metavar="KEY", default=d.engine_key,
                         help="the API key the engine at --engine wants (sent as a Bearer token; never shown)")
+    engine = parser.add_argument_group("an engine this host starts (--engine vllm | llama-server)")
+    engine.add_argument("--tensor-parallel-size", type=_at_least_one, default=d.tensor_parallel_size, metavar="N",
+                        help="vLLM: split the model over N GPUs")
+    engine.add_argument("--pipeline-parallel-size", type=_at_least_one, default=d.pipeline_parallel_size,
+                        metavar="N", help="vLLM: N pipeline stages (several nodes: see the README's Ray recipe)")
+    engine.add_argument("--max-model-len", type=_at_least_one, default=d.max_model_len, metavar="N",
+                        help="vLLM: the context length (default: --ctx)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization, metavar="F",
+                        help="vLLM: the share of each GPU's memory it may take (vLLM's default: 0.9)")
+    engine.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                        help="one more `vllm serve` argument (repeatable; write --vllm-arg=--flag for a flag)")
+    engine.add_argument("--llama-server-arg", action="append", default=[], metavar="ARG",
+                        help="one more llama-server argument (repeatable), e.g. --llama-server-arg=-sm "
+                             "--llama-server-arg=row")
+    engine.add_argument("--engine-start-timeout", type=float, default=d.engine_start_timeout, metavar="S",
+                        help="seconds a started engine may take to answer /health (default: %(default)s)")
     parser.add_argument("--host", default=d.host, help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=d.port,
                         help="port to bind; 0 picks a free one (default: %(default)s)")

@@ -10,7 +10,7 @@ from llm_magic.engine.backend import Backend
 from llm_magic.errors import InvalidRequest
 from llm_magic.settings import ServeSettings
 
-ENGINE_KINDS_TO_COME = ("vllm", "llama-server")
+ENGINE_KINDS = ("vllm", "llama-server")  # engines the host starts itself
 ENGINE_START_WAIT = 30.0  # seconds a fronted engine may take to answer at start-up
 
 
@@ -42,17 +42,44 @@ def build_backend(settings: ServeSettings, *, has_token: bool, model_name: str |
 
 def _upstream(settings: ServeSettings) -> Built:
     engine = settings.engine or ""
-    if engine in ENGINE_KINDS_TO_COME:
-        raise InvalidRequest(f"'--engine {engine}': starting {engine} from llm_magic is not built yet; start it "
-                             "yourself and pass its URL, e.g. --engine http://127.0.0.1:8000")
+    if engine in ENGINE_KINDS:
+        return _launched(settings)
     if not engine.startswith(("http://", "https://")):
-        raise InvalidRequest(f"'--engine' must be the URL of an OpenAI-compatible server (http://HOST:PORT), "
-                             f"not {engine!r}")
+        raise InvalidRequest(f"'--engine' must be vllm, llama-server or the URL of an OpenAI-compatible server "
+                             f"(http://HOST:PORT), not {engine!r}")
     from llm_magic.engine.upstream.backend import UpstreamBackend
 
     backend = UpstreamBackend(engine, key=settings.engine_key, model=settings.model, parallel=settings.slots,
                               max_queue=settings.max_queue, start_wait=ENGINE_START_WAIT)
     return Built(backend, backend.default_name)
+
+
+def _launched(settings: ServeSettings) -> Built:
+    """vLLM or llama-server, started by this host on a free local port and fronted."""
+    from llm_magic.engine.upstream.launcher import EngineProcess, LaunchedEngine, free_port, llama_server_command, \
+        vllm_command
+
+    port = free_port()
+    if settings.engine == "vllm":
+        if not settings.model:
+            raise InvalidRequest("'--engine vllm' needs --model: a hub id (Qwen/Qwen2.5-7B-Instruct) or a local folder")
+        command = vllm_command(settings.model, port, tensor_parallel=settings.tensor_parallel_size,
+                               pipeline_parallel=settings.pipeline_parallel_size,
+                               max_model_len=settings.max_model_len or settings.ctx,
+                               gpu_memory_utilization=settings.gpu_memory_utilization, extra=settings.vllm_arg)
+        wanted = settings.model
+    else:
+        from llm_magic.models import ModelSpec, resolve_model
+
+        path = resolve_model(ModelSpec.parse(settings.model))
+        command = llama_server_command(str(path), port, ctx=settings.ctx, parallel=settings.slots,
+                                       gpu_layers=settings.gpu_layers, threads=settings.threads,
+                                       extra=settings.llama_server_arg)
+        wanted = None  # llama-server names its one model itself
+    process = EngineProcess(settings.engine or "", command, port)
+    backend = LaunchedEngine(process, start_timeout=settings.engine_start_timeout, model=wanted,
+                             parallel=settings.slots, max_queue=settings.max_queue)
+    return Built(backend, wanted or process.kind)
 
 
 def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None) -> Built:
