@@ -171,9 +171,12 @@
       $("model").textContent = h.model || "";
       state.needsToken = h.auth !== false;
       const busy = h.slots_busy || 0;
-      status.textContent = h.status === "loading" ? "loading" : busy ? `busy ${busy}/${h.slots}` : "ready";
+      const pace = h.decode_tokens_per_second || 0;  // the whole host's, every answer together
+      status.textContent = h.status === "loading" ? "loading"
+        : busy ? `busy ${busy}/${h.slots}` + (pace ? ` · ${pace.toFixed(0)} tok/s` : "") : "ready";
       status.className = "status " + (h.status === "ok" && !busy ? "ok" : "busy");
-      status.title = `${h.slots_busy}/${h.slots} slots busy, ${h.queue} waiting`;
+      status.title = `${h.slots_busy}/${h.slots} slots busy, ${h.queue} waiting, ${pace.toFixed(1)} tokens/s on the host`;
+      state.hostBusy = busy > 0;
       // The host checked its tunnel: if it delivers a stream all at once, a stream would look
       // frozen, so through that tunnel the page asks for whole answers.
       const tunnel = h.tunnel || {};
@@ -349,6 +352,11 @@
 
   if (!chat()) state.current = state.chats[0]?.id || newChat().id;
   renderAll();
-  refreshHealth();
-  setInterval(refreshHealth, 15000);
+  // Gently: every 15 s, every 3 s while the host is busy; not at all while the tab is hidden.
+  async function pollHealth() {
+    if (!document.hidden) await refreshHealth();
+    setTimeout(pollHealth, state.hostBusy ? 3000 : 15000);
+  }
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshHealth(); });
+  pollHealth();
 })();
