@@ -9,7 +9,7 @@ from typing import Any
 
 from .version import __version__
 
-__all__ = ["ApiHost", "Client", "__version__"]
+__all__ = ["ApiHost", "ChatSession", "Client", "__version__"]
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -34,4 +34,8 @@ def __getattr__(name: str) -> Any:
         from llm_magic.client.client import Client
 
         return Client
+    if name == "ChatSession":
+        from llm_magic.client.session import ChatSession
+
+        return ChatSession
     raise AttributeError(f"module 'llm_magic' has no attribute {name!r}")

@@ -8,6 +8,7 @@ says how to fix the problem. The library raises these; only the edges (``server.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 
 class LLMMagicError(Exception):
@@ -95,6 +96,16 @@ class Cancelled(LLMMagicError):
     type = "cancelled"
 
 
+class TurnInterrupted(Cancelled):
+    """Client side: a chat turn's reply was given up part way (``ChatSession``'s ``on_reply``
+    said it did not finish); the conversation is as it was before the turn. ``text`` is what had
+    arrived, ``answer`` the last reply (a ``client.Answer``), if any."""
+
+    def __init__(self, text: str, answer: Any = None) -> None:
+        super().__init__("the reply was interrupted: the turn is not added to the conversation")
+        self.text, self.answer = text, answer
+
+
 class ModelLoadError(LLMMagicError):
     """A model file exists but llama.cpp could not load it (the host's problem, not a bug)."""
 
@@ -139,6 +150,13 @@ class TunnelError(LLMMagicError):
 
     status = 502
     type = "tunnel_error"
+
+
+class CellNotFound(LLMMagicError):
+    """Notebook side: a ``{In[n]}``-style placeholder names a cell that has no such part."""
+
+    status = 400
+    type = "invalid_request_error"
 
 
 class HostUnreachable(LLMMagicError):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from llm_magic.client import conversation
 from llm_magic.client.python_tools import ToolBox
+from llm_magic.errors import TurnInterrupted
 
 if TYPE_CHECKING:
     from llm_magic.client.client import Answer, Client, Stream
@@ -31,15 +32,6 @@ DECLINED = "Error: the user declined to run this call."
 Tools = Union[ToolBox, Sequence[Callable[..., Any]], dict[str, Callable[..., Any]], None]
 OnReply = Callable[["Stream", bool], "tuple[str, bool]"]
 OnToolCall = Callable[[str, str, str, bool], None]
-
-
-class TurnInterrupted(Exception):
-    """A reply was given up part way (``on_reply`` said it did not finish): the conversation
-    is as it was before the turn. ``text`` is what had arrived, ``answer`` the last reply."""
-
-    def __init__(self, text: str, answer: Answer | None) -> None:
-        super().__init__("the reply was interrupted: the turn is not added to the conversation")
-        self.text, self.answer = text, answer
 
 
 def consume(stream: Stream, hidden: bool) -> tuple[str, bool]:

@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from llm_magic.errors import LLMMagicError
+from llm_magic.errors import CellNotFound
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PLACEHOLDER = re.compile(
@@ -22,13 +22,6 @@ _PLACEHOLDER = re.compile(
 ERRORS_KEPT = 100  # tracebacks of the latest failing cells; older ones are dropped
 # Cells whose own failure is not worth asking about: our magics' usage errors.
 _OWN_MAGICS = re.compile(r"^\s*%%?llm(_host)?\b")
-
-
-class CellNotFound(LLMMagicError):
-    """A ``{In[n]}``-style placeholder names a cell that has no such part."""
-
-    status = 400
-    type = "invalid_request_error"
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import requests
 
 from llm_magic.errors import HostError
-from llm_magic.files import write_atomically
 from llm_magic.settings import DEFAULTS, TOKEN_ENV, TUNNELS, ServeSettings, add_serve_arguments
+from llm_magic.supervisor.host_tunnel import HostTunnel
 from llm_magic.supervisor.logfile import ServerLog
 
 __all__ = ["ApiHost", "HostState", "TOKEN_ENV", "TUNNELS", "add_serve_arguments", "new_token"]
@@ -259,7 +259,7 @@ class ApiHost:
         self._server: ServerProcess | None = None
         self._last_log = ""  # the log's tail, kept when the folder is removed at stop
         self._started_at: float | None = None
-        self._tunnel: Any = None  # the cloudflared tunnel, kept here so that it outlives a restart
+        self._tunnel = HostTunnel()  # opened here, not by the server: it outlives a restart (same URL)
 
     def __repr__(self) -> str:
         where = f" {self.url}" if self.url else ""
@@ -325,7 +325,9 @@ class ApiHost:
             self.tunnel_streams = info.get("streams", True) is not False
             self.device, self.warnings = info.get("device") or {}, info.get("warnings") or []
             if self.tunnel == "cloudflared":
-                self._open_tunnel()
+                port = urllib.parse.urlsplit(self.url).port
+                self.public_url, self.tunnel_note, self.tunnel_streams = self._tunnel.open(
+                    port, self.token, server.tunnel_file, self._tunnel_moved)
         except BaseException:
             self.stop()
             self.state = HostState.FAILED
@@ -347,9 +349,8 @@ class ApiHost:
             self.model, self.token, self.tunnel, self.host, self.port = (fresh.model, fresh.token, fresh.tunnel,
                                                                          fresh.host, fresh.port)
             self.startup_timeout, self._args, self.settings = fresh.startup_timeout, fresh._args, fresh.settings
-            if self.tunnel != "cloudflared" and self._tunnel is not None:
+            if self.tunnel != "cloudflared":
                 self._tunnel.stop()  # a tunnel no longer wanted
-                self._tunnel = None
         return self.start()
 
     def _configured(self, settings: dict[str, Any]) -> "ApiHost":
@@ -361,48 +362,12 @@ class ApiHost:
             settings["token"] = self.token
         return ApiHost(**settings)
 
-    def take_tunnel(self, other: "ApiHost") -> None:
-        """Before ``start()``: reuse the tunnel of ``other`` (stopped with ``keep_tunnel=True``),
-        so that its public URL stays. It is used if the port and the token are the same."""
-        self._tunnel, other._tunnel = other._tunnel, None
-
-    def _open_tunnel(self) -> None:
-        from llm_magic.supervisor.tunnel import Tunnel, open_tunnel, tunnel_note
-
-        port = urllib.parse.urlsplit(self.url).port if self.url else None
-        tunnel = self._tunnel
-        if tunnel is not None and tunnel.open and tunnel.port == port and tunnel.token == self.token:
-            tunnel.on_change, tunnel.on_status = self._tunnel_moved, self._write_tunnel_status  # this host's now
-            tunnel.check()  # the new server answers through the old tunnel
-            note = tunnel_note(tunnel)
-        else:
-            if tunnel is not None:
-                tunnel.stop()
-            tunnel = self._tunnel = Tunnel(port, token=self.token, on_change=self._tunnel_moved,
-                                           on_status=self._write_tunnel_status)
-            _, note = open_tunnel(tunnel)
-        self.public_url, self.tunnel_note = tunnel.public_url, note
-        self.tunnel_streams = tunnel.streams is not False
-        self._write_tunnel_status()
-
-    def _tunnel_moved(self, url: str) -> None:
+    def _tunnel_moved(self, url: str, state: str) -> None:
         """cloudflared restarted (it died): a new public URL."""
-        if self._tunnel is not None and self._tunnel.restarts and self.state == HostState.RUNNING:
+        if self.state == HostState.RUNNING:
             self.public_url = url
-            self._write_tunnel_status()
-            state = self._tunnel.state
             note = "" if state == "ready" else " (not answering yet: Cloudflare may need a moment)"
             print(f"llm_magic: the tunnel restarted; new public URL: {url}{note}", flush=True)
-
-    def _write_tunnel_status(self) -> None:
-        """For the server's /health (the chat page reads whether the tunnel streams)."""
-        tunnel, server = self._tunnel, self._server  # (the tunnel's thread calls this too)
-        if tunnel is None or server is None:
-            return
-        try:
-            write_atomically(server.tunnel_file, json.dumps(tunnel.status()))
-        except OSError:  # the folder went with a stop meanwhile
-            pass
 
     def _remove_run_dir(self) -> None:
         """Keep the log's tail in memory (for ``logs()``), then remove the temporary folder."""
@@ -413,9 +378,8 @@ class ApiHost:
     def stop(self, timeout: float = 10.0, keep_tunnel: bool = False) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s) and the tunnel, unless
         ``keep_tunnel`` (for a restart). Safe to call twice, and after the server died."""
-        if self._tunnel is not None and not keep_tunnel:
+        if not keep_tunnel:
             self._tunnel.stop()
-            self._tunnel = None
         atexit.unregister(self.stop)
         if self._server is not None:
             self.state = HostState.STOPPING
@@ -471,7 +435,7 @@ class ApiHost:
         if self._started_at and self.running and self.url:
             info["uptime_s"] = round(time.time() - self._started_at, 1)
             health = get_health(self.url)
-            tunnel = self._tunnel.status() if self._tunnel is not None else {}
+            tunnel = self._tunnel.status()
             if tunnel.get("public_url"):  # cloudflared may have restarted with a new URL
                 self.public_url = info["public_url"] = tunnel["public_url"]
                 info["tunnel"] = f"cloudflared ({tunnel.get('state')}, {tunnel.get('restarts', 0)} restarts)"
