@@ -27,13 +27,18 @@ class StreamRenderer:
             elif isinstance(event, Completion):
                 yield from self.finished(event)
             elif event is Signal.KEEPALIVE:
-                yield SSE_KEEPALIVE
+                yield from self.keepalive()
             elif isinstance(event, Started):
                 self.model = event.model
         yield from self.closing()
 
     def opening(self) -> Iterable[str]:
         return ()
+
+    def keepalive(self) -> Iterable[str]:
+        """What keeps a silent line open: an SSE comment, unless the format's clients reset
+        their idle timers only on events (Codex, Claude Code)."""
+        return (SSE_KEEPALIVE,)
 
     def text(self, delta: TextDelta) -> Iterable[str]:
         return ()
