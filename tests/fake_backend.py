@@ -124,6 +124,12 @@ class ScriptedBackend:
             yield Completion(reply.text, self.default_name, finish, prompt_tokens, len(pieces) * request.n,
                              tool_calls=calls, choices=tuple(answers))
 
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's tokens as this backend counts them in its answers: words."""
+        with self._lock:
+            self.requests.append(request)
+        return sum(len(str(m.get("content") or "").split()) for m in request.messages or ()) or 1
+
     def embed(self, inputs: Sequence[str | Sequence[int]], cancel: threading.Event | None = None) -> Embeddings:
         vectors = []
         for item in inputs:

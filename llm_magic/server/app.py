@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 
 from llm_magic.engine.backend import Backend
 from llm_magic.errors import InvalidRequest, LLMMagicError, ModelNotFound
+from llm_magic.server.anthropic_routes import register_anthropic
 from llm_magic.server.fanout import Fanout
 from llm_magic.server.generation import start_generation
 from llm_magic.server.httpserver import MAX_BODY_BYTES, loggable
@@ -44,7 +45,8 @@ log = logging.getLogger("llm_magic.server")
 
 KEEPALIVE_SECONDS = DEFAULTS.keepalive  # well inside Cloudflare's 100 s idle limit
 ROUTES = ("GET / (the chat page), POST /api, POST /v1/chat/completions, POST /v1/completions, "
-          "POST /v1/responses, POST /v1/embeddings, GET /v1/models, GET /health, POST /health/stream, "
+          "POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/embeddings, "
+          "GET /v1/models, GET /health, POST /health/stream, "
           "GET /metrics, GET /slots")
 WEB = Path(__file__).parent / "web"  # the chat page: static files, public, free of secrets
 ICON_SECONDS = 86400  # browsers ask for /favicon.ico on every page; a day's cache spares them
@@ -92,7 +94,8 @@ def create_app(
         from flask_cors import CORS
 
         # The token travels in a header, never a cookie: no credentials mode is needed.
-        CORS(app, origins=list(cors), allow_headers=["Authorization", "Content-Type"], max_age=600,
+        CORS(app, origins=list(cors), allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
+             max_age=600,
              expose_headers=["Retry-After", REQUEST_ID_HEADER])
 
     @app.before_request
@@ -273,6 +276,8 @@ def create_app(
         if found is None:
             raise ModelNotFound(f"no model '{loggable(model_id, 200)}' here; GET /v1/models lists them")
         return found
+
+    register_anthropic(app, backend, token=token, max_body=max_body, keepalive=keepalive, log_prompts=log_prompts)
 
     @app.errorhandler(LLMMagicError)
     def handle_error(exc: LLMMagicError) -> Any:

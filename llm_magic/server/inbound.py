@@ -93,21 +93,28 @@ def _encodable(text: str) -> bool:
 
 
 def authorize(token: str | None, body: Any, body_token: bool = True) -> None:
-    """Check the token from the JSON body (seed style) or the ``Authorization: Bearer`` header."""
-    supplied = None
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        supplied = header[7:].strip()
-    elif body_token and isinstance(body, dict) and "token" in body:
-        supplied = body["token"]
+    """Check the token from the ``Authorization: Bearer`` header, the ``x-api-key`` header
+    (all the anthropic SDK sends; Claude Code sends both) or the JSON body (seed style). One
+    that matches is enough: a client may send a placeholder in the other header."""
     if token is None:
         return
-    if supplied is None or supplied == "":
-        where = "as 'token' in the JSON body or " if body_token else ""
+    supplied: list[Any] = []
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        supplied.append(header[7:].strip())
+    supplied.append(request.headers.get("x-api-key", "").strip())
+    if body_token and isinstance(body, dict) and "token" in body:
+        supplied.append(body["token"])
+    supplied = [s for s in supplied if s is not None and s != ""]
+    if not supplied:
+        where = "as 'token' in the JSON body, " if body_token else ""
         raise AuthenticationError(
             f"this host needs its access token: send it {where}as the header "
-            "'Authorization: Bearer <token>' (the api_key of OpenAI clients)")
-    if not isinstance(supplied, str) or not hmac.compare_digest(supplied.encode(), token.encode()):
+            "'Authorization: Bearer <token>' (the api_key of OpenAI clients) or as 'x-api-key: <token>' "
+            "(Anthropic clients)")
+    expected = token.encode()
+    matches = [isinstance(s, str) and hmac.compare_digest(s.encode(), expected) for s in supplied]
+    if not any(matches):
         raise AuthenticationError("wrong token: copy it again from the host's output")
 
 
