@@ -27,7 +27,7 @@ RESPONSES_FIELDS = (
     "tool_choice", "parallel_tool_calls", "stream", "stream_options", "store", "previous_response_id",
     "metadata", "user", "reasoning", "truncation", "include", "service_tier", "prompt_cache_key",
     "prompt_cache_retention", "safety_identifier", "background", "max_tool_calls", "conversation",
-    "top_logprobs", "prompt",
+    "top_logprobs", "prompt", "client_metadata",
     "seed", "top_k", "min_p", "repeat_penalty", "stop",  # llama.cpp's sampling, as on /v1/chat
     *(k for k in REASONING_FIELDS if k != "reasoning_effort"),  # the effort is reasoning.effort here
 )
@@ -51,8 +51,22 @@ def _text(content: Any, where: str) -> str:
 
 
 def _messages(body: dict) -> list[dict]:
-    """``instructions`` and ``input`` as chat messages (function calls and their outputs too)."""
+    """``instructions`` and ``input`` as chat messages (function calls and their outputs too);
+    the system and developer messages before the first turn are one system prompt, as every
+    chat template takes one."""
+    messages = _history(body)
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] in ("system", "developer"):
+        lead += 1
+    if lead > 1:
+        text = "\n\n".join(m["content"] for m in messages[:lead] if m["content"])
+        messages[:lead] = [{"role": "system", "content": text}]
+    return messages
+
+
+def _history(body: dict) -> list[dict]:
     messages: list[dict] = []
+    names = {(ns, name): flat for flat, (ns, name) in tool_names(body).items()}
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -71,8 +85,9 @@ def _messages(body: dict) -> list[dict]:
         if kind == "message":
             messages.append({"role": item.get("role"), "content": _text(item.get("content"), where)})
         elif kind == "function_call":
+            name = names.get((item.get("namespace"), item.get("name")), item.get("name"))
             call = {"id": item.get("call_id") or item.get("id") or f"call_{i}", "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
+                    "function": {"name": name, "arguments": item.get("arguments", "{}")}}
             last = messages[-1] if messages else None
             if last and last["role"] == "assistant" and last.get("tool_calls") is not None and not last["content"]:
                 last["tool_calls"].append(call)  # parallel calls: one assistant turn
@@ -90,21 +105,66 @@ def _messages(body: dict) -> list[dict]:
     return messages
 
 
-def _tools(body: dict) -> Any:
+# Tools this host cannot run: OpenAI runs them on its side. Left out of the prompt, as Codex
+# offers web_search to every model.
+HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview",
+                "image_generation", "mcp", "local_shell", "custom", "tool_search")
+
+
+def _functions(body: dict) -> list[tuple[str | None, dict, str]]:
+    """Every function offered, namespaces opened: (its namespace, the function, where it is)."""
     tools = body.get("tools")
     if tools is None:
-        return None
+        return []
     if not isinstance(tools, list):
         raise InvalidRequest("'tools' must be a list")
-    converted = []
+    found: list[tuple[str | None, dict, str]] = []
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "function":
+            found.append((None, tool, f"tools[{i}]"))
+        elif kind == "namespace":
+            inner = tool.get("tools")
+            if not isinstance(tool.get("name"), str) or not isinstance(inner, list):
+                raise InvalidRequest(f"'tools[{i}]' must be {{\"type\": \"namespace\", \"name\", \"tools\": [...]}}")
+            for j, function in enumerate(inner):
+                if isinstance(function, dict) and function.get("type") == "function":
+                    found.append((tool["name"], function, f"tools[{i}].tools[{j}]"))
+                elif not isinstance(function, dict) or function.get("type") not in HOSTED_TOOLS:
+                    raise InvalidRequest(f"'tools[{i}].tools[{j}]': a namespace holds functions")
+        elif not isinstance(kind, str) or not kind.startswith(HOSTED_TOOLS):
             raise InvalidRequest(f"'tools[{i}]': this host calls functions only ({{\"type\": \"function\", "
-                                 "\"name\", \"parameters\"}})")
-        converted.append({"type": "function", "function": {k: tool.get(k) for k in ("name", "description", "parameters")}})
+                                 "\"name\", \"parameters\"}}, or a namespace of them)")
+    return found
+
+
+def tool_names(body: dict) -> dict[str, tuple[str | None, str]]:
+    """The name the model sees for each function -> (its namespace, its own name): a function in
+    a namespace keeps its name where no other function has it, else ``namespace__name``."""
+    functions = _functions(body)
+    taken = [f.get("name") for _, f, _ in functions]
+    names: dict[str, tuple[str | None, str]] = {}
+    for namespace, function, _ in functions:
+        name = function.get("name")
+        flat = name if namespace is None or taken.count(name) == 1 else f"{namespace}__{name}"
+        names[flat] = (namespace, name)
+    return names
+
+
+def _tools(body: dict) -> Any:
+    functions = _functions(body)
+    if body.get("tools") is not None and not functions:
+        return None  # only hosted tools
+    flat = list(tool_names(body))
+    converted = [{"type": "function", "function": {
+        "name": flat[k] if len(flat) == len(functions) else function.get("name"),
+        **{key: function.get(key) for key in ("description", "parameters")}}}
+        for k, (_, function, _) in enumerate(functions)]
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"type": "function", "function": {"name": choice.get("name")}}
+    elif isinstance(choice, dict):  # a hosted tool's choice: nothing here can honour it
+        choice = "auto"
     return parse_tool_request(converted, choice, body.get("parallel_tool_calls"))
 
 
@@ -155,6 +215,7 @@ class ResponsesRenderer(StreamRenderer):
     _message_index: int = 0  # the message item's output index (1 after a reasoning item)
     _reasoning_id: str = field(default_factory=lambda: "rs_" + uuid.uuid4().hex)
     _reasoning: str | None = None  # the reasoning streamed so far, while its item is open
+    _names: dict | None = None  # the model's tool names -> (namespace, name), once asked
 
     def _response(self, status: str, output: list, result: Completion | None) -> dict:
         body = self.request
@@ -183,13 +244,21 @@ class ResponsesRenderer(StreamRenderer):
             {"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
         return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
-    @staticmethod
-    def _call(call: ToolCall, status: str | None = None) -> dict:
+    def _named(self, name: str) -> dict:
+        """A call's name as the client offered it: a function of a namespace under its own
+        name, with the namespace (the model saw them flattened)."""
+        if self._names is None:
+            self._names = tool_names(self.request)
+        namespace, own = self._names.get(name, (None, name))
+        return {"name": own, "namespace": namespace} if namespace is not None else {"name": name}
+
+    def _call(self, call: ToolCall, status: str | None = None) -> dict:
         """A ``function_call`` item; its status: in_progress while streamed, else completed, or
         incomplete for a call cut off by ``max_output_tokens``."""
         status = status or ("completed" if call.complete else "incomplete")
         return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
-                "name": call.name, "arguments": "" if status == "in_progress" else call.arguments, "status": status}
+                **self._named(call.name), "arguments": "" if status == "in_progress" else call.arguments,
+                "status": status}
 
     def _reasoning_item(self, text: str, status: str = "completed") -> dict:
         content = [] if status == "in_progress" else [{"type": "reasoning_text", "text": text}]
@@ -214,6 +283,11 @@ class ResponsesRenderer(StreamRenderer):
     @property
     def _where(self) -> dict:
         return {"item_id": self._item_id, "output_index": self._message_index, "content_index": 0}
+
+    def keepalive(self) -> Iterable[str]:
+        """An event, not a comment: Codex resets its idle timer (300 s) only on events, and a
+        long prompt on a slow GPU takes that long. The SDKs take a repeated in_progress."""
+        yield self._event("response.in_progress", response=self._response("in_progress", list(self._output), None))
 
     def opening(self) -> Iterable[str]:
         yield self._event("response.created", response=self._response("in_progress", [], None))
@@ -268,8 +342,8 @@ class ResponsesRenderer(StreamRenderer):
 
     def _start_call(self, call_id: str, name: str) -> Iterator[str]:
         self._open_call = {"index": len(self._output), "item": {
-            "type": "function_call", "id": "fc_" + call_id.removeprefix("call_"), "call_id": call_id, "name": name,
-            "arguments": "", "status": "in_progress"}, "arguments": ""}
+            "type": "function_call", "id": "fc_" + call_id.removeprefix("call_"), "call_id": call_id,
+            **self._named(name), "arguments": "", "status": "in_progress"}, "arguments": ""}
         yield self._event("response.output_item.added", output_index=len(self._output), item=self._open_call["item"])
 
     def _end_call(self, call: ToolCall | None) -> Iterator[str]:
