@@ -35,7 +35,7 @@ from llm_magic.models import ModelPolicy, ModelSpec, model_name, resolve_model
 from llm_magic.wire.events import Completion, Event, Signal, Started
 from llm_magic.wire.reasoning import REASONING_FORMATS
 from llm_magic.wire.tool_calls import FORMATS
-from llm_magic.wire.types import GenerationRequest
+from llm_magic.wire.types import MAX_TOKENS_LIMIT, GenerationRequest
 
 __all__ = ["DEFAULT_CTX", "DEFAULT_PARALLEL", "EMBEDDING_TOKENS", "FLASH_ATTENTION", "LlamaCppBackend",
            "best_thread_count", "chat_formats", "gpu_offload_supported"]
@@ -223,6 +223,21 @@ class LlamaCppBackend:
             self.stats.prompt_tokens += len(task.tokens)
             self.stats.completion_tokens += sum(c.generated for c in task.choices)
             self.stats.generation_seconds += time.perf_counter() - task.started
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """How many tokens the request's prompt is, made by the chat template with its tools as
+        its generation would be (Anthropic's count_tokens), by the resident model (the default
+        one when none is). It waits in line for a seat as an embedding does: no model switch can
+        free the model while it tokenises."""
+        models = self.models
+        seats, key = self._take_seats(
+            lambda: models.loaded.key if models.loaded else models.key(self.default_path), 1, None)
+        try:
+            loaded = self._ensure(key, models.loaded.name if models.loaded else self.default_name)
+            tokens, _, _ = loaded.prompt_tokens(request, MAX_TOKENS_LIMIT, loaded.tool_format(request))
+            return len(tokens)
+        finally:
+            self.turnstile.release(seats)
 
     def embed(self, inputs: Sequence[str | Sequence[int]], cancel: threading.Event | None = None) -> Embeddings:
         """One normalised vector per input (text, or token ids). From ``embedding_model`` when

@@ -30,6 +30,7 @@ from llm_magic.errors import (
 )
 from llm_magic.settings import DEFAULTS, FRONTED_PARALLEL
 from llm_magic.wire.events import Event, Signal, Started
+from llm_magic.wire.anthropic import estimate_tokens
 from llm_magic.wire.types import GenerationRequest
 
 log = logging.getLogger("llm_magic.engine")
@@ -263,6 +264,11 @@ class UpstreamBackend:
         if status in (401, 403):
             return EngineUnavailable(f"the engine at {self.url} refused this host's key ({status}): set --engine-key")
         return EngineUnavailable(f"the engine at {self.url} answered {path} with {status}: {message}")
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """An estimate of the prompt's tokens (Anthropic's count_tokens): an OpenAI-compatible
+        engine has no common way to template and count a chat."""
+        return estimate_tokens(request)
 
     # -- embeddings --------------------------------------------------------------------------
 
