@@ -110,7 +110,8 @@ class Choice:
                           timings(prompt_tokens, cached, self.generated, started, first, ended),
                           cached_tokens=cached, index=self.index,
                           logprobs=self.logprobs.reported if self.logprobs is not None else None,
-                          reasoning_tokens=getattr(self.sampler, "reasoning_tokens", 0))
+                          # an end token the sampler saw while thinking is not one of the answer's
+                          reasoning_tokens=min(getattr(self.sampler, "reasoning_tokens", 0), self.generated))
 
     def close(self) -> None:
         self.sampler.close()
