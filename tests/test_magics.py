@@ -94,6 +94,23 @@ def test_logs_and_starting_twice(shell, magics, hosted, capsys) -> None:
     assert "already running" in err
 
 
+def test_top_and_status_show_the_slots_and_the_pace(shell, magics, hosted, capsys) -> None:
+    out, err = run(shell, "%%llm --max-tokens 8\nSay hi.", capsys)
+    assert not err
+    out, err = run(shell, "%llm_host top --once", capsys)
+    assert not err and "slots 0 of 4 busy" in out and "tokens/s" in out and "busy slots" in out
+    assert re.search(r"idle\s+cache\s+[1-9]", out), out  # the answer's slot keeps its cache
+    out, err = run(shell, "%llm_host top -n 3 --interval 0.2", capsys)
+    assert not err and out.count("slots 0 of 4 busy") == 3  # refreshed in place, three times
+    out, err = run(shell, "%llm_host status", capsys)
+    assert not err and "tokens/s now" in out and "slots 0 of 4 busy" in out
+    out, err = run(shell, "%llm status", capsys)  # the client's view, through the token
+    assert not err and "slots 0 of 4 busy" in out and hosted.host.token not in out
+    logs = hosted.host.logs(200)
+    assert re.search(r"\[[0-9a-f]{32}\] POST /v1/chat/completions 200 prompt=\d+ completion=\d+ ", logs), logs[-2000:]
+    assert hosted.host.token not in logs
+
+
 @pytest.mark.parametrize("cell, message", [
     ("%%llm --bogus\nhi", "unrecognized arguments: --bogus"),
     ("%llm_host frobnicate", "invalid choice: 'frobnicate'"),
