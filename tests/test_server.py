@@ -15,6 +15,7 @@ from llm_magic.engine.llama_cpp.backend import LlamaCppBackend
 from llm_magic.models import ModelPolicy
 from llm_magic.server.app import create_app
 from llm_magic.wire.events import TextDelta
+from tests.fake_backend import ScriptedBackend
 
 TOKEN = "s3cret-token-for-tests"
 CHAT = [{"role": "user", "content": "Say hello."}]
@@ -31,6 +32,13 @@ def engine(model_path: Path) -> Iterator[LlamaCppBackend]:
 @pytest.fixture
 def client(engine: LlamaCppBackend):
     return create_app(engine, token=TOKEN).test_client()
+
+
+@pytest.fixture
+def scripted_client():
+    """For what the server decides before any backend is asked (auth, bodies, routes, CORS):
+    a scripted backend (tests/fake_backend.py) stands in for the model."""
+    return create_app(ScriptedBackend(), token=TOKEN).test_client()
 
 
 @pytest.fixture
@@ -98,8 +106,8 @@ def test_api_stream(client) -> None:
     assert final["usage"]["completion_tokens"] <= 8
 
 
-def test_bearer_token_works_on_api_too(client) -> None:
-    r = client.post("/api", json={"inputs": "x", "parameters": {"max_tokens": 1}},
+def test_bearer_token_works_on_api_too(scripted_client) -> None:
+    r = scripted_client.post("/api", json={"inputs": "x", "parameters": {"max_tokens": 1}},
                     headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200
 
@@ -110,13 +118,13 @@ def test_bearer_token_works_on_api_too(client) -> None:
     ({"json": {"inputs": "x", "token": 12345}}, "wrong token"),
     ({"json": {"inputs": "x"}, "headers": {"Authorization": "Bearer nope"}}, "wrong token"),
 ])
-def test_missing_or_wrong_token_is_401(client, kwargs: dict, match: str) -> None:
-    assert_error(client.post("/api", **kwargs), 401, match)
+def test_missing_or_wrong_token_is_401(scripted_client, kwargs: dict, match: str) -> None:
+    assert_error(scripted_client.post("/api", **kwargs), 401, match)
 
 
-def test_v1_routes_need_the_bearer_token(client) -> None:
-    assert_error(client.get("/v1/models"), 401, "needs its access token")
-    assert_error(client.post("/v1/chat/completions", json={"messages": CHAT}), 401, "needs its access token")
+def test_v1_routes_need_the_bearer_token(scripted_client) -> None:
+    assert_error(scripted_client.get("/v1/models"), 401, "needs its access token")
+    assert_error(scripted_client.post("/v1/chat/completions", json={"messages": CHAT}), 401, "needs its access token")
 
 
 def test_host_without_token_serves_anyone_but_only_its_default_model(open_client, model_copy: Path) -> None:
@@ -140,16 +148,17 @@ def test_host_without_token_serves_anyone_but_only_its_default_model(open_client
     (b'{"inputs": "x", "task": "summarize"}', "valid tasks: text_generation"),
     (b'{"inputs": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "'assistant' was expected"),
 ])
-def test_bad_bodies_are_400_json(client, data: bytes, match: str) -> None:
-    r = client.post("/api", data=data, headers={"Authorization": f"Bearer {TOKEN}",
+def test_bad_bodies_are_400_json(scripted_client, data: bytes, match: str) -> None:
+    r = scripted_client.post("/api", data=data, headers={"Authorization": f"Bearer {TOKEN}",
                                                 "Content-Type": "application/json"})
     assert_error(r, 400, match)
 
 
-def test_unknown_route_wrong_method_and_big_body_are_json(client, engine: LlamaCppBackend) -> None:
+def test_unknown_route_wrong_method_and_big_body_are_json(scripted_client) -> None:
+    client = scripted_client
     assert_error(client.get("/nope"), 404, "no route GET /nope")
     assert_error(client.get("/api"), 405, "GET is not allowed on /api")
-    big = create_app(engine, token=None, max_body=1000).test_client()
+    big = create_app(ScriptedBackend(), token=None, max_body=1000).test_client()
     assert_error(big.post("/api", data=b'{"inputs": "' + b"x" * 5000 + b'"}', content_type="application/json"), 413,
                  "larger than 1000 bytes")
     assert_error(client.get("/v1/nope"), 404, "no route GET /v1/nope")  # OpenAI's unknown_url
@@ -254,7 +263,8 @@ def test_the_response_tells_the_generation_when_its_first_text_has_gone_out() ->
         assert log.index("sent a") < log.index("made b")
 
 
-def test_cors_is_off_by_default_and_answers_preflights_for_allowed_origins(engine: LlamaCppBackend) -> None:
+def test_cors_is_off_by_default_and_answers_preflights_for_allowed_origins() -> None:
+    engine = ScriptedBackend()
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization, content-type"}
     closed = create_app(engine, token=TOKEN).test_client()
@@ -284,16 +294,16 @@ BODY_ROUTES = {"/api": {"inputs": "x", "parameters": {"max_tokens": 1}},
 @pytest.mark.parametrize("path", BODY_ROUTES)
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x", None])
-def test_a_body_not_declared_json_is_a_415_and_runs_nothing(open_engine_client, path: str, content_type) -> None:
+def test_a_body_not_declared_json_is_a_415_and_runs_nothing(path: str, content_type) -> None:
     """What any web page may send a host on the user's machine without the browser asking it
     first (a "simple" cross-site request): refused before it is read."""
-    engine, client = open_engine_client
-    before = engine.stats.requests
+    backend = ScriptedBackend()
+    client = create_app(backend, token=None).test_client()
     r = client.post(path, data=json.dumps(BODY_ROUTES[path]), content_type=content_type)
     error = assert_error(r, 415, "'Content-Type: application/json'")
     assert "curl: -H 'Content-Type: application/json'" in error["message"]
     assert r.headers["Connection"] == "close"  # the body was never read
-    assert engine.stats.requests == before  # nothing generated
+    assert backend.requests == []  # nothing reached the backend
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON"])

@@ -36,14 +36,14 @@ class Built:
 def build_backend(settings: ServeSettings, *, has_token: bool, model_name: str | None = None) -> Built:
     """The backend for ``settings``; a host with a token may load other models (``has_token``)."""
     if settings.engine:
-        return _upstream(settings)
+        return _upstream(settings, model_name)
     return _llama_cpp(settings, has_token, model_name)
 
 
-def _upstream(settings: ServeSettings) -> Built:
+def _upstream(settings: ServeSettings, model_name: str | None) -> Built:
     engine = settings.engine or ""
     if engine in ENGINE_KINDS:
-        return _launched(settings)
+        return _launched(settings, model_name)
     if not engine.startswith(("http://", "https://")):
         raise InvalidRequest(f"'--engine' must be vllm, llama-server or the URL of an OpenAI-compatible server "
                              f"(http://HOST:PORT), not {engine!r}")
@@ -54,7 +54,7 @@ def _upstream(settings: ServeSettings) -> Built:
     return Built(backend, backend.default_name)
 
 
-def _launched(settings: ServeSettings) -> Built:
+def _launched(settings: ServeSettings, model_name: str | None) -> Built:
     """vLLM or llama-server, started by this host on a free local port and fronted."""
     from llm_magic.engine.upstream.launcher import EngineProcess, LaunchedEngine, free_port, llama_server_command, \
         vllm_command
@@ -69,13 +69,14 @@ def _launched(settings: ServeSettings) -> Built:
                                gpu_memory_utilization=settings.gpu_memory_utilization, extra=settings.vllm_arg)
         wanted = settings.model
     else:
-        from llm_magic.models import ModelSpec, resolve_model
+        from llm_magic.models import ModelSpec, model_name as name_of, resolve_model
 
-        path = resolve_model(ModelSpec.parse(settings.model))
+        spec = ModelSpec.parse(settings.model)
+        path = resolve_model(spec)
+        wanted = model_name or (str(spec) if spec.repo_id else name_of(path))  # its --alias
         command = llama_server_command(str(path), port, ctx=settings.ctx, parallel=settings.slots,
                                        gpu_layers=settings.gpu_layers, threads=settings.threads,
-                                       extra=settings.llama_server_arg)
-        wanted = None  # llama-server names its one model itself
+                                       extra=["--alias", wanted, *settings.llama_server_arg])
     process = EngineProcess(settings.engine or "", command, port)
     backend = LaunchedEngine(process, start_timeout=settings.engine_start_timeout, model=wanted,
                              parallel=settings.slots, max_queue=settings.max_queue)

@@ -1,0 +1,105 @@
+"""``--engine vllm`` and ``--engine llama-server``: the host starts the engine itself, shows its
+output in the host's log, fronts it once its /health answers, reports a crash with its last
+lines, and stops it with the host. vLLM is played by tests/fake_vllm.py (a real llama.cpp engine
+under vLLM's command line); llama-server is the real binary, built as the benchmark builds it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from llm_magic.engine.upstream.launcher import EngineProcess, free_port, vllm_command
+from llm_magic.errors import EngineUnavailable
+from llm_magic.supervisor.host import ApiHost
+
+FAKE_VLLM = Path(__file__).parent / "fake_vllm.py"
+CHAT = [{"role": "user", "content": "Say hello"}]
+
+
+def test_vllm_gets_the_hosts_settings_and_the_parsers_for_the_model_family(monkeypatch) -> None:
+    monkeypatch.setenv("LLM_MAGIC_VLLM", "/opt/vllm/bin/vllm")
+    command = vllm_command("Qwen/Qwen2.5-7B-Instruct", 8123, tensor_parallel=2, max_model_len=8192,
+                           extra=["--distributed-executor-backend", "ray"])
+    assert command[:3] == ["/opt/vllm/bin/vllm", "serve", "Qwen/Qwen2.5-7B-Instruct"]
+    assert command[command.index("--tensor-parallel-size") + 1] == "2"
+    assert command[command.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in command
+    assert command[-2:] == ["--distributed-executor-backend", "ray"]
+    given = vllm_command("my/llama-3-model", 1, extra=["--tool-call-parser", "pythonic"])
+    assert given.count("--tool-call-parser") == 1  # the owner's own choice wins
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("LLM_MAGIC_VLLM", str(FAKE_VLLM))
+    args = tmp_path / "vllm-args.json"
+    monkeypatch.setenv("FAKE_VLLM_ARGS", str(args))
+    return args
+
+
+def test_a_vllm_that_fails_to_start_is_reported_with_its_last_lines(fake_vllm, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "1")
+    process = EngineProcess("vllm", vllm_command("some/model", free_port()), 0)
+    process.start()
+    with pytest.raises(EngineUnavailable, match="(?s)vllm exited with code 3.*Failed to infer device type"):
+        process.wait_ready(30)
+    process.stop()
+
+
+def test_llm_magic_starts_vllm_fronts_it_and_stops_it(fake_vllm: Path) -> None:
+    host = ApiHost(model="Qwen/Qwen2.5-0.5B-Instruct", use_token=True, port=0, tunnel="none",
+                   extra_args=["--engine", "vllm", "--tensor-parallel-size", "2", "--vllm-arg=--enforce-eager"])
+    host.start()
+    try:
+        args = json.loads(fake_vllm.read_text())
+        assert args[:2] == ["serve", "Qwen/Qwen2.5-0.5B-Instruct"]  # the hub id, for vLLM to fetch
+        assert args[args.index("--tensor-parallel-size") + 1] == "2" and "--enforce-eager" in args
+        answer = requests.post(host.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {host.token}"},
+                               json={"messages": CHAT, "max_tokens": 5, "temperature": 0}, timeout=60).json()
+        assert answer["choices"][0]["message"]["content"]
+        health = requests.get(host.url + "/health", timeout=10).json()
+        assert health["engine"]["process"] == "vllm" and health["engine"]["state"] == "ok"
+        assert "fake vllm: starting" in host.logs(400)  # the engine's output is in the host's log
+        pid = health["engine"]["pid"]
+    finally:
+        host.stop()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists()  # the engine went with the host
+
+
+@pytest.fixture(scope="module")
+def llama_server_bin() -> str:
+    binary = os.environ.get("LLAMA_SERVER_BIN")
+    if not binary:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        from llama_server import build  # cached under ~/.cache/llm_magic after the first build (~5 min)
+
+        binary = str(build(quiet=True))
+    return binary
+
+
+def test_llm_magic_in_front_of_its_own_llama_server(llama_server_bin: str, monkeypatch) -> None:
+    monkeypatch.setenv("LLAMA_SERVER_BIN", llama_server_bin)
+    host = ApiHost(use_token=False, port=0, tunnel="none", extra_args=["--engine", "llama-server", "--parallel", "2"])
+    host.start()
+    try:
+        body = requests.post(host.url + "/api", timeout=60, json={
+            "inputs": CHAT, "parameters": {"max_tokens": 6, "temperature": 0}}).json()
+        assert body["answer"]["content"] and body["usage"]["completion_tokens"] <= 6
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        shaped = requests.post(host.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "A city as JSON"}], "max_tokens": 40, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}).json()
+        assert isinstance(json.loads(shaped["choices"][0]["message"]["content"])["city"], str)  # its grammar
+        assert shaped["model"] == "SmolLM2-135M-Instruct.Q4_1"  # named as our own host names it
+        health = requests.get(host.url + "/health", timeout=10).json()
+        assert health["engine"]["process"] == "llama-server" and health["engine"]["state"] == "ok"
+    finally:
+        host.stop()
