@@ -32,7 +32,7 @@ def test_interpolation_is_one_pass() -> None:
 def test_magics_have_real_help(shell: InteractiveShell) -> None:
     host_doc = shell.find_line_magic("llm_host").__doc__
     cell_doc = shell.find_cell_magic("llm").__doc__
-    assert "--model SPEC" in host_doc and "{start,stop,restart,status,logs}" in host_doc
+    assert "--model SPEC" in host_doc and "{start,stop,restart,status,logs,top}" in host_doc
     assert "--max-tokens" in cell_doc and "-o NAME" in cell_doc and "%llm connect URL" in cell_doc
 
 
