@@ -151,3 +151,21 @@ def test_cut_calls_read_whatever_the_text() -> None:
     assert [(n.start, n.end) for n in read_values('{"a": 1} [2, 3] "x')] == [(0, 8), (9, 15), (16, None)]
     assert read_values('{"a": tru')[0].entries[0][1].end is None
     assert FORMATS["mistral"].parse_cut("[TOOL_CALLS]not json at all") == ("", [])
+
+
+def test_tool_parameters_lose_the_keywords_no_grammar_enforces() -> None:
+    """Claude Code describes a tool with ``propertyNames``: its grammar leaves such keywords out
+    (at every depth), where a response format with them is a 400."""
+    from llm_magic.engine.llama_cpp.grammar.constraints import grammar_for, tool_grammar
+    from llm_magic.errors import InvalidRequest
+    from llm_magic.wire.tool_calls import FORMATS, Tool, ToolRequest
+    from llm_magic.wire.types import ResponseFormat
+
+    schema = {"type": "object", "properties": {
+        "metadata": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}, "additionalProperties": {"type": "string"}},
+        "tags": {"type": "array", "items": {"type": "string", "not": {"const": "x"}}, "uniqueItems": True}},
+        "required": ["tags"]}
+    constraint = tool_grammar(ToolRequest((Tool("TaskCreate", "", schema),), "required"), FORMATS["generic"])
+    assert constraint is not None and "tags" in constraint.grammar
+    with pytest.raises(InvalidRequest, match="is a keyword structured output cannot enforce"):
+        grammar_for(ResponseFormat(schema))

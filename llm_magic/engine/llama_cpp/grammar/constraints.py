@@ -1,16 +1,19 @@
 """Grammars for structured output and tool calls: JSON schemas turned into llama.cpp's GBNF by
-``json_grammar`` (bounded, exact: what it cannot enforce is a 400 that names it), cached, since
-frameworks send the same schema with every request.
+``json_schema`` (bounded, exact: what a response format asks and it cannot enforce is a 400
+that names it; a tool's parameters are loosened instead), cached, since frameworks send the same
+schema with every request.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import threading
 from dataclasses import dataclass
+from typing import Any
 
-from llm_magic.engine.llama_cpp.grammar.json_schema import schema_grammar
+from llm_magic.engine.llama_cpp.grammar.json_schema import KEYWORDS, schema_grammar
 from llm_magic.wire.types import ResponseFormat
 from llm_magic.wire.tool_calls import ToolFormat, ToolRequest, call_schema
 
@@ -76,8 +79,8 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> Constraint | 
     tools in ``tool_format``; ``None`` where the model's own template leads it (native, auto)."""
     if tool_format.native and request.choice == "auto":
         return None
-    for tool in request.callable:  # each checked alone, so that an error names its tool
-        _convert(tool.parameters, f"the parameters of tool '{tool.name}'")
+    request = dataclasses.replace(request, tools=tuple(
+        dataclasses.replace(tool, parameters=_enforceable(tool.parameters, tool.name)) for tool in request.tools))
     call = call_schema(request, tool_format)
     if tool_format.name == "generic":
         calls = {"type": "array", "items": call, "minItems": 1,
@@ -101,6 +104,39 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> Constraint | 
     else:  # llama3: a bare call object
         root = "llm-magic-call"
     return Constraint(grammar + f"\nroot ::= {root}\n", one_call.texts, controls=tool_format.name == "hermes")
+
+
+def _enforceable(parameters: dict, name: str) -> dict:
+    """A tool's parameters as a grammar can hold them. Unlike a response format, a tool's schema
+    is the client's description of its own function (coding agents send dozens, some with
+    ``propertyNames`` or ``uniqueItems``): keywords no grammar enforces are left out, which only
+    lets more through, as llama-server does. What the converter refuses besides (a bound past
+    its limits) is still a 400 naming the tool."""
+    loosened = _without_unenforced(parameters)
+    _convert(loosened, f"the parameters of tool '{name}'")
+    return loosened
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+
+
+def _without_unenforced(schema: Any) -> Any:
+    """``schema`` without the keywords the converter cannot enforce, at every depth."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict = {}
+    for key, value in schema.items():
+        if key not in KEYWORDS:
+            continue
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            value = {k: _without_unenforced(v) for k, v in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            value = [_without_unenforced(v) for v in value]
+        elif key in ("items", "additionalProperties"):
+            value = _without_unenforced(value)
+        out[key] = value
+    return out
 
 
 def _renamed_root(grammar: str, name: str) -> str:
