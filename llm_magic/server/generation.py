@@ -15,7 +15,7 @@ from llm_magic.errors import LLMMagicError
 from llm_magic.server.inbound import ClientGone, client_gone_check
 from llm_magic.server.metrics import RequestTrack
 from llm_magic.server.replies import CHECK_SECONDS
-from llm_magic.wire.events import Completion, Event, Signal, Started, TextDelta, ToolCallDelta
+from llm_magic.wire.events import Completion, Event, ReasoningDelta, Signal, Started, TextDelta, ToolCallDelta
 from llm_magic.wire.types import GenerationRequest
 
 log = logging.getLogger("llm_magic.server")
@@ -121,7 +121,7 @@ class Pump:
                 quiet_since = now
                 if track is not None:  # per event: a type check and an addition
                     kind = type(event)
-                    if kind is TextDelta or kind is ToolCallDelta:
+                    if kind is TextDelta or kind is ToolCallDelta or kind is ReasoningDelta:
                         track.piece(now)
                     elif kind is Completion:
                         track.completion(event)  # type: ignore[arg-type]
