@@ -107,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     built = build_backend(settings, has_token=token is not None, model_name=args.model_name)
     engine = built.backend
     tunnel = None
-    app = create_app(engine, token=token, keepalive=args.keepalive, cors=args.cors,
+    app = create_app(engine, token=token, keepalive=args.keepalive, cors=args.cors, log_prompts=settings.log_prompts,
                      extra_status=lambda: {"tunnel": tunnel.status() if tunnel else _read_status(args.tunnel_status)})
     try:
         server = HttpServer(app, args.host, args.port, held=args.max_queue + settings.slots)

@@ -63,11 +63,6 @@ TOOL = {"type": "function", "function": {"name": "save", "parameters": {
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 20000}}}},
      "'maxLength' of 20000"),
-    ("/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "required"},
-     "the parameters of tool 'save'"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "auto"},
-     "the parameters of tool 'save'"),
     ("/api", {"inputs": "x", "parameters": {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string", "pattern": "^[a-z]{0,30000}$"}}}}}, "a repetition of 30000"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
@@ -85,6 +80,22 @@ def test_schemas_that_crashed_or_flooded_the_host_are_400s(host: ApiHost, path: 
     assert named in r.text
     assert_alive(host)
     assert log_size(host) - before < 4096  # one log line, never the grammar
+
+
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_a_tool_with_a_bound_past_the_limits_is_served_unbounded(host: ApiHost, choice: str) -> None:
+    """A tool's schema describes the client's function (agents send maxLength 524288): the bound
+    no grammar holds is left out, so the call is served and nothing floods (a response format
+    with it stays a 400, above)."""
+    before = log_size(host)
+    r = requests.post(f"{host.url}/v1/chat/completions", headers=HEADERS, timeout=120, json={
+        "messages": [{"role": "user", "content": "Save the word hello."}], "tools": [TOOL], "tool_choice": choice,
+        "max_tokens": 30})
+    assert r.status_code == 200, r.text
+    if choice == "required":
+        assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "save"
+    assert_alive(host)
+    assert log_size(host) - before < 4096
 
 
 def test_huge_repetitions_are_refused_before_costing_memory(host: ApiHost) -> None:

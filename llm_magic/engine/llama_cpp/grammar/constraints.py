@@ -9,13 +9,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-from llm_magic.engine.llama_cpp.grammar.json_schema import KEYWORDS, schema_grammar
+from llm_magic.engine.llama_cpp.grammar.gbnf import LIMITS
+from llm_magic.engine.llama_cpp.grammar.json_schema import FORMATS, KEYWORDS, schema_grammar
+from llm_magic.errors import InvalidRequest
 from llm_magic.wire.types import ResponseFormat
 from llm_magic.wire.tool_calls import ToolFormat, ToolRequest, call_schema
+
+log = logging.getLogger("llm_magic.engine")
 
 MAX_PARALLEL_CALLS = 4  # a small model may repeat a call forever; four in one turn is plenty
 CACHE_BYTES = 4 * 1024 * 1024  # grammars kept for schemas seen again (each is at most 128 KiB)
@@ -108,16 +113,22 @@ def tool_grammar(request: ToolRequest, tool_format: ToolFormat) -> Constraint | 
 
 def _enforceable(parameters: dict, name: str) -> dict:
     """A tool's parameters as a grammar can hold them. Unlike a response format, a tool's schema
-    is the client's description of its own function (coding agents send dozens, some with
-    ``propertyNames`` or ``uniqueItems``): keywords no grammar enforces are left out, which only
-    lets more through, as llama-server does. What the converter refuses besides (a bound past
-    its limits) is still a 400 naming the tool."""
+    is the client's description of its own function (coding agents send dozens, with
+    ``propertyNames``, ``format: uri`` or a ``maxLength`` of 512 KiB): what no grammar enforces
+    or would hold in bounds is left out, which only lets more through, and a schema that still
+    cannot be built is held to "an object", as llama-server does, rather than refusing the
+    request. (A response format is the answer the client asked for: there such a schema is a 400.)"""
     loosened = _without_unenforced(parameters)
-    _convert(loosened, f"the parameters of tool '{name}'")
+    try:
+        _convert(loosened, f"the parameters of tool '{name}'")
+    except InvalidRequest as exc:
+        log.warning("tool %s: its parameters are held to any object (%s)", name, exc.message)
+        return {"type": "object"}
     return loosened
 
 
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 
 
@@ -129,6 +140,10 @@ def _without_unenforced(schema: Any) -> Any:
     for key, value in schema.items():
         if key not in KEYWORDS:
             continue
+        if key == "format" and (value not in FORMATS or any(k in schema for k in ("pattern", "minLength", "maxLength"))):
+            continue  # a "uri" or "email" is still a string
+        if key in _COUNTS and isinstance(value, int) and value > LIMITS.repeat:
+            continue  # a string of up to 512 KiB is a string
         if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
             value = {k: _without_unenforced(v) for k, v in value.items()}
         elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
