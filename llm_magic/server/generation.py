@@ -126,7 +126,7 @@ class Pump:
                     elif kind is Completion:
                         track.completion(event)  # type: ignore[arg-type]
                 yield event  # type: ignore[misc]
-                if isinstance(event, TextDelta):  # the consumer is back for more: it passed it on
+                if isinstance(event, (TextDelta, ReasoningDelta)):  # the consumer is back for more: it passed it on
                     self._first_text_passed.set()
         except GeneratorExit:  # closed before its end: whoever read it (the client) went away
             if track is not None and not track.completed:
