@@ -85,7 +85,7 @@ def api(host: ApiHost, **fields) -> requests.Response:
 
 
 def loads(host: ApiHost) -> int:
-    return len(re.findall(r"llm_magic.engine: loaded ", host.logs(10_000)))
+    return len(re.findall(r"llm_magic.engine: (?:\[[^\]]*\] )?loaded ", host.logs(10_000)))  # [request id]
 
 
 # -- 1. the context a request may ask for ------------------------------------------------------
