@@ -253,3 +253,14 @@ def test_llm_magic_serve_in_front_of_a_real_engine(llama_cpp_server: str) -> Non
         assert health["engine"]["kind"] == "upstream" and health["engine"]["url"] == llama_cpp_server
     finally:
         host.stop()
+
+
+def test_llm_host_status_names_the_engine_and_whether_it_answers() -> None:
+    from llm_magic.notebook.host_commands import engine_line
+
+    assert engine_line({"kind": "llama.cpp", "device": "CPU"}) is None  # the device rows say it
+    assert engine_line({"kind": "upstream", "url": "http://h:8000", "state": "ok", "models": ["m"],
+                        "process": "vllm"}) == "vllm at http://h:8000: ok (serving m)"
+    down = engine_line({"kind": "upstream", "url": "http://h:8000", "state": "down",
+                        "error": "the engine at http://h:8000 does not answer (connection refused)"})
+    assert down == "the engine at http://h:8000: down; the engine at http://h:8000 does not answer (connection refused)"

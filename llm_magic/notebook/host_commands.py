@@ -104,7 +104,7 @@ class HostCommands:
                      ("tokens/s", status.get("tokens_per_second")),
                      ("tokens/s now", status.get("decode_tokens_per_second")),
                      ("device", status.get("device")), ("gpu layers", status.get("gpu_layers")),
-                     ("memory", status.get("memory"))]
+                     ("memory", status.get("memory")), ("engine", engine_line(status.get("engine")))]
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows if v is not None))
         if "uptime_s" in status:
@@ -139,3 +139,19 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def engine_line(engine: Any) -> str | None:
+    """An engine the host fronts, in one line: what it is, where, and whether it answers
+    (``None`` for llama.cpp in the host itself, whose device rows say it all)."""
+    if not isinstance(engine, dict) or engine.get("kind") != "upstream":
+        return None
+    what = engine.get("process") or "the engine"
+    line = f"{what} at {engine.get('url')}: {engine.get('state')}"
+    if engine.get("models"):
+        line += f" (serving {', '.join(map(str, engine['models']))})"
+    if engine.get("died"):
+        line += f"; {str(engine['died']).splitlines()[0]}"
+    elif engine.get("error"):
+        line += f"; {engine['error']}"
+    return line
