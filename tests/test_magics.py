@@ -259,6 +259,11 @@ def test_a_host_that_died_says_so_and_one_restart_brings_it_back(fresh_magics, c
     url, token, pid = magics.host.url, magics.host.token, magics.host.pid
     out, err = run(sh, "%%llm --max-tokens 2\nhi", capsys)
     assert not err
+    # A streamed answer's access line is written as its response closes, a moment after the
+    # client read its end: the server has logged the request before it is killed.
+    deadline = time.monotonic() + 10
+    while "POST /v1/chat/completions 200" not in magics.host.logs(50) and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.kill(pid, sig)  # the OOM killer, a crash in llama.cpp
     _, err = run(sh, "%%llm --max-tokens 2\nhi", capsys)
     assert err.startswith(f"the host this notebook started has died: it was killed by {sig.name} ("), err
