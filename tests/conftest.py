@@ -3,10 +3,14 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import requests
 
 from llm_magic.supervisor.host import ApiHost
 from llm_magic.models import embedded_model_path
@@ -109,3 +113,27 @@ def fresh_magics():
     if before is not None:
         shell.register_magics(before)
 
+
+@pytest.fixture(scope="module")
+def llama_cpp_server(model_path: Path) -> Iterator[str]:
+    """llama-cpp-python's own OpenAI-compatible server on the same model, named ``smollm2``."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+                             "--model_alias", "smollm2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/v1/models", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("llama_cpp.server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -3,11 +3,8 @@ the seed README's own code, the official openai SDK, and llm_magic.Client."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -146,30 +143,6 @@ def test_hub_model_requested_through_api_is_downloaded_and_served(hub, model_pat
                                                              "inputs": "Hi"})
         assert r.status_code == 404 and "no model repository 'test-org/nope'" in r.json()["error"]["message"]
         assert requests.get(f"{h.url}/health", timeout=10).json()["model"] == "test-org/SmolLM2-GGUF:SmolLM2.Q8_0.gguf"
-
-
-@pytest.fixture(scope="module")
-def llama_cpp_server(model_path: Path) -> Iterator[str]:
-    """llama-cpp-python's own OpenAI-compatible server on the same model."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/v1/models", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("llama_cpp.server did not start")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_client_works_against_llama_cpp_server(llama_cpp_server: str) -> None:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -205,29 +202,6 @@ def test_a_slow_engine_is_kept_alive_and_a_client_that_leaves_closes_the_engines
     finally:
         server.stop()
         backend.close()
-
-
-@pytest.fixture(scope="module")
-def llama_cpp_server(model_path: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(port),
-                             "--host", "127.0.0.1", "--n_ctx", "2048", "--model_alias", "smollm2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_llm_magic_serve_in_front_of_a_real_engine(llama_cpp_server: str) -> None:
