@@ -11,7 +11,7 @@ import time
 from typing import Callable, Iterator
 
 from llm_magic.engine.backend import Backend
-from llm_magic.server.generation import Failure, Pump
+from llm_magic.server.generation import Failure, Pump, Watch
 from llm_magic.server.inbound import ClientGone, client_gone_check
 from llm_magic.server.metrics import RequestTrack
 from llm_magic.server.replies import CHECK_SECONDS
@@ -104,32 +104,26 @@ class Fanout:
         """The merged events: one ``Started``, every prompt's text as ``ChoiceDelta``, then one
         ``Completion`` holding every choice; ``Signal.KEEPALIVE`` after each ``keepalive`` s of silence.
         Ends early when the client left."""
+        watch = Watch(self._gone, keepalive, self._track)
         try:
             if first is not None:
                 yield first
             done: dict[int, Completion] = {}
             ended = 0
             started_passed = False
-            quiet_since = checked = time.monotonic()
             while ended < len(self._requests):
                 try:
                     index, item = self._queue.get(timeout=CHECK_SECONDS)
                 except queue.Empty:
                     index, item = -1, Signal.QUIET
                 now = time.monotonic()
-                if now - checked >= CHECK_SECONDS:
-                    checked = now
-                    if self._gone():
-                        log.info("the client left; generation stopped")
-                        if self._track is not None:
-                            self._track.left = True
-                        return
+                if watch.client_left(now):
+                    return
                 if item is Signal.QUIET:
-                    if now - quiet_since >= keepalive:
-                        quiet_since = now
+                    if watch.keepalive_due(now):
                         yield Signal.KEEPALIVE
                     continue
-                quiet_since = now
+                watch.quiet_since = now
                 if isinstance(item, Failure):
                     raise item.exc
                 if item is Signal.END:
@@ -143,8 +137,7 @@ class Fanout:
                     yield dataclasses.replace(item, index=index * self._n + item.index)
             yield self._merged(done)
         except GeneratorExit:  # closed before its end: whoever read it (the client) went away
-            if self._track is not None and not self._track.completed:
-                self._track.left = True
+            watch.closed_early()
             raise
         finally:
             self.close()

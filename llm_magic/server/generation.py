@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from llm_magic.engine.backend import Backend
 from llm_magic.errors import LLMMagicError
@@ -28,6 +28,37 @@ class Failure:
 # The most a withdrawn generation is waited for, in case llama.cpp never ends its step; a step
 # ends within a second or so even on a busy machine.
 WITHDRAW_SECONDS = 30.0
+
+
+class Watch:
+    """What a response reading events looks at between them: whether its client left (asked every
+    ``CHECK_SECONDS``) and whether the line has been quiet for a keep-alive's interval."""
+
+    def __init__(self, gone: Callable[[], bool], keepalive: float, track: Any = None) -> None:
+        self._gone, self._keepalive, self._track = gone, keepalive, track
+        self._checked = self.quiet_since = time.monotonic()  # the response sets quiet_since per event
+
+    def client_left(self, now: float) -> bool:
+        if now - self._checked < CHECK_SECONDS:
+            return False
+        self._checked = now
+        if not self._gone():
+            return False
+        log.info("the client left; generation stopped")
+        if self._track is not None:
+            self._track.left = True
+        return True
+
+    def keepalive_due(self, now: float) -> bool:
+        if now - self.quiet_since < self._keepalive:
+            return False
+        self.quiet_since = now
+        return True
+
+    def closed_early(self) -> None:
+        """The events were closed before their end: whoever read them (the client) went away."""
+        if self._track is not None and not self._track.completed:
+            self._track.left = True
 
 
 class Pump:
@@ -97,28 +128,20 @@ class Pump:
         """The events, with ``Signal.KEEPALIVE`` after each ``keepalive`` s of silence; ends early when
         ``gone()`` says the client left (checked every ``CHECK_SECONDS``)."""
         track = self._track
+        watch = Watch(gone, keepalive, track)
         try:
             if first is not None:
                 yield first
-            quiet_since = checked = time.monotonic()
             while True:
                 event = self.get(CHECK_SECONDS)
                 now = time.monotonic()
-                if now - checked >= CHECK_SECONDS:
-                    checked = now
-                    if gone():
-                        log.info("the client left; generation stopped")
-                        if track is not None:
-                            track.left = True
-                        return
-                if event is None:
+                if watch.client_left(now) or event is None:
                     return
                 if event is Signal.QUIET:
-                    if now - quiet_since >= keepalive:
-                        quiet_since = now
+                    if watch.keepalive_due(now):
                         yield Signal.KEEPALIVE
                     continue
-                quiet_since = now
+                watch.quiet_since = now
                 if track is not None:  # per event: a type check and an addition
                     kind = type(event)
                     if kind is TextDelta or kind is ToolCallDelta or kind is ReasoningDelta:
@@ -129,8 +152,7 @@ class Pump:
                 if isinstance(event, (TextDelta, ReasoningDelta)):  # the consumer is back for more: it passed it on
                     self._first_text_passed.set()
         except GeneratorExit:  # closed before its end: whoever read it (the client) went away
-            if track is not None and not track.completed:
-                track.left = True
+            watch.closed_early()
             raise
         finally:
             self.close()

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from llm_magic.engine.llama_cpp.sampling import TokenSampler, logits_at
+from llm_magic.engine.llama_cpp.tool_events import call_deltas, regathered
 from llm_magic.errors import InvalidRequest
-from llm_magic.wire.events import Completion, Event, ReasoningDelta, TextDelta, ToolCallDelta
+from llm_magic.wire.events import Completion, Event, ReasoningDelta, TextDelta
 from llm_magic.wire.reasoning import ReasoningFormat, Splitter
 from llm_magic.wire.tool_calls import ToolCall
 from llm_magic.wire.types import Sampling
@@ -138,15 +139,10 @@ def split_reasoning(events: Iterable[Event], fmt: ReasoningFormat,
             reasoning, content = splitter.finish()
             yield from _deltas(kept, reasoning, content, None, answer.index)
             calls = tuple(ToolCall(name, arguments) for name, arguments in getattr(splitter, "calls", ()))
-            for i, call in enumerate(calls):
-                yield ToolCallDelta(i, id=call.id, name=call.name, index=answer.index)
-                yield ToolCallDelta(i, arguments=call.arguments, index=answer.index)
+            yield from call_deltas(calls, answer.index)
             extra: dict = {"tool_calls": calls, "finish_reason": "tool_calls"} if calls else {}
             answers.append(dataclasses.replace(answer, text="".join(kept[1]), reasoning="".join(kept[0]), **extra))
-        if event.choices:
-            yield dataclasses.replace(answers[0], choices=tuple(answers))
-        else:
-            yield answers[0]
+        yield regathered(event, answers)
 
 
 def _deltas(kept: tuple[list[str], list[str]], reasoning: str, content: str, event: TextDelta | None,

@@ -4,10 +4,10 @@ its chat template's tool-call format, and this turns its events into structured 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from llm_magic.wire.events import Completion, Event, TextDelta, ToolCallDelta
-from llm_magic.wire.tool_calls import ToolFormat, ToolStream, read_answer
+from llm_magic.wire.tool_calls import ToolCall, ToolFormat, ToolStream, read_answer
 
 
 def split_tool_calls(events: Iterable[Event], fmt: ToolFormat) -> Iterator[Event]:
@@ -37,13 +37,20 @@ def split_tool_calls(events: Iterable[Event], fmt: ToolFormat) -> Iterator[Event
             content, calls = read_answer(fmt.name, answer.text, cut)
             if rest:
                 yield TextDelta(rest, answer.index)
-            for i, call in enumerate(calls):
-                yield ToolCallDelta(i, id=call.id, name=call.name, index=answer.index)
-                yield ToolCallDelta(i, arguments=call.arguments, index=answer.index)
+            yield from call_deltas(calls, answer.index)
             finish_reason = "tool_calls" if calls and not cut else answer.finish_reason
             answers.append(dataclasses.replace(answer, text=content, tool_calls=tuple(calls),
                                                finish_reason=finish_reason))
-        if event.choices:
-            yield dataclasses.replace(answers[0], choices=tuple(answers))
-        else:
-            yield answers[0]
+        yield regathered(event, answers)
+
+
+def call_deltas(calls: Sequence[ToolCall], index: int) -> Iterator[ToolCallDelta]:
+    """Calls read out of an answer's text, as events: each one's id and name, then its arguments."""
+    for i, call in enumerate(calls):
+        yield ToolCallDelta(i, id=call.id, name=call.name, index=index)
+        yield ToolCallDelta(i, arguments=call.arguments, index=index)
+
+
+def regathered(event: Completion, answers: list[Completion]) -> Completion:
+    """``event`` again with its answers read anew (one, or the first holding them all)."""
+    return dataclasses.replace(answers[0], choices=tuple(answers)) if event.choices else answers[0]

@@ -175,7 +175,7 @@ class UpstreamBackend:
             flight = next(self._flight_ids)
             self._flight[flight] = {"request_id": request.request_id, "started": started}
             try:
-                response = self._post(path, body, cancel, request.request_id)
+                response = self._post(path, body, request.request_id)
             except BaseException:
                 self._flight.pop(flight, None)
                 raise
@@ -201,10 +201,11 @@ class UpstreamBackend:
                 response.close()
                 self._flight.pop(flight, None)
 
-    def _post(self, path: str, body: dict, cancel: threading.Event, request_id: str | None = None) -> requests.Response:
+    def _post(self, path: str, body: dict, request_id: str | None = None, stream: bool = True) -> requests.Response:
+        """The engine's answer to ``body`` at ``path``; its refusals and failures as our errors."""
         headers = {**self._headers(), **({"X-Request-Id": request_id} if request_id else {})}  # followed there too
         try:
-            response = self._http.post(self.url + path, json=body, headers=headers, stream=True,
+            response = self._http.post(self.url + path, json=body, headers=headers, stream=stream,
                                        timeout=(CONNECT_SECONDS, self.read_timeout))
         except requests.Timeout:
             raise EngineTimeout(f"the engine at {self.url} did not answer within {self.read_timeout:.0f} s") from None
@@ -275,16 +276,7 @@ class UpstreamBackend:
     def embed(self, inputs: Sequence[str | Sequence[int]], cancel: threading.Event | None = None) -> Embeddings:
         body = {"model": self.default_name, "input": [i if isinstance(i, str) else list(i) for i in inputs]}
         with self.turnstile.turn(cancel):
-            try:
-                response = self._http.post(self.url + "/v1/embeddings", json=body, headers=self._headers(),
-                                           timeout=(CONNECT_SECONDS, self.read_timeout))
-            except requests.Timeout:
-                raise EngineTimeout(f"the engine at {self.url} did not answer within {self.read_timeout:.0f} s") from None
-            except requests.RequestException as exc:
-                raise EngineUnavailable(f"the engine at {self.url} does not answer ({connection_reason(exc)})") from None
-            if response.status_code != 200:
-                raise self._failure(response, "/v1/embeddings")
-            data = response.json()
+            data = self._post("/v1/embeddings", body, stream=False).json()
         rows = sorted(data.get("data") or (), key=lambda d: d.get("index", 0))
         usage = data.get("usage") or {}
         return Embeddings([list(map(float, row.get("embedding") or ())) for row in rows], data.get("model") or
