@@ -6,6 +6,7 @@ command, the web assets) — without llama-cpp-python, so nothing is compiled.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,6 +19,8 @@ ROOT = Path(__file__).parent.parent
 WEB_FILES = ["index.html", "app.js", "app.css", "favicon.ico", "vendor/marked.umd.js", "vendor/purify.min.js",
              "vendor/highlight.min.js", "vendor/hljs-light.min.css", "vendor/hljs-dark.min.css",
              "vendor/LICENSE.marked", "vendor/LICENSE.dompurify", "vendor/LICENSE.highlight.js", "vendor/README.md"]
+BUILD_OUTPUTS = (".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache",
+                 ".import_linter_cache", ".venv*", "node_modules")
 
 SMOKE = r"""
 import importlib.resources, subprocess, sys
@@ -49,7 +52,11 @@ print("smoke test passed", llm_magic.__version__)
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
+    # Built from a copy without build outputs: a stale build/ folder in a working tree would
+    # otherwise slip modules that no longer exist into the wheel and hide a missing one.
+    tree = tmp_path_factory.mktemp("tree") / "src"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS))
+    built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(out), str(tree)],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     return out
@@ -65,7 +72,8 @@ def test_wheel_and_sdist_hold_everything_and_pass_twine(dist: Path) -> None:
     wheel_files = set(zipfile.ZipFile(wheel).namelist())
     assert {f"llm_magic/server/web/{name}" for name in WEB_FILES} <= wheel_files
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in wheel_files)
-    assert "llm_magic/gpu.py" in wheel_files
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "llm_magic").rglob("*.py")}
+    assert modules == {name for name in wheel_files if name.endswith(".py")}  # every module, nothing stale
     assert not any(name.startswith(("tests/", "notebooks/")) for name in wheel_files)
     top = sdist.name.removesuffix(".tar.gz")
     sdist_files = {name.removeprefix(top + "/") for name in tarfile.open(sdist).getnames()}
