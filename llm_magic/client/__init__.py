@@ -4,8 +4,8 @@ conversations, Python functions as tools.
 HTTP through ``requests`` only; never the host side (Flask, llama_cpp, the engine or server tiers).
 """
 
-from llm_magic.client.client import Answer, Client, Stream
+from llm_magic.client.client import Answer, Client, Delta, Stream
 from llm_magic.client.python_tools import ToolBox
 from llm_magic.client.session import ChatSession, TurnInterrupted
 
-__all__ = ["Answer", "ChatSession", "Client", "Stream", "ToolBox", "TurnInterrupted"]
+__all__ = ["Answer", "ChatSession", "Client", "Delta", "Stream", "ToolBox", "TurnInterrupted"]

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Literal, NamedTuple, Sequence, Union
 
 import requests
 
@@ -35,6 +35,13 @@ class Answer:
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI's shape: id, type, function
+    reasoning: str = ""  # a thinking model's reasoning, apart from ``text``; "" when none
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Of ``usage["completion_tokens"]``, those the reasoning took (0 when not counted)."""
+        details = self.usage.get("completion_tokens_details")
+        return int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
 
     def __str__(self) -> str:
         return self.text
@@ -44,17 +51,38 @@ class Answer:
         return json.loads(self.text)
 
 
+class Delta(NamedTuple):
+    """One piece of a streamed answer: its visible ``text``, or its ``reasoning``."""
+
+    kind: Literal["text", "reasoning"]
+    text: str
+
+
+def reasoning_of(message: dict) -> str:
+    """A message's or a delta's reasoning: ``reasoning_content`` (llama-server's, DeepSeek's and
+    an llm_magic host's name) or ``reasoning`` (vLLM's newer one)."""
+    value = message.get("reasoning_content", message.get("reasoning"))
+    return value if isinstance(value, str) else ""
+
+
 class Stream:
-    """An answer arriving piece by piece: iterate for the text deltas; ``.answer`` once done."""
+    """An answer arriving piece by piece: iterate for the text deltas, or ``deltas()`` for the
+    reasoning's pieces too; ``.answer`` once done."""
 
     def __init__(self, response: requests.Response, chat: bool) -> None:
         self._response = response
         self._chat = chat
         self._parts: list[str] = []
+        self._thought: list[str] = []
         self._calls: dict[int, dict] = {}
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
+        return (delta.text for delta in self.deltas() if delta.kind == "text")
+
+    def deltas(self) -> Iterator[Delta]:
+        """The answer's pieces as they arrive, reasoning (``kind == "reasoning"``) apart from
+        text (``"text"``). A stream is read once: by this or by iterating it."""
         model, finish, usage, timings = "", None, {}, {}
         try:
             for data in _sse_data(self._response):
@@ -68,10 +96,14 @@ class Stream:
                 timings = chunk.get("timings") or timings
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or {}
+                    thought = reasoning_of(delta)
+                    if thought:
+                        self._thought.append(thought)
+                        yield Delta("reasoning", thought)
                     text = delta.get("content") if self._chat else choice.get("text")
                     if text:
                         self._parts.append(text)
-                        yield text
+                        yield Delta("text", text)
                     for call in delta.get("tool_calls") or []:
                         self._add_tool_call(call)
                     finish = choice.get("finish_reason") or finish
@@ -80,7 +112,7 @@ class Stream:
         finally:
             self._response.close()
         calls = [self._calls[i] for i in sorted(self._calls)]
-        self.answer = Answer("".join(self._parts), model, finish, usage, timings, calls)
+        self.answer = Answer(self.text, model, finish, usage, timings, calls, self.reasoning)
 
     def _add_tool_call(self, delta: dict) -> None:
         """Stream deltas carry a call in pieces, by index: the id and name first, then the
@@ -96,6 +128,11 @@ class Stream:
     def text(self) -> str:
         """The text received so far."""
         return "".join(self._parts)
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning received so far ("" from a model that does not think)."""
+        return "".join(self._thought)
 
     def close(self) -> None:
         """Stop receiving; the host stops generating."""
@@ -264,8 +301,10 @@ class Client:
         body = {"messages": self._messages(messages, system), **self._params(model, params)}
         data = self._json(self._request("POST", "/v1/chat/completions", body))
         choice = data["choices"][0]
-        return Answer(choice["message"].get("content") or "", data.get("model", ""), choice.get("finish_reason"),
-                      data.get("usage") or {}, data.get("timings") or {}, choice["message"].get("tool_calls") or [])
+        message = choice["message"]
+        return Answer(message.get("content") or "", data.get("model", ""), choice.get("finish_reason"),
+                      data.get("usage") or {}, data.get("timings") or {}, message.get("tool_calls") or [],
+                      reasoning_of(message))
 
     def complete(self, prompt: str, *, model: str | None = None, **params: Any) -> Answer:
         """A raw text completion of ``prompt``."""
@@ -277,7 +316,8 @@ class Client:
 
     def chat_stream(self, messages: Messages, *, model: str | None = None, system: str | None = None,
                     **params: Any) -> Stream:
-        """Like ``chat``, streaming: iterate the result for text deltas."""
+        """Like ``chat``, streaming: iterate the result for text deltas (``.deltas()`` also
+        gives the reasoning's pieces)."""
         body = {"messages": self._messages(messages, system), "stream": True,
                 "stream_options": {"include_usage": True}, **self._params(model, params)}
         return Stream(self._request("POST", "/v1/chat/completions", body, stream=True), chat=True)

@@ -4,6 +4,7 @@ the kernel: OpenAI chat messages as JSON, with the model and settings it was hel
     {"format": "llm_magic.client.conversation", "version": 1, "model": "...", "settings": {...},
      "messages": [{"role": "user", "content": "..."}, ...]}
 
+An assistant message may carry its reasoning as ``reasoning_content`` (a thinking model's).
 A plain JSON list of messages loads too (what other tools save)."""
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def _message(message: Any, index: int, path: Path) -> dict[str, Any]:
         raise InvalidRequest(f"{where} has neither content nor tool_calls")
     if role == "tool" and not isinstance(message.get("tool_call_id"), str):
         raise InvalidRequest(f"{where}: a tool message needs its tool_call_id")
+    reasoning = message.get("reasoning_content")
+    if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
+        raise InvalidRequest(f"{where}.reasoning_content must be text, on an assistant message")
     calls = message.get("tool_calls")
     if calls is not None:
         if role != "assistant" or not isinstance(calls, list) or not all(

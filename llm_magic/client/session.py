@@ -4,9 +4,11 @@ model's tool calls (Python functions, through ``ToolBox``) until the answer is t
     >>> chat = Client(url, token).session("You are terse.", temperature=0)
     >>> chat.ask("What is the weather in Oslo?", tools=[weather]).text
 
-What a front end shows is left to hooks: ``on_reply`` reads each reply's stream (by default
-silently), ``on_tool_call`` sees each call run, ``confirm`` may refuse one, ``on_note`` hears
-why the model was told to answer in text. The notebook's ``%%llm`` passes its own.
+An assistant turn keeps a thinking model's reasoning beside its content, as
+``reasoning_content``. What a front end shows is left to hooks: ``on_reply`` reads each
+reply's stream (by default silently), ``on_tool_call`` sees each call run, ``confirm`` may
+refuse one, ``on_note`` hears why the model was told to answer in text. The notebook's
+``%%llm`` passes its own.
 """
 
 from __future__ import annotations
@@ -123,11 +125,11 @@ class ChatSession:
                 must_answer = True  # done with tools: now the answer, as data
                 continue
             if not answer.tool_calls or must_answer or toolbox is None:  # a server that calls anyway is not followed
-                messages.append({"role": "assistant", "content": text})
+                messages.append(_assistant(answer, content=text))
                 self.messages, self.last_answer = messages, answer
                 return answer
             calls = [dict(call, id=call.get("id") or f"call_{rounds}_{i}") for i, call in enumerate(answer.tool_calls)]
-            messages.append({"role": "assistant", "content": text or None, "tool_calls": calls})
+            messages.append(_assistant(answer, content=text or None, tool_calls=calls))
             repeated = True
             for call in calls:
                 key = (call["function"]["name"], _canonical(call["function"].get("arguments")))
@@ -176,6 +178,15 @@ class ChatSession:
         self.messages = messages
         self.defaults.update({k: settings[k] for k in ("temperature", "max_tokens") if k in settings})
         return model, settings
+
+
+def _assistant(answer: Answer, **fields: Any) -> dict[str, Any]:
+    """An assistant turn as kept in ``messages``: its reasoning goes with it, as
+    ``reasoning_content`` (the field an llm_magic host and llama-server read back)."""
+    message = {"role": "assistant", **fields}
+    if answer.reasoning:
+        message["reasoning_content"] = answer.reasoning
+    return message
 
 
 def _canonical(arguments: str | None) -> str:

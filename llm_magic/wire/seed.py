@@ -119,13 +119,16 @@ def _api_response_format(value: Any) -> ResponseFormat | None:
 def api_answer(result: Completion) -> dict:
     """The seed's 200 answer, for chat and completion alike."""
     answer = {"role": "assistant", "content": result.text}
+    usage: dict[str, Any] = dict(result.usage)
     if result.reasoning:
         answer["reasoning_content"] = result.reasoning
+    if result.reasoning or result.reasoning_tokens:  # where /v1 counts them, in the same shape
+        usage["completion_tokens_details"] = {"reasoning_tokens": result.reasoning_tokens}
     return {
         "answer": answer,
         "model": result.model,
         "finish_reason": result.finish_reason,
-        "usage": result.usage,
+        "usage": usage,
         "timings": result.timings,
     }
 
