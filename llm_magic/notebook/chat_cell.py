@@ -36,8 +36,9 @@ class ChatCell:
 
     def run(self, args: argparse.Namespace, cell: str) -> None:
         m = self.magics
-        if args.complete and (args.json or args.schema or args.tools):
-            raise UsageError("--complete is a raw completion: --json, --schema and --tools need a chat turn")
+        if args.complete and (args.json or args.schema or args.tools or args.think is not None):
+            raise UsageError("--complete is a raw completion: --json, --schema, --tools and --think/--no-think "
+                             "need a chat turn")
         schema = self.schema(args.schema) if args.schema else None
         toolbox = self.toolbox(args.tools) if args.tools else None
         client = m.connected()
@@ -54,6 +55,8 @@ class ChatCell:
                   "temperature": args.temperature if args.temperature is not None else m.temperature,
                   "top_p": args.top_p, "top_k": args.top_k, "stop": args.stop, "seed": args.seed,
                   "model": args.model}
+        if not args.complete:
+            params.update(think_fields(args.think if args.think is not None else m.think))
         as_json = args.json or schema is not None
         data_format = None
         if args.json:
@@ -160,6 +163,17 @@ class ChatCell:
             first = str(exc).strip().splitlines()
             raise UsageError(f"the answer does not match {name} ({' '.join(first[:3])}); its text is in _llm") \
                 from None
+
+
+def think_fields(think: bool | None) -> dict[str, Any]:
+    """The request fields of ``--think`` (True), ``--no-think`` (False) or neither (None: the
+    model's default). Off is both the template's switch (Qwen3's and others' ``enable_thinking``)
+    and a budget of 0, which closes the block of a template that opens it anyway."""
+    if think is None:
+        return {}
+    if think:
+        return {"chat_template_kwargs": {"enable_thinking": True}}
+    return {"chat_template_kwargs": {"enable_thinking": False}, "thinking_budget_tokens": 0}
 
 
 def _json_schema_validator(name: str, schema: dict[str, Any]) -> Callable[[Any], Any]:

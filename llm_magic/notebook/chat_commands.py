@@ -12,12 +12,14 @@ from IPython.display import display
 
 from llm_magic.client.client import Client
 from llm_magic.errors import LLMMagicError
-from llm_magic.notebook.rendering import Shown, fixed_cell
+from llm_magic.notebook.chat_cell import think_fields
+from llm_magic.notebook.rendering import fixed_cell, history_bundle
 from llm_magic.notebook.watch import slots_text
 
 if TYPE_CHECKING:
     from llm_magic.notebook.magics import LLMMagics
 
+KEPT_SETTINGS = ("temperature", "max_tokens", "think")  # what %llm load sets again from a saved file
 ERROR_CHARS = 6000  # of a traceback sent by %llm fix: its end, where the error is
 FIX_PROMPT = """Cell [{number}] of my Jupyter notebook failed.
 
@@ -70,17 +72,7 @@ class ChatCommands:
         if not history:
             print("The conversation is empty.")
             return
-        names = {call.get("id"): call["function"]["name"] for m in history for call in m.get("tool_calls") or []}
-        parts = []
-        for m in history:
-            if m["role"] == "tool":
-                parts.append(f"**tool** ({names.get(m.get('tool_call_id'), '?')}): {m['content']}")
-                continue
-            calls = [f"`{c['function']['name']}({c['function'].get('arguments', '')})`"
-                     for c in m.get("tool_calls") or []]
-            text = m.get("content") or ""
-            parts.append(f"**{m['role']}**: {text}" + (" → calls " + ", ".join(calls) if calls else ""))
-        display(Shown("\n\n".join(parts), "markdown"))
+        display(history_bundle(history), raw=True)
 
     def status(self, args: argparse.Namespace) -> None:
         client = self.magics.connected()
@@ -106,7 +98,7 @@ class ChatCommands:
             raise UsageError("no cell has failed since llm_magic was loaded: %llm fix explains the last error")
         trace = error.traceback if len(error.traceback) <= ERROR_CHARS else "…" + error.traceback[-ERROR_CHARS:]
         prompt = FIX_PROMPT.format(number=error.number, source=error.source.strip(), traceback=trace)
-        params = {"max_tokens": m.max_tokens, "temperature": m.temperature}
+        params = {"max_tokens": m.max_tokens, "temperature": m.temperature, **think_fields(m.think)}
         text, finished, answer = m.chat_cell.turn(prompt, params, "markdown", m.stream)
         if answer is not None:
             m.last_answer = answer
@@ -127,7 +119,8 @@ class ChatCommands:
             raise UsageError("give a file: %llm save PATH")
         if not m.history:
             raise UsageError("the conversation is empty: nothing to save")
-        settings = {"system": m.system or None, "temperature": m.temperature, "max_tokens": m.max_tokens}
+        settings = {"system": m.system or None, "temperature": m.temperature, "max_tokens": m.max_tokens,
+                    "think": m.think}
         model = m.last_answer.model if m.last_answer is not None else None
         saved = m.session.save(args.target, model=model, settings=settings)
         print(f"Saved {len(m.history)} messages to {saved}.")
@@ -137,7 +130,7 @@ class ChatCommands:
         if not args.target:
             raise UsageError("give a file: %llm load PATH")
         model, settings = m.session.load(args.target)
-        for name in ("temperature", "max_tokens"):
+        for name in KEPT_SETTINGS:
             if name in settings:
                 try:
                     setattr(m, name, settings[name])
@@ -145,6 +138,6 @@ class ChatCommands:
                     raise UsageError(f"{args.target}: settings.{name}: {exc}") from None
         messages = m.history
         turns = sum(msg["role"] == "user" for msg in messages)
-        kept = ", ".join(f"{k} {v}" for k, v in settings.items() if k in ("temperature", "max_tokens"))
+        kept = ", ".join(f"{k} {v}" for k, v in settings.items() if k in KEPT_SETTINGS)
         print(f"Loaded {len(messages)} messages ({turns} turns)" + (f", held with {model}" if model else "")
               + (f"; settings: {kept}" if kept else "") + ". The next %%llm cell continues it.")

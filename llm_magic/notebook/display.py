@@ -1,6 +1,6 @@
 """What the magics put in a cell's output: an answer streaming in place (Jupyter) or printed as
-it comes (a terminal), the footer under it, tool calls, and code offered as a new cell. These
-are the notebook's hooks for ``ChatSession``."""
+it comes (a terminal), a thinking model's reasoning collapsed above it, the footer under it,
+tool calls, and code offered as a new cell. These are the notebook's hooks for ``ChatSession``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from IPython.core.error import StdinNotImplementedError
 from IPython.display import display
 
 from llm_magic.client.client import Answer, Stream
-from llm_magic.notebook.rendering import Shown, copyable_code, pretty_json, tool_call_bundle
+from llm_magic.notebook.rendering import Shown, Thinking, copyable_code, indent, pretty_json, tool_call_bundle
 
 UPDATE_INTERVAL = 0.05  # seconds between in-place updates of a streaming answer
 
@@ -40,10 +40,16 @@ class Display:
             return stream.text, True
         rich = self.rich
         live = live and (rich or fmt != "json")  # a terminal prints JSON once, pretty
+        thinking = ThinkingView(rich, live)
         handle = None  # shown at the first text: a round that only calls tools shows no empty answer
         last = 0.0
         try:
-            for delta in stream:
+            for piece in stream.deltas():
+                if piece.kind == "reasoning":
+                    thinking.add(piece.text)
+                    continue
+                thinking.end()
+                delta = piece.text
                 if rich and live and handle is None:
                     handle = display(Shown(stream.text, fmt), display_id=True)
                     last = time.monotonic()
@@ -54,7 +60,9 @@ class Display:
                     sys.stdout.write(delta)
                     sys.stdout.flush()
         except KeyboardInterrupt:
+            thinking.end()
             return self._interrupted(stream)
+        thinking.end()
         text = stream.text
         if not text and stream.answer is not None and stream.answer.tool_calls:
             return text, True  # a round of tool calls: they show themselves
@@ -79,7 +87,8 @@ class Display:
         """The model, tokens, speed, and whether the answer was cut at max tokens."""
         tokens = answer.usage.get("completion_tokens")
         rate = answer.timings.get("predicted_per_second")
-        parts = [answer.model or "?", f"{tokens} tokens" if tokens is not None else None,
+        thought = f" ({answer.reasoning_tokens} thinking)" if answer.reasoning_tokens else ""
+        parts = [answer.model or "?", f"{tokens} tokens{thought}" if tokens is not None else None,
                  f"{rate:.1f} tokens/s" if rate else None,
                  "stopped at max tokens" if answer.finish_reason == "length" else None]
         footer = " · ".join(p for p in parts if p)
@@ -117,6 +126,51 @@ class Display:
         self.shell.set_next_input(code, replace=False)
         where = "in a new cell below" if self.rich else "at the next prompt"
         print(f"{what} is {where}, not run yet.")
+
+
+class ThinkingView:
+    """One reply's reasoning as it streams: a collapsed block updated in place (Jupyter), lines
+    indented under "Thinking…" (a terminal), or the whole block once it ended (not live). It
+    ends as "Thought for N s" at the answer's first text, or with the reply."""
+
+    def __init__(self, rich: bool, live: bool) -> None:
+        self.rich, self.live = rich, live
+        self.started = time.monotonic()  # the reply is being read: the model thinks from here
+        self.block = Thinking("")
+        self.handle: Any = None
+        self.last = 0.0
+
+    def add(self, piece: str) -> None:
+        shown = bool(self.block.text.strip())
+        self.block.text += piece
+        if not self.live or self.block.seconds is not None or not self.block.text.strip():
+            return  # shown whole when it ends (or, after the answer began, kept for the history)
+        if not self.rich:
+            if not shown:  # its first words: under the summary, without the blank start
+                sys.stdout.write(self.block.summary + "\n" + indent(""))
+                piece = self.block.text.lstrip()
+            sys.stdout.write(piece.replace("\n", "\n" + indent("")))
+            sys.stdout.flush()
+        elif self.handle is None:
+            self.handle = display(self.block, display_id=True)
+            self.last = time.monotonic()
+        elif time.monotonic() - self.last >= UPDATE_INTERVAL:
+            self.handle.update(self.block)
+            self.last = time.monotonic()
+
+    def end(self) -> None:
+        """The reasoning is over: say for how long (once; nothing for a reply without any)."""
+        if self.block.seconds is not None or not self.block.text.strip():
+            return
+        self.block.seconds = time.monotonic() - self.started
+        if self.handle is not None:
+            self.handle.update(self.block)
+        elif self.rich:
+            display(self.block)
+        elif self.live:
+            print("\n" + self.block.summary)
+        else:
+            print(repr(self.block))
 
 
 def _pretty(text: str) -> str:

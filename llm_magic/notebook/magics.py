@@ -70,6 +70,12 @@ def _chat_parser() -> _Parser:
     parser.add_argument("--format", choices=("markdown", "text", "code"),
                         help="how to show the answer; code: its code also goes into a new cell below")
     parser.add_argument("--no-stream", action="store_true", help="show the answer when it is complete")
+    thinking = parser.add_mutually_exclusive_group()
+    thinking.add_argument("--think", dest="think", action="store_const", const=True, default=None,
+                          help="a thinking model thinks first (where its template has the switch); its "
+                               "reasoning shows collapsed above the answer")
+    thinking.add_argument("--no-think", dest="think", action="store_const", const=False,
+                          help="answer without thinking (the template's switch off, a reasoning budget of 0)")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--json", action="store_true",
                       help="answer with a JSON object (constrained on the host); _llm holds it parsed")
@@ -119,6 +125,9 @@ class LLMMagics(Magics):
     system = Unicode("", help="%%llm: system prompt of new conversations").tag(config=True)
     format = CaselessStrEnum(("markdown", "text", "code"), "markdown", help="%%llm: how answers show").tag(config=True)
     stream = Bool(True, help="%%llm: stream answers into the cell").tag(config=True)
+    think = Bool(None, allow_none=True,
+                 help="%%llm: default --think (True) or --no-think (False); None: the model's own default"
+                 ).tag(config=True)
     tunnel = CaselessStrEnum(("cloudflared", "none"), "cloudflared",
                              help="%llm_host start: default --tunnel").tag(config=True)
     confirm_tools = Bool(False, help="%%llm --tools: ask before running each call the model makes").tag(config=True)
@@ -172,6 +181,10 @@ class LLMMagics(Magics):
                 "  Describe Paris.\n\n"
                 "  %%llm --tools weather,convert   # the model may call these functions\n"
                 "  What is the weather in Oslo, in Fahrenheit?\n\n"
+                "A thinking model's reasoning streams in a collapsed block above the answer\n"
+                "(\"Thinking…\", then \"Thought for N s\"); --no-think answers without it, --think asks\n"
+                "for it (default: %config LLMMagics.think = True/False)::\n\n"
+                "  %%llm --no-think\n  What is 2 + 2?\n\n"
                 "As a line magic:\n"
                 "  %llm connect URL [--token T]   connect to a host (after %llm_host start: automatic)\n"
                 "  %llm fix                       explain the last error; the fixed cell goes below\n"

@@ -1,6 +1,6 @@
 """How answers look in a notebook: Markdown that keeps the model's line breaks, code pulled out
-of fenced blocks, collapsible tool calls, and code offered for copying where a front end cannot
-open a new cell."""
+of fenced blocks, collapsible tool calls and thinking, the conversation's history, and code
+offered for copying where a front end cannot open a new cell."""
 
 from __future__ import annotations
 
@@ -100,3 +100,83 @@ def tool_call_bundle(name: str, arguments: str, result: str, declined: bool = Fa
 
 def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+THINKING_TAIL = 80  # characters of the latest reasoning shown beside "Thinking…" while it streams
+THINKING_STYLE = "white-space: pre-wrap; opacity: .75; border-left: 2px solid #8888; padding-left: .6em"
+
+
+def seconds_text(seconds: float) -> str:
+    """"0.4 s", "3.2 s", "12 s": tenths only where they matter."""
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def one_line(text: str, limit: int, tail: bool = False) -> str:
+    """``text`` on one line, cut to ``limit`` characters at its start (or, ``tail``, its end)."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    return "…" + flat[-limit:] if tail else flat[:limit] + "…"
+
+
+class Thinking:
+    """A thinking model's reasoning, collapsed under one line: "Thinking…" with its latest words
+    while it streams (``seconds`` None), "Thought for N s" once the answer began. Jupyter shows
+    a ``<details>`` block; a terminal prints the summary and the reasoning indented under it."""
+
+    def __init__(self, text: str, seconds: float | None = None) -> None:
+        self.text, self.seconds = text, seconds
+
+    @property
+    def summary(self) -> str:
+        return "Thinking…" if self.seconds is None else f"Thought for {seconds_text(self.seconds)}"
+
+    def _repr_html_(self) -> str:
+        # collapsed, so while it streams the summary line carries its latest words
+        tail = ""
+        if self.seconds is None and self.text.strip():
+            tail = f" <span style=\"opacity: .6\">{html.escape(one_line(self.text, THINKING_TAIL, tail=True))}</span>"
+        return (f"<details class=\"llm-thinking\"><summary>{self.summary}{tail}</summary>"
+                f"<div style=\"{THINKING_STYLE}\">{html.escape(self.text.strip())}</div></details>")
+
+    def __repr__(self) -> str:
+        return self.summary + "".join("\n" + indent(line) for line in self.text.strip().split("\n"))
+
+
+def indent(line: str) -> str:
+    """A line of reasoning as a terminal shows it, under its summary."""
+    return "│ " + line
+
+
+def history_bundle(messages: list[dict[str, Any]]) -> dict[str, str]:
+    """The conversation as ``%llm history`` shows it: each message after its role, tool calls and
+    their results, and each assistant turn's reasoning folded (a ``<details>`` block in
+    Markdown, one line of it in plain text)."""
+    names = {call.get("id"): call["function"]["name"] for m in messages for call in m.get("tool_calls") or []}
+    markdown, plain = [], []
+    for m in messages:
+        if m["role"] == "tool":
+            line = f"**tool** ({names.get(m.get('tool_call_id'), '?')}): {m['content']}"
+            markdown.append(line)
+            plain.append(line)
+            continue
+        calls = [f"`{c['function']['name']}({c['function'].get('arguments', '')})`" for c in m.get("tool_calls") or []]
+        text = m.get("content") or ""
+        if not isinstance(text, str):
+            text = json.dumps(text, ensure_ascii=False)  # content parts, as other tools save them
+        said = text + (" → calls " + ", ".join(calls) if calls else "")
+        thought = m.get("reasoning_content") or ""
+        if thought.strip():
+            markdown.append(f"**{m['role']}**:\n\n{folded_html(thought)}\n\n{said}")
+            plain.append(f"**{m['role']}**:\n▸ Thinking: {one_line(thought, THINKING_TAIL)}\n{said}")
+        else:
+            markdown.append(f"**{m['role']}**: {said}")
+            plain.append(f"**{m['role']}**: {said}")
+    return {"text/plain": "\n\n".join(plain), "text/markdown": keep_line_breaks("\n\n".join(markdown))}
+
+
+def folded_html(reasoning: str) -> str:
+    """Reasoning as a collapsed block inside Markdown: one line of HTML (a blank line would end
+    Markdown's HTML block), its line breaks as ``<br>``."""
+    body = "<br>".join(html.escape(line) for line in reasoning.strip().split("\n"))
+    return f"<details><summary>Thinking</summary><div style=\"{THINKING_STYLE}\">{body}</div></details>"
