@@ -1,5 +1,7 @@
 // The llm_magic chat page: talks to this host's /v1/chat/completions with fetch (a POST that
 // streams: quick tunnels buffer GET event streams) and keeps everything in localStorage.
+// A thinking model's reasoning (delta.reasoning_content) streams into a block of its own above
+// the answer, which folds away when the answer starts.
 // Model output goes through marked, then DOMPurify, before it touches the page; user text is
 // only ever set as textContent.
 "use strict";
@@ -7,7 +9,7 @@
 (() => {
   const KEY = { token: "llm_magic.token", chats: "llm_magic.conversations", current: "llm_magic.current",
                 settings: "llm_magic.settings" };
-  const DEFAULTS = { system: "", temperature: 0.7, max_tokens: 1024, top_p: 0.95 };
+  const DEFAULTS = { system: "", temperature: 0.7, max_tokens: 1024, top_p: 0.95, show_thinking: true };
   const $ = (id) => document.getElementById(id);
 
   const state = {
@@ -109,9 +111,28 @@
     box.scrollTop = box.scrollHeight;
   }
 
+  // The reasoning as text (it is the model's scratch work, not Markdown), under a summary that
+  // says "Thinking…" while it streams and for how long once the answer began.
+  function thinkingElement(m) {
+    const details = document.createElement("details");
+    details.className = "thinking"; details.hidden = !m.reasoning;
+    const summary = document.createElement("summary");
+    summary.textContent = thinkingLabel(m);
+    const text = document.createElement("div");
+    text.className = "reasoning"; text.textContent = m.reasoning || "";
+    details.append(summary, text);
+    return details;
+  }
+  function thinkingLabel(m) {
+    if (m.thought_for == null) return "Thinking…";
+    return `Thought for ${m.thought_for < 10 ? m.thought_for.toFixed(1) : m.thought_for.toFixed(0)} s`;
+  }
+  function reasoningOf(part) { return part?.reasoning_content ?? part?.reasoning ?? ""; }  // vLLM: "reasoning"
+
   function messageElement(m, last) {
     const wrap = document.createElement("div");
     wrap.className = `message ${m.role}`;
+    if (m.role === "assistant") wrap.appendChild(thinkingElement(m));
     const body = document.createElement("div");
     body.className = "body";
     if (m.role === "user") body.textContent = m.content;
@@ -188,6 +209,19 @@
     $("token-gate").hidden = !(state.needsToken && !state.token);
   }
 
+  // The last answer's pace and tokens, with those its reasoning took.
+  function showStats(timings, usage) {
+    const parts = [];
+    if (timings?.predicted_per_second) parts.push(`${timings.predicted_per_second.toFixed(1)} tokens/s`);
+    if (usage?.completion_tokens != null) {
+      const thinking = usage.completion_tokens_details?.reasoning_tokens;
+      parts.push(`${usage.completion_tokens} tokens` + (thinking ? ` (${thinking} thinking)` : ""));
+    }
+    if (parts.length) $("speed").textContent = parts.join(" · ");
+  }
+
+  function applySettings() { document.body.classList.toggle("hide-thinking", !state.settings.show_thinking); }
+
   function requestBody(c) {
     const s = state.settings;
     const messages = c.messages.filter((m) => !m.failed).map((m) => ({ role: m.role, content: m.content }));
@@ -211,11 +245,25 @@
   async function answer() {
     const c = chat();
     if (state.needsToken && !state.token) { $("token-gate").hidden = false; $("token-input").focus(); return; }
-    const reply = { role: "assistant", content: "" };
+    const reply = { role: "assistant", content: "", reasoning: "" };
     const box = $("messages");
     const el = messageElement(reply, false);
     box.appendChild(el);
     const body = el.querySelector(".body");
+    const thinking = el.querySelector(".thinking");
+    const started = performance.now();
+    const think = (piece) => {  // open while it streams, so that it is seen
+      if (!reply.reasoning) { thinking.hidden = false; thinking.open = true; }
+      reply.reasoning += piece;
+      thinking.querySelector(".reasoning").textContent = reply.reasoning;
+      box.scrollTop = box.scrollHeight;
+    };
+    const thought = () => {  // the answer begins, or the reply ended: fold the reasoning away
+      if (!reply.reasoning || reply.thought_for != null) return;
+      reply.thought_for = (performance.now() - started) / 1000;
+      thinking.querySelector("summary").textContent = thinkingLabel(reply);
+      thinking.open = false;
+    };
     const controller = new AbortController();
     state.controller = controller;
     setWriting(true);
@@ -235,9 +283,12 @@
       if (!response.headers.get("Content-Type")?.startsWith("text/event-stream")) {
         const whole = await response.json(); // leading keep-alive spaces are valid JSON
         if (whole.error) throw new Error(`Error: ${whole.error.message}`);
-        reply.content = whole.choices?.[0]?.message?.content || "";
+        const message = whole.choices?.[0]?.message;
+        const reasoning = reasoningOf(message);
+        if (reasoning) { think(reasoning); thought(); }
+        reply.content = message?.content || "";
         paint();
-        if (whole.timings?.predicted_per_second) $("speed").textContent = `${whole.timings.predicted_per_second.toFixed(1)} tokens/s`;
+        showStats(whole.timings, whole.usage);
         if (whole.choices?.[0]?.finish_reason === "length") reply.note = "(cut at max tokens)";
       } else {
         const reader = response.body.getReader();
@@ -254,9 +305,11 @@
               if (!line.startsWith("data: ") || line === "data: [DONE]") continue;  // ": keep-alive" comments too
               const chunk = JSON.parse(line.slice(6));
               if (chunk.error) throw new Error(`Error: ${chunk.error.message}`);
+              const reasoning = reasoningOf(chunk.choices?.[0]?.delta);
+              if (reasoning) think(reasoning);
               const delta = chunk.choices?.[0]?.delta?.content;
-              if (delta) { reply.content += delta; paint(); }
-              if (chunk.timings?.predicted_per_second) $("speed").textContent = `${chunk.timings.predicted_per_second.toFixed(1)} tokens/s`;
+              if (delta) { thought(); reply.content += delta; paint(); }
+              if (chunk.timings || chunk.usage) showStats(chunk.timings, chunk.usage);
               const finish = chunk.choices?.[0]?.finish_reason;
               if (finish === "length") reply.note = "(cut at max tokens)";
             }
@@ -268,9 +321,11 @@
       else if (err instanceof TypeError) failure = "Cannot reach the host: is it still running? (the page will keep trying)";
       else failure = err.message;
     } finally {
+      thought();
       state.controller = null;
       setWriting(false);
     }
+    if (!reply.reasoning) delete reply.reasoning;
     if (reply.content || !failure) c.messages.push(reply);
     if (c.title === "New chat") { const first = c.messages.find((m) => m.role === "user"); if (first) c.title = first.content.slice(0, 40); }
     saveChats();
@@ -334,13 +389,16 @@
   const fields = { system: "system", temperature: "temperature", max_tokens: "max-tokens", top_p: "top-p" };
   $("open-settings").addEventListener("click", () => {
     for (const [key, id] of Object.entries(fields)) $(id).value = state.settings[key];
+    $("show-thinking").checked = state.settings.show_thinking;
     $("settings-token").value = state.token;
     $("settings").showModal();
   });
   $("settings-form").addEventListener("submit", (e) => {
     if (e.submitter?.value !== "save") return;
     for (const [key, id] of Object.entries(fields)) state.settings[key] = key === "system" ? $(id).value : Number($(id).value);
+    state.settings.show_thinking = $("show-thinking").checked;
     localStorage.setItem(KEY.settings, JSON.stringify(state.settings));
+    applySettings();
     state.token = $("settings-token").value.trim();
     localStorage.setItem(KEY.token, state.token);
     refreshHealth();
@@ -351,6 +409,7 @@
   });
 
   if (!chat()) state.current = state.chats[0]?.id || newChat().id;
+  applySettings();
   renderAll();
   // Gently: every 15 s, every 3 s while the host is busy; not at all while the tab is hidden.
   async function pollHealth() {
