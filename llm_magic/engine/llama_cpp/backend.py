@@ -66,6 +66,8 @@ class LlamaCppBackend:
         embedding_model: Path | None = None,
         parallel: int = DEFAULT_PARALLEL,
         flash_attention: str = DEFAULTS.flash_attn,
+        batch_size: int = DEFAULTS.batch_size,
+        ubatch_size: int = DEFAULTS.ubatch_size,
         kv_unified: bool = False,  # one KV cache shared by the slots: less memory, answers may vary
         reasoning_format: str = DEFAULTS.reasoning_format,
         reasoning_budget: int = DEFAULTS.reasoning_budget,
@@ -77,6 +79,7 @@ class LlamaCppBackend:
             raise InvalidRequest(f"'--reasoning-format' must be one of {', '.join(REASONING_FORMATS)}")
         self.settings = HostSettings(ctx_length=ctx_length, threads=threads or best_thread_count(),
                                      parallel=max(1, parallel), flash_attention=flash_attention,
+                                     batch_size=max(1, batch_size), ubatch_size=max(1, min(ubatch_size, batch_size)),
                                      kv_unified=kv_unified, chat_format=chat_format,
                                      chat_template=read_template(chat_template_file),
                                      reasoning_format=reasoning_format, reasoning_budget=max(-1, reasoning_budget))

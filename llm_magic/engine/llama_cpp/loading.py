@@ -39,6 +39,8 @@ class HostSettings:
     threads: int
     parallel: int
     flash_attention: str = "auto"
+    batch_size: int = 2048  # the most tokens one decode takes (llama.cpp's n_batch)
+    ubatch_size: int = 512  # the most it computes at once (n_ubatch)
     kv_unified: bool = False  # one KV cache shared by the slots: less memory, answers may vary
     chat_format: str | None = None  # a named prompt format instead of each GGUF's own template
     chat_template: str | None = None  # a Jinja chat template used instead of each GGUF's (--chat-template-file)
@@ -92,7 +94,8 @@ def make_context(model: Any, key: ModelKey, settings: HostSettings) -> BatchCont
     """A context with a KV cache per slot; if there is not memory for that, one cache the slots
     share (with a warning: an answer may then vary with what runs beside it)."""
     options = dict(n_ctx=key.ctx_length, n_seq=settings.parallel, threads=settings.threads,
-                   flash_attention=settings.flash_attention)
+                   flash_attention=settings.flash_attention, batch_size=settings.batch_size,
+                   ubatch_size=settings.ubatch_size)
     try:
         return BatchContext(model.model, unified=settings.kv_unified, **options)
     except ModelLoadError:
