@@ -314,21 +314,10 @@ class Scheduler:
         ctx.clear()
         writing = [(slot, ctx.add(slot.next_token, len(slot.cache), slot.seq, True))
                    for slot in self._slots if slot.next_token is not None]
-        if writing:  # in chunks that keep those answers flowing, within one ubatch with them
-            budget = min(self._chunk, ctx.n_ubatch - ctx.size)
-        else:
-            budget = ctx.n_batch
-        chunks: list[tuple[Task, int, int]] = []  # task, tokens read, output index or -1
-        for task in sorted((t for t in self._running if t.reading), key=lambda t: t.arrived):
-            if budget <= 0:
-                break
-            n = min(budget, len(task.tokens) - task.read)
-            seq, end = task.slots[0].seq, task.read + n
-            index = -1
-            for pos in range(task.read, end):
-                index = ctx.add(task.tokens[pos], pos, seq, pos == len(task.tokens) - 1)
-            chunks.append((task, n, index if end == len(task.tokens) else -1))
-            budget -= n
+        # beside answers being written, in chunks that keep them flowing (within one ubatch)
+        budget = min(self._chunk, ctx.n_ubatch - ctx.size) if writing else ctx.n_batch
+        chunks = add_prompt_chunks(ctx, sorted((t for t in self._running if t.reading), key=lambda t: t.arrived),
+                                   budget)
         started = time.perf_counter()
         status = ctx.decode()
         if status == 1:
@@ -468,6 +457,23 @@ class Scheduler:
 
 
 _NOTHING = object()
+
+
+def add_prompt_chunks(ctx: BatchContext, tasks: list[Task], budget: int) -> list[tuple[Task, int, int]]:
+    """Put up to ``budget`` prompt tokens of ``tasks``, first come first, into the batch: for
+    each task, how many it got and the batch index of its prompt's last token (-1 if not yet)."""
+    chunks = []
+    for task in tasks:
+        if budget <= 0:
+            break
+        n = min(budget, len(task.tokens) - task.read)
+        seq, end = task.slots[0].seq, task.read + n
+        index = -1
+        for pos in range(task.read, end):
+            index = ctx.add(task.tokens[pos], pos, seq, pos == len(task.tokens) - 1)
+        chunks.append((task, n, index if end == len(task.tokens) else -1))
+        budget -= n
+    return chunks
 
 
 def paced(chunk: int, seconds: float, n_ubatch: int) -> int:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_magic.engine.llama_cpp.batching import BatchContext
+from llm_magic.engine.llama_cpp.batching import FLASH_ATTENTION, BatchContext
 from llm_magic.errors import InvalidRequest, ModelLoadError
+from llm_magic.wire.reasoning import REASONING_FORMATS
 
 log = logging.getLogger("llm_magic.engine")
 
@@ -46,6 +47,12 @@ class HostSettings:
     chat_template: str | None = None  # a Jinja chat template used instead of each GGUF's (--chat-template-file)
     reasoning_format: str = "auto"  # auto | none | deepseek (wire/reasoning.py)
     reasoning_budget: int = -1  # the most reasoning tokens per answer; -1 unlimited
+
+    def __post_init__(self) -> None:
+        if self.flash_attention not in FLASH_ATTENTION:
+            raise ValueError(f"flash_attention must be one of {', '.join(FLASH_ATTENTION)}")
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise InvalidRequest(f"'--reasoning-format' must be one of {', '.join(REASONING_FORMATS)}")
 
 
 def llama_cpp_module() -> Any:
