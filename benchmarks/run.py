@@ -11,6 +11,8 @@ round by round so that machine drift hits each alike:
   ``llama_server.py``) and llama-cpp-python's ``llama_cpp.server``;
 - per-request overhead (``max_tokens=1``) and time to the first streamed token;
 - a long chat (~1,500 tokens of history): next turn's time to first token, KV cache warm vs cold;
+- prompt reading: a ~2,000-token prompt no cache holds, time to its first token on llm_magic and
+  llama-server (4 slots each), alone and with three streams being written beside it;
 - 1, 4 and 16 concurrent streaming clients against llm_magic ``--parallel 1`` and ``4``,
   llama-server ``-np 1`` and ``-np 4``, and ``llama_cpp.server``: aggregate tokens/s, p50/p95
   time to first token and latency, errors;
@@ -349,6 +351,58 @@ def long_chat(ours: str, rounds: int) -> dict:
             "cold_ttft_ms": statistics.median(cold)}
 
 
+def long_prompt(round_: int, words: int = 1150) -> str:
+    """A prompt of about 2,000 tokens that no cache holds (it starts with the round's number)."""
+    body = " ".join(f"In year {1800 + i % 200} the {['north', 'south', 'east', 'west'][i % 4]} tower's clock was "
+                    f"{['repaired', 'wound', 'painted', 'moved'][i % 3]} by keeper number {i}." for i in range(words // 12))
+    return f"Record {round_}. {body}\nSummary of the records:"
+
+
+def prompt_reading(servers: dict[str, str], rounds: int) -> dict:
+    """Time to the first token of a ~2,000-token prompt no cache holds, on each server alone
+    and with three streams being written beside it (each server its own three, at once)."""
+    prompt_tokens = 0
+    times: dict[str, list[float]] = {f"{name}{beside}": [] for name in servers for beside in ("", " + 3 streams")}
+    for i in range(rounds):
+        for name, url in rotated(servers, i):
+            session = new_session()
+            prompt = {"prompt": long_prompt(i * 10 + len(name)), "max_tokens": 1, "temperature": 0}
+            time.sleep(SETTLE_SECONDS)
+            times[name].append(v1_stream(session, url, prompt)[0] * 1000)
+            stop = threading.Event()
+            writing = threading.Barrier(4)
+
+            def stream(c: int, url: str = url) -> None:  # writes until told to stop
+                lines, session = 0, new_session()
+                while not stop.is_set():
+                    body = {"prompt": f"{PROMPT} (story {c}.{lines})", "max_tokens": 2000, "temperature": 0,
+                            "stream": True}
+                    with session.post(url + "/v1/completions", json=body, stream=True, timeout=300) as r:
+                        for _ in r.iter_lines(chunk_size=None):
+                            lines += 1
+                            if lines == 4:
+                                writing.wait(60)
+                            if stop.is_set():
+                                return
+
+            with ThreadPoolExecutor(3) as pool:
+                streams = [pool.submit(stream, c) for c in range(3)]
+                writing.wait(60)
+                try:
+                    prompt = {**prompt, "prompt": long_prompt(i * 10 + len(name) + 5)}
+                    times[f"{name} + 3 streams"].append(v1_stream(session, url, prompt)[0] * 1000)
+                finally:
+                    stop.set()
+                for future in streams:
+                    future.result()
+            time.sleep(2)  # the server notices its streams' clients left, and is idle for the next
+        if not prompt_tokens:
+            info = new_session().post(next(iter(servers.values())) + "/v1/completions",
+                                      json={"prompt": long_prompt(-1), "max_tokens": 1}, timeout=300).json()
+            prompt_tokens = info["usage"]["prompt_tokens"]
+    return {"prompt_tokens": prompt_tokens, "ttft_ms": {name: statistics.median(v) for name, v in times.items()}}
+
+
 def concurrency(url: str, clients: int, per_client: int = 3, max_tokens: int = 64) -> dict:
     """``clients`` streaming clients at once, each asking ``per_client`` times in turn."""
     latencies: list[float] = []
@@ -453,9 +507,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--only", choices=["neighbours", "features"],
-                        help="one measurement of llm_magic alone (no peers), printed; nothing saved")
+    parser.add_argument("--only", choices=["neighbours", "features", "prompt"],
+                        help="one measurement, printed, nothing saved: of llm_magic alone (neighbours, "
+                             "features), or prompt reading beside llama-server -np 4 (prompt)")
     args = parser.parse_args()
+    if args.only == "prompt":
+        return only_prompt_reading(max(2, args.rounds // 2))
     if args.only:
         host = ApiHost(use_token=False, port=0, tunnel="none").start()
         try:
@@ -497,6 +554,8 @@ def main() -> int:
             "throughput_tokens_per_s": throughput(llm, ours, theirs, cpp, args.rounds),
             **overhead(llm, ours, theirs, cpp, n=20 * args.rounds),
             "long_chat": long_chat(ours, max(2, args.rounds // 2)),
+            "prompt_reading": prompt_reading({"llm_magic": ours, "llama-server": urls["llama-server -np 4"]},
+                                             max(2, args.rounds // 2)),
             "features_tokens_per_s": features(ours, max(3, args.rounds // 2)),
             "n_choices": n_choices(ours, max(3, args.rounds // 2)),
             "neighbours_ms": neighbours(ours, max(3, args.rounds // 2)),
@@ -511,6 +570,7 @@ def main() -> int:
     t = results["throughput_tokens_per_s"]
     o, f = results["one_token_ms"], results["ttft_ms"]
     chat, nc, table = results["long_chat"], results["n_choices"], results["concurrency"]
+    pr = results["prompt_reading"]["ttft_ms"]
     results["ratios"] = {
         "api_vs_inprocess": t["/api"] / t["in-process"],
         "v1_stream_vs_inprocess": t["/v1 stream"] / t["in-process"],
@@ -521,6 +581,8 @@ def main() -> int:
         "llama_cpp_server_overhead_ms": o["llama_cpp.server"] - o["in-process"],
         "ttft_ms_over_llama_cpp_server": f["/v1 stream"] - f["llama_cpp.server stream"],
         "kv_cache_speedup": chat["cold_ttft_ms"] / chat["warm_ttft_ms"],
+        "prompt_ttft_vs_llama_server": pr["llm_magic"] / pr["llama-server"],
+        "prompt_ttft_beside_3_streams_vs_llama_server": pr["llm_magic + 3 streams"] / pr["llama-server + 3 streams"],
         "json_schema_vs_plain": results["features_tokens_per_s"]["json_schema"] / results["features_tokens_per_s"]["plain"],
         "logprobs_vs_plain": results["features_tokens_per_s"]["logprobs (top 5)"] / results["features_tokens_per_s"]["plain"],
         "n4_time_vs_one": nc["n_s"] / nc["one_s"],
@@ -539,6 +601,31 @@ def main() -> int:
     except ImportError:
         print("(no plot: pip install 'llm_magic[bench]' for matplotlib)")
     return 0
+
+
+def only_prompt_reading(rounds: int) -> int:
+    from llama_server import build
+
+    binary = build()
+    peer = LlamaServer(binary, embedded_model_path(), best_thread_count(), 4)
+    host = ApiHost(use_token=False, port=0, tunnel="none").start()
+    try:
+        servers = {"llm_magic": host.url or "", "llama-server": peer.url}
+        for url in servers.values():
+            v1_completion(new_session(), url, 8)
+        print(report_prompt_reading(prompt_reading(servers, rounds)))
+    finally:
+        host.stop()
+        peer.stop()
+    return 0
+
+
+def report_prompt_reading(reading: dict) -> str:
+    times = reading["ttft_ms"]
+    lines = [f"{'a ' + str(reading['prompt_tokens']) + '-token prompt, first token':<34}{'ms':>10}{'vs llama-server':>17}"]
+    lines += [f"  {name:<32}{ms:>10.0f}{ms / times[name.replace('llm_magic', 'llama-server')]:>17.3f}"
+              for name, ms in times.items()]
+    return "\n".join(lines)
 
 
 def report(r: dict) -> str:
@@ -563,6 +650,7 @@ def report(r: dict) -> str:
     lines += ["", f"long chat ({chat['prompt_tokens']} prompt tokens), next turn's first token: "
               f"warm {chat['warm_ttft_ms']:.0f} ms, cold {chat['cold_ttft_ms']:.0f} ms, "
               f"{ratios['kv_cache_speedup']:.1f}x faster with the KV cache", "",
+              report_prompt_reading(r["prompt_reading"]), "",
               f"{'streaming clients, 64 tokens each':<34}{'clients':>8}{'errors':>7}{'tokens/s':>10}"
               f"{'ttft p50':>10}{'p95':>8}{'latency p50':>13}{'p95':>8}"]
     for name, rows in r["concurrency"].items():

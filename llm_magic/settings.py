@@ -51,6 +51,8 @@ class ServeSettings:
     allow_model: list[str] = field(default_factory=list)
     parallel: int | None = None  # None: 4 for llama.cpp (as llama-server's), 64 in front of an engine
     max_queue: int = 16
+    batch_size: int = 2048  # prompt tokens one decode step takes at most, as llama-server's -b
+    ubatch_size: int = 512  # of those, how many llama.cpp computes at once, as llama-server's -ub
     flash_attn: str = "auto"  # as llama-server's default
     embedding_model: str | None = None
     cors: list[str] = field(default_factory=list)
@@ -182,6 +184,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "--engine, which batches itself; 1 serves one request at a time)")
     parser.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
                         help="requests that may wait for a free slot before 503 (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_at_least_one, default=d.batch_size, metavar="N",
+                        help="the most prompt tokens read in one step while nothing else is written "
+                             "(default: %(default)s, as llama-server's)")
+    parser.add_argument("--ubatch-size", type=_at_least_one, default=d.ubatch_size, metavar="N",
+                        help="tokens llama.cpp computes at once; beside answers being written a prompt "
+                             "is read at most this many per step (default: %(default)s, as llama-server's)")
     parser.add_argument("--flash-attn", choices=FLASH_ATTENTION, default=d.flash_attn,
                         help="llama.cpp's flash attention: faster, and llama-server's default "
                              "(default: %(default)s; 'off' gives llama-cpp-python's default numerics)")

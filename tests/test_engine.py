@@ -55,13 +55,62 @@ def test_greedy_completion_matches_llama_cpp_python(engine: LlamaCppBackend, ref
     assert result.finish_reason == expected["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_long_prompt_read_in_chunks_gives_llama_cpp_pythons_greedy_answer(engine: LlamaCppBackend, reference) -> None:
-    prompt = "Here is a list of fruits and what colour each is: " + ", ".join(
-        f"fruit number {i} is {colour}" for i, colour in enumerate(["red", "yellow", "green", "orange"] * 25))
-    _, result = run(engine, prompt=prompt, sampling=GREEDY)
-    expected = reference.create_completion(prompt, max_tokens=40, temperature=0.0)
-    assert result.prompt_tokens > 500  # several chunks
+FRUITS = "Here is a list of fruits and what colour each is: " + ", ".join(
+    f"fruit number {i} is {colour}" for i, colour in enumerate(["red", "yellow", "green", "orange"] * 25))
+
+
+def test_a_long_prompt_read_in_one_batch_gives_llama_cpp_pythons_greedy_answer(engine: LlamaCppBackend, reference) -> None:
+    sizes = recording_batches(engine)
+    try:
+        _, result = run(engine, prompt=FRUITS, sampling=GREEDY)
+    finally:
+        del engine._loaded.context.decode
+    expected = reference.create_completion(FRUITS, max_tokens=40, temperature=0.0)
+    assert result.prompt_tokens > 500
+    assert sizes[0] == result.prompt_tokens  # alone, the whole prompt in one step, as llama-server reads it
     assert result.text == expected["choices"][0]["text"]
+
+
+def test_a_prompt_read_in_small_batches_gives_the_same_greedy_answer(model_path: Path, reference) -> None:
+    small = LlamaCppBackend(model_path, batch_size=96, ubatch_size=32, parallel=1)
+    small.load_default()
+    try:
+        sizes = recording_batches(small)
+        _, result = run(small, prompt=FRUITS, sampling=GREEDY)
+    finally:
+        small.close()
+    assert max(sizes) == 96 and len(sizes) > 5  # --batch-size bounds a step
+    assert result.text == reference.create_completion(FRUITS, max_tokens=40, temperature=0.0)["choices"][0]["text"]
+
+
+def test_a_long_prompt_read_beside_an_answer_lets_it_keep_writing(engine: LlamaCppBackend, reference) -> None:
+    prompt = "Record 1. " + FRUITS  # one no slot holds
+    writer = engine.generate(GenerationRequest(prompt="Once upon a time", sampling=Sampling(max_tokens=400, temperature=0)))
+    assert isinstance(next(writer), Started)
+    next(writer)  # it is writing
+    context, slots = engine._loaded.context, engine.scheduler.pool.slots
+    steps: list[tuple[int, int]] = []  # tokens in each step, and of those the answers' next tokens
+    original = type(context).decode
+
+    def decode() -> int:
+        steps.append((context.size, sum(slot.next_token is not None for slot in slots)))
+        return original(context)
+
+    context.decode = decode
+    try:
+        _, result = run(engine, prompt=prompt, sampling=GREEDY)
+    finally:
+        del context.decode
+        writer.close()
+    reading, read = [], 0
+    for size, writing in steps:
+        if read >= result.prompt_tokens:
+            break
+        reading.append((size - writing, writing))
+        read += size - writing
+    assert len(reading) >= 2 and all(writing == 1 for _, writing in reading)  # the answer wrote at every step
+    assert max(chunk for chunk, _ in reading) < context.n_ubatch  # in chunks, not one long step
+    assert result.text == reference.create_completion(prompt, max_tokens=40, temperature=0.0)["choices"][0]["text"]
 
 
 def test_greedy_under_a_grammar_matches_llama_cpp_python(engine: LlamaCppBackend, reference) -> None:
@@ -99,8 +148,8 @@ def test_a_request_withdrawn_while_its_prompt_is_read_stops_within_a_chunk(engin
         assert list(events) == []  # no text, no answer: nobody wants it
     finally:
         del context.decode
-    # one chunk of the 3,000 tokens (its size is what this machine reads in ~50 ms)
-    assert len(evaluated) == 1 and evaluated[0] <= 256
+    # one step of the 3,000 tokens (a batch: --batch-size, 2048 as llama-server's), not the rest
+    assert len(evaluated) == 1 and evaluated[0] == context.n_batch < 3000
     _, result = run(engine, prompt="Hi", sampling=GREEDY)  # the model is free and sound
     assert result.completion_tokens > 0
 
@@ -596,3 +645,13 @@ def test_a_schema_sent_again_is_not_tokenised_again(engine: LlamaCppBackend, mon
     run(engine, **ask)
     assert any(b"colour_of_the_sky" in data for data in after_the_first)
     assert checked == after_the_first
+
+
+def test_prompt_chunks_beside_answers_grow_to_about_a_one_second_step_and_no_further() -> None:
+    from llm_magic.engine.llama_cpp.batching import PROMPT_CHUNK_MIN, PROMPT_STEP_SECONDS, paced
+
+    assert paced(64, PROMPT_STEP_SECONDS / 4, 512) == 128  # quick steps: larger chunks
+    assert paced(256, PROMPT_STEP_SECONDS / 4, 256) == 256  # never past one ubatch
+    assert paced(128, PROMPT_STEP_SECONDS * 1.5, 512) == 128  # about right: kept
+    assert paced(128, PROMPT_STEP_SECONDS * 3, 512) == 64  # slow steps: smaller
+    assert paced(PROMPT_CHUNK_MIN, PROMPT_STEP_SECONDS * 10, 512) == PROMPT_CHUNK_MIN

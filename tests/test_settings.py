@@ -25,6 +25,7 @@ def test_the_flags_defaults_are_the_settings_defaults() -> None:
     ["--model", "a/b:Q4_K_M", "--allow-model", "x/*", "--allow-model", "y/*", "--cors", "*"],
     ["--keepalive", "2.5", "--flash-attn", "off", "--gpu-layers", "0", "--port", "0", "--tunnel", "none"],
     ["--token", "secret", "--max-ctx", "16384", "--threads", "3", "--embedding-model", "e.gguf"],
+    ["--batch-size", "1024", "--ubatch-size", "256"],
 ])
 def test_to_argv_gives_back_the_same_settings(argv: list[str]) -> None:
     settings = parse(argv)

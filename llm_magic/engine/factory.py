@@ -96,6 +96,7 @@ def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None)
                               gpu_layers=settings.gpu_layers, embedding_model=embedding, threads=settings.threads,
                               chat_format=settings.chat_format, max_queue=settings.max_queue,
                               parallel=settings.slots, flash_attention=settings.flash_attn,
+                              batch_size=settings.batch_size, ubatch_size=settings.ubatch_size,
                               reasoning_format=settings.reasoning_format,
                               reasoning_budget=settings.reasoning_budget,
                               chat_template_file=settings.chat_template_file,

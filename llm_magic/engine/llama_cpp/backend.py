@@ -33,7 +33,6 @@ from llm_magic.engine.llama_cpp.tool_events import split_tool_calls
 from llm_magic.errors import Cancelled, EngineError, InvalidRequest
 from llm_magic.models import ModelPolicy, ModelSpec, model_name, resolve_model
 from llm_magic.wire.events import Completion, Event, Signal, Started
-from llm_magic.wire.reasoning import REASONING_FORMATS
 from llm_magic.wire.tool_calls import FORMATS
 from llm_magic.wire.types import MAX_TOKENS_LIMIT, GenerationRequest
 
@@ -66,17 +65,16 @@ class LlamaCppBackend:
         embedding_model: Path | None = None,
         parallel: int = DEFAULT_PARALLEL,
         flash_attention: str = DEFAULTS.flash_attn,
+        batch_size: int = DEFAULTS.batch_size,
+        ubatch_size: int = DEFAULTS.ubatch_size,
         kv_unified: bool = False,  # one KV cache shared by the slots: less memory, answers may vary
         reasoning_format: str = DEFAULTS.reasoning_format,
         reasoning_budget: int = DEFAULTS.reasoning_budget,
         chat_template_file: Path | str | None = None,
     ) -> None:
-        if flash_attention not in FLASH_ATTENTION:
-            raise ValueError(f"flash_attention must be one of {', '.join(FLASH_ATTENTION)}")
-        if reasoning_format not in REASONING_FORMATS:
-            raise InvalidRequest(f"'--reasoning-format' must be one of {', '.join(REASONING_FORMATS)}")
         self.settings = HostSettings(ctx_length=ctx_length, threads=threads or best_thread_count(),
                                      parallel=max(1, parallel), flash_attention=flash_attention,
+                                     batch_size=max(1, batch_size), ubatch_size=max(1, min(ubatch_size, batch_size)),
                                      kv_unified=kv_unified, chat_format=chat_format,
                                      chat_template=read_template(chat_template_file),
                                      reasoning_format=reasoning_format, reasoning_budget=max(-1, reasoning_budget))

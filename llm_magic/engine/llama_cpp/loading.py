@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_magic.engine.llama_cpp.batching import BatchContext
+from llm_magic.engine.llama_cpp.batching import FLASH_ATTENTION, BatchContext
 from llm_magic.errors import InvalidRequest, ModelLoadError
+from llm_magic.wire.reasoning import REASONING_FORMATS
 
 log = logging.getLogger("llm_magic.engine")
 
@@ -39,11 +40,19 @@ class HostSettings:
     threads: int
     parallel: int
     flash_attention: str = "auto"
+    batch_size: int = 2048  # the most tokens one decode takes (llama.cpp's n_batch)
+    ubatch_size: int = 512  # the most it computes at once (n_ubatch)
     kv_unified: bool = False  # one KV cache shared by the slots: less memory, answers may vary
     chat_format: str | None = None  # a named prompt format instead of each GGUF's own template
     chat_template: str | None = None  # a Jinja chat template used instead of each GGUF's (--chat-template-file)
     reasoning_format: str = "auto"  # auto | none | deepseek (wire/reasoning.py)
     reasoning_budget: int = -1  # the most reasoning tokens per answer; -1 unlimited
+
+    def __post_init__(self) -> None:
+        if self.flash_attention not in FLASH_ATTENTION:
+            raise ValueError(f"flash_attention must be one of {', '.join(FLASH_ATTENTION)}")
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise InvalidRequest(f"'--reasoning-format' must be one of {', '.join(REASONING_FORMATS)}")
 
 
 def llama_cpp_module() -> Any:
@@ -92,7 +101,8 @@ def make_context(model: Any, key: ModelKey, settings: HostSettings) -> BatchCont
     """A context with a KV cache per slot; if there is not memory for that, one cache the slots
     share (with a warning: an answer may then vary with what runs beside it)."""
     options = dict(n_ctx=key.ctx_length, n_seq=settings.parallel, threads=settings.threads,
-                   flash_attention=settings.flash_attention)
+                   flash_attention=settings.flash_attention, batch_size=settings.batch_size,
+                   ubatch_size=settings.ubatch_size)
     try:
         return BatchContext(model.model, unified=settings.kv_unified, **options)
     except ModelLoadError:
