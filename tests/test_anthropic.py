@@ -202,6 +202,44 @@ def test_a_slow_answer_pings_and_a_slow_json_answer_keeps_its_error_shape() -> N
     assert r.status_code == 200 and json.loads(r.get_data(as_text=True))["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("first, kinds", [
+    (TextDelta("Hi."), ["text"]),  # the text continues the block the keep-alives went into
+    (ReasoningDelta("Hmm."), ["text", "thinking", "text"]),
+])
+def test_keep_alives_are_events_claude_codes_watchdog_counts(first, kinds: list[str]) -> None:
+    """Claude Code skips pings when it times a silent stream (300 s): while a long prompt is
+    read, each keep-alive is a ping and an empty text_delta, in a text block the answer's text
+    continues, so nothing but empty blocks is added."""
+    from llm_magic.wire.anthropic import AnthropicRenderer
+    from llm_magic.wire.events import Signal
+
+    result = Completion("Hi.", "m", "stop", 10, 2, reasoning="Hmm." if isinstance(first, ReasoningDelta) else "")
+    events = [Started("m"), Signal.KEEPALIVE, Signal.KEEPALIVE, first, *([TextDelta("Hi.")] * (len(kinds) > 1)),
+              result]
+    chunks = "".join(AnthropicRenderer(model="m").stream(events))
+    parsed = [json.loads(line[6:]) for line in chunks.splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in parsed[:5]] == ["message_start", "ping", "content_block_start",
+                                              "content_block_delta", "ping"]
+    assert parsed[3]["delta"] == {"type": "text_delta", "text": ""}
+    assert [e["content_block"]["type"] for e in parsed if e["type"] == "content_block_start"] == kinds
+    texts = [e["delta"].get("text") for e in parsed if e["type"] == "content_block_delta"
+             and e["delta"]["type"] == "text_delta"]
+    assert "".join(texts) == "Hi." and parsed[-1]["type"] == "message_stop"
+
+
+def test_an_answer_ended_by_a_stop_sequence_names_it() -> None:
+    from llm_magic.wire.anthropic import AnthropicRenderer
+
+    result = Completion("Paris", "m", "stop", 10, 2, stop_sequence="\n\n")
+    answer = AnthropicRenderer(model="m").answer(result)
+    assert answer["stop_reason"] == "stop_sequence" and answer["stop_sequence"] == "\n\n"
+    chunks = "".join(AnthropicRenderer(model="m").stream([Started("m"), TextDelta("Paris"), result]))
+    delta = next(json.loads(line[6:]) for line in chunks.splitlines() if '"message_delta"' in line)
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "\n\n"}
+    plain = AnthropicRenderer(model="m").answer(Completion("Paris", "m", "stop", 10, 2))
+    assert plain["stop_reason"] == "end_turn" and plain["stop_sequence"] is None
+
+
 def test_x_api_key_opens_every_route_and_one_good_token_of_two_is_enough() -> None:
     _, client = serve()
     assert client.get("/v1/models", headers={"x-api-key": TOKEN}).status_code == 200

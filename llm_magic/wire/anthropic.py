@@ -38,6 +38,9 @@ EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "m
 # reuse the last one's KV cache (llama.cpp's server drops it too).
 BILLING_LINE = re.compile(r"^x-anthropic-billing-header:.*(?:\n|$)", re.MULTILINE)
 TEXT_ONLY = "this host handles text only"
+# What adds nothing to each kind of block: a keep-alive that is an event (see keepalive).
+EMPTY_DELTAS = {"text": {"type": "text_delta", "text": ""}, "thinking": {"type": "thinking_delta", "thinking": ""},
+                "tool_use": {"type": "input_json_delta", "partial_json": ""}}
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
@@ -304,6 +307,14 @@ def _input(call: ToolCall) -> dict:
     return value if isinstance(value, dict) else {"value": value}
 
 
+def stop_of(result: Completion) -> tuple[str, str | None]:
+    """``stop_reason`` and ``stop_sequence``: which of the request's stop sequences ended the
+    answer, when one did (the engine says which; an end-of-turn token is ``end_turn``)."""
+    if result.finish_reason == "stop" and result.stop_sequence:
+        return "stop_sequence", result.stop_sequence
+    return STOP_REASONS.get(result.finish_reason, "end_turn"), None
+
+
 def _tool_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
@@ -327,10 +338,12 @@ class AnthropicRenderer(StreamRenderer):
     _block: str | None = None  # the kind of the open block: thinking, text or tool_use
     _index: int = -1  # the open block's index
     _calls: int = 0  # tool_use blocks opened
+    _idle_text: bool = False  # the open block is an empty text block that only keep-alives went into
 
-    def _message(self, content: list, stop_reason: str | None, result: Completion | None) -> dict:
+    def _message(self, content: list, result: Completion | None) -> dict:
+        stop_reason, stop_sequence = stop_of(result) if result else (None, None)
         return {"id": self.id, "type": "message", "role": "assistant", "model": result.model if result else self.model,
-                "content": content, "stop_reason": stop_reason, "stop_sequence": None, "usage": usage(result)}
+                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage(result)}
 
     def answer(self, result: Completion) -> dict:
         content: list[dict] = []
@@ -340,13 +353,21 @@ class AnthropicRenderer(StreamRenderer):
             content.append({"type": "text", "text": result.text})
         content += [{"type": "tool_use", "id": _tool_id(c.id), "name": c.name, "input": _input(c)}
                     for c in result.tool_calls]
-        return self._message(content, STOP_REASONS.get(result.finish_reason, "end_turn"), result)
+        return self._message(content, result)
 
     def keepalive(self) -> Iterable[str]:
-        return (_event("ping"),)
+        """A ``ping``, then an empty ``text_delta``: Claude Code's 300 s idle watchdog skips
+        pings, and a long prompt on a slow GPU takes longer than that to read. Before the answer
+        begins, the delta goes into a text block opened for it, which the answer's text continues."""
+        yield _event("ping")
+        if self._index < 0:
+            yield from self._open("text", {"type": "text", "text": ""})
+            self._idle_text = True
+        if self._block in EMPTY_DELTAS:
+            yield self._delta(EMPTY_DELTAS[self._block])
 
     def opening(self) -> Iterable[str]:
-        yield _event("message_start", message=self._message([], None, None))
+        yield _event("message_start", message=self._message([], None))
 
     def _open(self, kind: str, block: dict) -> Iterator[str]:
         yield from self._close()
@@ -365,15 +386,17 @@ class AnthropicRenderer(StreamRenderer):
         return _event("content_block_delta", index=self._index, delta=delta)
 
     def reasoning(self, delta: ReasoningDelta) -> Iterable[str]:
-        if delta.index or not (self._index < 0 or self._block == "thinking"):
+        if delta.index or not (self._index < 0 or self._block == "thinking" or self._idle_text):
             return  # one answer; reasoning comes first, in one block
-        if self._block is None:
+        self._idle_text = False
+        if self._block != "thinking":
             yield from self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
         yield self._delta({"type": "thinking_delta", "thinking": delta.text})
 
     def text(self, delta: TextDelta) -> Iterable[str]:
         if delta.index or self._calls:  # text after the calls has nowhere to go
             return
+        self._idle_text = False
         if self._block != "text":
             yield from self._open("text", {"type": "text", "text": ""})
         yield self._delta({"type": "text_delta", "text": delta.text})
@@ -397,8 +420,8 @@ class AnthropicRenderer(StreamRenderer):
             yield from self._start_call(call.id, call.name)
             yield self._delta({"type": "input_json_delta", "partial_json": call.arguments})
         yield from self._close()
-        stop = STOP_REASONS.get(result.finish_reason, "end_turn")
-        yield _event("message_delta", delta={"stop_reason": stop, "stop_sequence": None}, usage=usage(result))
+        stop, sequence = stop_of(result)
+        yield _event("message_delta", delta={"stop_reason": stop, "stop_sequence": sequence}, usage=usage(result))
         yield _event("message_stop")
 
 

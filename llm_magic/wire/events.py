@@ -70,6 +70,7 @@ class Completion:
     choices: tuple["Completion", ...] = ()  # with n > 1: every answer (this one sums their usage)
     reasoning: str = ""  # a thinking model's reasoning, apart from ``text``; "" when none
     reasoning_tokens: int = 0  # of ``completion_tokens``, those the reasoning took
+    stop_sequence: str | None = None  # the request's stop sequence the answer ended on, if one
 
     @property
     def usage(self) -> dict[str, int]:

@@ -23,15 +23,17 @@ class StopScanner:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = stops
         self.held = ""
+        self.matched: str | None = None  # the stop sequence the text was cut at
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, stop) for stop in self.stops if (i := buf.find(stop)) >= 0]
         if hits:
             self.held = ""
-            return buf[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return buf[:at], True
         keep = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(buf)), keep, -1):
@@ -111,7 +113,8 @@ class Choice:
                           cached_tokens=cached, index=self.index,
                           logprobs=self.logprobs.reported if self.logprobs is not None else None,
                           # an end token the sampler saw while thinking is not one of the answer's
-                          reasoning_tokens=min(getattr(self.sampler, "reasoning_tokens", 0), self.generated))
+                          reasoning_tokens=min(getattr(self.sampler, "reasoning_tokens", 0), self.generated),
+                          stop_sequence=self._scanner.matched)
 
     def close(self) -> None:
         self.sampler.close()

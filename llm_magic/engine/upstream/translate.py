@@ -81,6 +81,7 @@ class _Answer:
     finish_reason: str | None = None
     calls: dict[int, dict] = field(default_factory=dict)  # call index -> id, name, arguments
     logprobs: list[TokenLogprob] | None = None
+    stop_sequence: str | None = None  # vLLM's ``stop_reason``: the stop string it ended on
 
 
 class ChunkReader:
@@ -124,6 +125,8 @@ class ChunkReader:
                 events.extend(self._tool_piece(answer, index, piece))
             if choice.get("finish_reason"):
                 answer.finish_reason = choice["finish_reason"]
+            if isinstance(choice.get("stop_reason"), str):  # an int there is a stop token's id
+                answer.stop_sequence = choice["stop_reason"]
         return events
 
     def _tool_piece(self, answer: _Answer, index: int, piece: Any) -> list:
@@ -162,14 +165,14 @@ class ChunkReader:
             answers.append(Completion(answer.text, self.model, reason, prompt_tokens, completion_tokens,
                                       dict(self.timings), cached_tokens=cached, tool_calls=calls,
                                       logprobs=answer.logprobs, index=i, reasoning=answer.reasoning,
-                                      reasoning_tokens=thinking))
+                                      reasoning_tokens=thinking, stop_sequence=answer.stop_sequence))
         if len(answers) == 1:
             return answers[0]
         first = answers[0]
         return Completion(first.text, self.model, first.finish_reason, prompt_tokens, completion_tokens,
                           dict(self.timings), cached_tokens=cached, tool_calls=first.tool_calls,
                           logprobs=first.logprobs, choices=tuple(answers), reasoning=first.reasoning,
-                          reasoning_tokens=thinking)
+                          reasoning_tokens=thinking, stop_sequence=first.stop_sequence)
 
 
 def _token_logprobs(value: Any, chat: bool) -> list[TokenLogprob]:
