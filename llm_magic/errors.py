@@ -113,6 +113,13 @@ class ModelLoadError(LLMMagicError):
     type = "model_load_error"
 
 
+class NotSupported(LLMMagicError):
+    """The host cannot do what was asked here (the engine it fronts lacks what it needs)."""
+
+    status = 501
+    type = "not_supported"
+
+
 class EngineError(LLMMagicError):
     """The engine failed while it wrote an answer (a decode or sampler fault): the request ends
     with this error, the host carries on."""

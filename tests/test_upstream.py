@@ -31,13 +31,15 @@ class Engine:
     status = 200
     error = ""
     delay = 0.0
+    tokenizer: str | None = None  # whose /tokenize it has: "vllm", "llama-server" or none
+    stop_reason: str | None = None  # vLLM's: the stop string the answer ended on
     seen: list[dict] = []
     gone = threading.Event()
 
 
-def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, **more: object) -> bytes:
     body: dict = {"id": "x", "object": "chat.completion.chunk", "model": "upstream-model",
-                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **more}]}
     if usage is not None:
         body = {**body, "choices": [], "usage": usage}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -68,6 +70,8 @@ class Handler(BaseHTTPRequestHandler):
         Engine.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
         if Engine.status != 200:
             return self._json(Engine.status, {"error": {"message": Engine.error}})
+        if self.path in ("/tokenize", "/apply-template"):
+            return self._tokenizer(body)
         if self.path == "/v1/embeddings":
             return self._json(200, {"data": [{"index": i, "embedding": [0.6, 0.8]} for i, _ in enumerate(body["input"])],
                                     "model": "embedder", "usage": {"prompt_tokens": 3}})
@@ -87,18 +91,30 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk({"tool_calls": [{"index": 0, "id": "call_up", "type": "function",
                                                         "function": {"name": name, "arguments": ""}}]}))
                 self.wfile.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}))
-            self.wfile.write(chunk({}, "tool_calls" if Engine.tool_call else "stop"))
+            self.wfile.write(chunk({}, "tool_calls" if Engine.tool_call else "stop", stop_reason=Engine.stop_reason))
             self.wfile.write(chunk({}, usage={"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             Engine.gone.set()
 
+    def _tokenizer(self, body: dict) -> None:
+        """vLLM's /tokenize counts a chat; llama-server's renders it (/apply-template), then
+        tokenizes text (and answers an empty list for a chat)."""
+        prompt = "".join(m["content"] for m in body.get("messages") or ())
+        if Engine.tokenizer == "vllm" and self.path == "/tokenize":
+            return self._json(200, {"count": len(prompt.split()) + 3, "tokens": [], "max_model_len": 2048})
+        if Engine.tokenizer == "llama-server" and self.path == "/apply-template":
+            return self._json(200, {"prompt": "<|user|>" + prompt})
+        if Engine.tokenizer == "llama-server":
+            return self._json(200, {"tokens": list(range(len(body.get("content", "").split())))})
+        self._json(404, {"error": {"message": "File Not Found"}})
+
 
 @pytest.fixture
 def engine_url() -> Iterator[str]:
     Engine.reply, Engine.tool_call, Engine.status, Engine.delay = ["Hello", " from", " upstream."], None, 200, 0.0
-    Engine.seen = []
+    Engine.seen, Engine.tokenizer, Engine.stop_reason = [], None, None
     Engine.gone = threading.Event()
     with serving(Handler) as url:
         yield url
@@ -147,6 +163,30 @@ def test_the_engines_tool_calls_pass_through_whole_and_streamed(client) -> None:
     text = client.post("/v1/chat/completions", json={"messages": CHAT, "tools": tools, "stream": True},
                        headers=AUTH).get_data(as_text=True)
     assert '"id":"call_up"' in text and "get_weather" in text and text.rstrip().endswith("[DONE]")
+
+
+@pytest.mark.parametrize("tokenizer, expected", [("vllm", 5), ("llama-server", 2)])
+def test_count_tokens_asks_the_engines_tokenizer(client, tokenizer: str, expected: int) -> None:
+    Engine.tokenizer = tokenizer
+    r = client.post("/v1/messages/count_tokens", headers={"x-api-key": "t"},
+                    json={"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Say hello"}]})
+    assert r.status_code == 200 and r.get_json() == {"input_tokens": expected}
+    first = Engine.seen[0]["body"]
+    assert first["messages"] == CHAT and first["add_generation_prompt"] is True and "stream" not in first
+    if tokenizer == "llama-server":
+        assert Engine.seen[-1] == {"path": "/tokenize", "auth": f"Bearer {KEY}",
+                                   "body": {"content": "<|user|>Say hello", "add_special": True}}
+
+
+def test_count_tokens_without_a_tokenizer_is_a_clear_error_and_stop_sequences_pass_through(client) -> None:
+    r = client.post("/v1/messages/count_tokens", headers={"x-api-key": "t"},
+                    json={"model": "m", "messages": [{"role": "user", "content": "Say hello"}]})
+    assert r.status_code == 501 and "/tokenize" in r.get_json()["error"]["message"]
+    assert r.get_json()["type"] == "error"
+    Engine.stop_reason = "###"
+    body = client.post("/v1/messages", headers={"x-api-key": "t"}, json={
+        "model": "m", "max_tokens": 20, "stop_sequences": ["###"], "messages": [{"role": "user", "content": "Hi"}]})
+    assert body.get_json()["stop_reason"] == "stop_sequence" and body.get_json()["stop_sequence"] == "###"
 
 
 def test_embeddings_and_models_come_from_the_engine(client) -> None:

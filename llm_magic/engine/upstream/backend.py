@@ -23,6 +23,7 @@ import requests
 
 from llm_magic.engine.admission import Turnstile
 from llm_magic.engine.backend import Embeddings, EngineStats
+from llm_magic.engine.upstream.tokens import count_chat_tokens
 from llm_magic.engine.upstream.translate import ChunkReader, request_body
 from llm_magic.errors import (
     EngineTimeout, EngineUnavailable, HostBusy, InvalidRequest, LLMMagicError, ModelNotFound,
@@ -30,7 +31,6 @@ from llm_magic.errors import (
 )
 from llm_magic.settings import DEFAULTS, FRONTED_PARALLEL
 from llm_magic.wire.events import Event, Signal, Started
-from llm_magic.wire.anthropic import estimate_tokens
 from llm_magic.wire.types import GenerationRequest
 
 log = logging.getLogger("llm_magic.engine")
@@ -92,7 +92,7 @@ class UpstreamBackend:
         except requests.RequestException as exc:
             raise EngineUnavailable(f"the engine at {self.url} does not answer ({connection_reason(exc)})") from None
         if response.status_code != 200:
-            raise self._failure(response, path)
+            raise engine_failure(response, path, self.url)
         try:
             return response.json()
         except ValueError:
@@ -201,20 +201,36 @@ class UpstreamBackend:
                 response.close()
                 self._flight.pop(flight, None)
 
-    def _post(self, path: str, body: dict, request_id: str | None = None, stream: bool = True) -> requests.Response:
-        """The engine's answer to ``body`` at ``path``; its refusals and failures as our errors."""
+    def _send(self, path: str, body: dict, request_id: str | None = None, stream: bool = True) -> requests.Response:
+        """The engine's response to ``body`` at ``path``, whatever its status."""
         headers = {**self._headers(), **({"X-Request-Id": request_id} if request_id else {})}  # followed there too
         try:
-            response = self._http.post(self.url + path, json=body, headers=headers, stream=stream,
-                                       timeout=(CONNECT_SECONDS, self.read_timeout))
+            return self._http.post(self.url + path, json=body, headers=headers, stream=stream,
+                                   timeout=(CONNECT_SECONDS, self.read_timeout))
         except requests.Timeout:
             raise EngineTimeout(f"the engine at {self.url} did not answer within {self.read_timeout:.0f} s") from None
         except requests.RequestException as exc:
             raise EngineUnavailable(f"the engine at {self.url} does not answer ({connection_reason(exc)})") from None
+
+    def _post(self, path: str, body: dict, request_id: str | None = None, stream: bool = True) -> requests.Response:
+        """The engine's answer to ``body`` at ``path``; its refusals and failures as our errors."""
+        response = self._send(path, body, request_id, stream)
         if response.status_code != 200:
             with response:
-                raise self._failure(response, path)
+                raise engine_failure(response, path, self.url)
         return response
+
+    def _ask(self, path: str, body: dict) -> Any:
+        """The engine's JSON answer at ``path``; None where it has no such route."""
+        with self._send(path, body, stream=False) as response:
+            if response.status_code in (404, 405, 501):
+                return None
+            if response.status_code != 200:
+                raise engine_failure(response, path, self.url)
+            try:
+                return response.json()
+            except ValueError:
+                return None
 
     def _events(self, lines: queue.SimpleQueue, reader: ChunkReader, cancel: threading.Event,
                 tick: float | None) -> Iterator[Event]:
@@ -246,30 +262,10 @@ class UpstreamBackend:
         self.stats.completion_tokens += result.completion_tokens
         self.stats.generation_seconds += time.perf_counter() - started
 
-    def _failure(self, response: requests.Response, path: str) -> LLMMagicError:
-        """The engine's refusal as our error: its own message, under the status it means here
-        (its 400 is the client's mistake; its 5xx, 401 or 403 is the host's)."""
-        try:
-            error = response.json().get("error")
-            message = error.get("message") if isinstance(error, dict) else error or response.text
-        except (ValueError, AttributeError):
-            message = response.text
-        message = str(message or response.reason)[:500]
-        status = response.status_code
-        if status in (429, 503):
-            return HostBusy(f"the engine at {self.url} is busy: {message}", retry_after=5)
-        if status in (400, 413, 422):
-            return InvalidRequest(f"the engine says: {message}")
-        if status == 404 and "model" in message.lower():
-            return ModelNotFound(f"the engine says: {message}")
-        if status in (401, 403):
-            return EngineUnavailable(f"the engine at {self.url} refused this host's key ({status}): set --engine-key")
-        return EngineUnavailable(f"the engine at {self.url} answered {path} with {status}: {message}")
-
     def count_tokens(self, request: GenerationRequest) -> int:
-        """An estimate of the prompt's tokens (Anthropic's count_tokens): an OpenAI-compatible
-        engine has no common way to template and count a chat."""
-        return estimate_tokens(request)
+        """The prompt's tokens as the engine templates and tokenizes it (Anthropic's
+        count_tokens), through its ``/tokenize``; a 501 for an engine without one."""
+        return count_chat_tokens(self._ask, request_body(request, self._model_for(request)), self.url)
 
     # -- embeddings --------------------------------------------------------------------------
 
@@ -281,6 +277,27 @@ class UpstreamBackend:
         usage = data.get("usage") or {}
         return Embeddings([list(map(float, row.get("embedding") or ())) for row in rows], data.get("model") or
                           self.default_name, int(usage.get("prompt_tokens") or 0))
+
+
+def engine_failure(response: requests.Response, path: str, url: str) -> LLMMagicError:
+    """The engine's refusal as our error: its own message, under the status it means here
+    (its 400 is the client's mistake; its 5xx, 401 or 403 is the host's)."""
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error or response.text
+    except (ValueError, AttributeError):
+        message = response.text
+    message = str(message or response.reason)[:500]
+    status = response.status_code
+    if status in (429, 503):
+        return HostBusy(f"the engine at {url} is busy: {message}", retry_after=5)
+    if status in (400, 413, 422):
+        return InvalidRequest(f"the engine says: {message}")
+    if status == 404 and "model" in message.lower():
+        return ModelNotFound(f"the engine says: {message}")
+    if status in (401, 403):
+        return EngineUnavailable(f"the engine at {url} refused this host's key ({status}): set --engine-key")
+    return EngineUnavailable(f"the engine at {url} answered {path} with {status}: {message}")
 
 
 def _read_lines(response: requests.Response, lines: queue.SimpleQueue) -> None:
