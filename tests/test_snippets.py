@@ -63,3 +63,21 @@ def test_the_block_shows_the_device_and_warnings() -> None:
     assert "  Device:     CUDA0 Tesla T4; layers on the GPU: 29 of 29; 4.4 GiB model + 1.8 GiB KV cache" in block
     assert "warning: the GPU is not used" in block
     assert "Token:      none" in block and "--token" not in client_snippets("http://h", None)
+
+
+def test_the_coding_agent_lines_are_shell_words_and_toml_codex_reads() -> None:
+    tomllib = __import__("pytest").importorskip("tomllib")
+    import shlex
+
+    block = client_snippets("https://h.example", AWKWARD)
+    assert shlex.split(snippet(block, "claude")) == ["ANTHROPIC_BASE_URL=https://h.example",  # no /v1
+                                                     f"ANTHROPIC_API_KEY={AWKWARD}", "claude"]
+    words = shlex.split(snippet(block, "codex"))
+    assert words[:5] == [f"LLM_MAGIC_TOKEN={AWKWARD}", "codex", "-c", "model_provider=llm_magic", "-c"]
+    name, value = words[5].split("=", 1)
+    provider = tomllib.loads(f"{name} = {value}")["model_providers"]["llm_magic"]
+    assert provider == {"name": "llm_magic", "base_url": "https://h.example/v1", "wire_api": "responses",
+                        "env_key": "LLM_MAGIC_TOKEN"}
+    open_host = client_snippets("http://127.0.0.1:5000", None)
+    assert "ANTHROPIC_API_KEY=none claude" in snippet(open_host, "claude")  # Claude Code wants one
+    assert "env_key" not in snippet(open_host, "codex") and "LLM_MAGIC_TOKEN" not in snippet(open_host, "codex")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Any, Mapping, Sequence
 
@@ -44,9 +45,25 @@ def token_option(token: str) -> str:
     return f"--token={quoted}" if token.startswith("-") else f"--token {quoted}"
 
 
+def agent_snippets(url: str, token: str | None) -> list[str]:
+    """Claude Code (Anthropic's Messages API, base URL without /v1; it wants a key even where
+    the host takes none) and Codex CLI (a Responses provider given with ``-c``, as the
+    ``[model_providers.llm_magic]`` table of its config.toml would; the token from an env var)."""
+    key = shlex.quote(token or "none")
+    provider = {"name": "llm_magic", "base_url": url + "/v1", "wire_api": "responses",
+                **({"env_key": "LLM_MAGIC_TOKEN"} if token else {})}
+    table = "{" + ", ".join(f"{name} = {json.dumps(value)}" for name, value in provider.items()) + "}"
+    codex_env = f"LLM_MAGIC_TOKEN={shlex.quote(token)} " if token else ""
+    return [
+        f"claude:   ANTHROPIC_BASE_URL={shlex.quote(url)} ANTHROPIC_API_KEY={key} claude",
+        f"codex:    {codex_env}codex -c model_provider=llm_magic -c {shlex.quote('model_providers.llm_magic=' + table)}",
+    ]
+
+
 def client_snippets(url: str, token: str | None, *, streams: bool = True) -> str:
     """Short examples for the browser, Jupyter, the terminal, curl, requests (the seed's
-    payload), the openai SDK and llm_magic. Tokens are quoted for the shell or for Python."""
+    payload), the openai SDK, llm_magic and the coding agents. Tokens are quoted for the shell
+    or for Python."""
     auth = f" -H {shlex.quote('Authorization: Bearer ' + token)}" if token else ""
     token_arg = f" {token_option(token)}" if token else ""
     token_field = f"'token': {token!r}, " if token else ""
@@ -62,4 +79,5 @@ def client_snippets(url: str, token: str | None, *, streams: bool = True) -> str
         f"json={{{token_field}'inputs': 'Hello!', 'parameters': {{}}}}).json()",
         f"openai:   OpenAI(base_url={url + '/v1'!r}, api_key={api_key})",
         f"python:   llm_magic.Client({url!r}" + (f", token={token!r})" if token else ")"),
+        *agent_snippets(url, token),
     ])
