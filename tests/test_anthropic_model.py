@@ -66,6 +66,20 @@ def test_count_tokens_matches_the_prompt_and_a_second_turn_reads_the_cache(clien
     assert (second.usage.cache_read_input_tokens or 0) >= counted // 2
 
 
+def test_an_answer_cut_at_a_stop_sequence_says_which(client) -> None:
+    ask = {"model": "m", "max_tokens": 24, "extra_body": GREEDY, "messages": [{"role": "user", "content": "Name a colour."}]}
+    whole = client.messages.create(**ask).content[0].text
+    words = whole.split()
+    assert len(words) >= 3, whole
+    stop = " " + words[2]  # greedy: the same answer again, cut before its third word
+    cut = client.messages.create(**ask, stop_sequences=["no such text", stop])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert cut.content[0].text == whole[: whole.index(stop)]
+    with client.messages.stream(**ask, stop_sequences=[stop]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+
+
 def test_the_sdk_raises_its_typed_exceptions(host: ApiHost, client) -> None:
     with anthropic.Anthropic(base_url=host.url, api_key="wrong", max_retries=0) as wrong, \
             pytest.raises(anthropic.AuthenticationError):
