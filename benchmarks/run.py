@@ -16,6 +16,9 @@ round by round so that machine drift hits each alike:
 - 1, 4 and 16 concurrent streaming clients against llm_magic ``--parallel 1`` and ``4``,
   llama-server ``-np 1`` and ``-np 4``, and ``llama_cpp.server``: aggregate tokens/s, p50/p95
   time to first token and latency, errors;
+- speculation: decode tokens/s of a code edit (a 40-line cell written again with one name
+  changed) and of prose, llm_magic with ``--spec ngram`` and with ``speculative: false``, and
+  llama-server with no speculation, ``--spec-type ngram-simple`` and ``ngram-mod``;
 - chat decode tokens/s plain, with JSON-schema structured output, and with logprobs; ``n=4``
   against one answer;
 - ``llm-magic serve`` start-up time to a healthy ``/health``.
@@ -102,13 +105,13 @@ class LlamaCppServer:
 class LlamaServer:
     """llama.cpp's own C++ server, same model, threads and context; ``parallel`` slots."""
 
-    def __init__(self, binary: Path, model: Path, threads: int, parallel: int) -> None:
+    def __init__(self, binary: Path, model: Path, threads: int, parallel: int, extra: list[str] | None = None) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
              "--ctx-size", str(4096 * parallel), "--parallel", str(parallel), "--threads", str(threads),
-             "--threads-batch", str(threads), "--no-webui"],
+             "--threads-batch", str(threads), "--no-webui", *(extra or [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_healthy(self.url)
 
@@ -227,6 +230,109 @@ def features(ours: str, rounds: int) -> dict:
             r.raise_for_status()
             rates[name].append(r.json()["timings"]["predicted_per_second"])
     return {name: statistics.median(values) for name, values in rates.items()}
+
+
+CODE_CELL = """import csv
+from dataclasses import dataclass
+
+
+@dataclass
+class Reading:
+    station: str
+    value: float
+
+
+def load(path):
+    readings = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            readings.append(Reading(row["station"], float(row["value"])))
+    return readings
+
+
+def summarize(readings):
+    \"\"\"Return the count, total and mean of the values, per station.\"\"\"
+    stations = {}
+    for reading in readings:
+        entry = stations.setdefault(reading.station, {"count": 0, "total": 0.0})
+        entry["count"] += 1
+        entry["total"] += reading.value
+    for entry in stations.values():
+        entry["mean"] = entry["total"] / entry["count"]
+    return stations
+
+
+def report(stations):
+    lines = []
+    for name in sorted(stations):
+        entry = stations[name]
+        lines.append(f"{name}: {entry['count']} readings, mean {entry['mean']:.2f}")
+    return "\\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report(summarize(load("readings.csv"))))
+"""
+CODE_EDIT = {"messages": [{"role": "user", "content": "Here is a Python cell:\n\n```python\n" + CODE_CELL + "```\n\n"
+                           "Rewrite the cell with the function summarize renamed to describe. Reply with the whole "
+                           "cell in a code block."}], "max_tokens": 400, "temperature": 0}
+PROSE_CHAT = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a bottle."}],
+              "max_tokens": 300, "temperature": 0}
+
+
+def speculation(servers: dict[str, tuple[str, dict]], rounds: int) -> dict:
+    """Decode tokens/s (each server's own timings) of a code edit (a 44-line cell to write again
+    with one name changed) and of prose, on each server with and without speculation, and the
+    share of drafted tokens accepted."""
+    session = new_session()
+    rates = {(work, name): [] for work in ("code edit", "prose") for name in servers}
+    accepted: dict[tuple[str, str], list[float]] = {key: [] for key in rates}
+    for i in range(rounds):
+        for name, (url, extra) in rotated(servers, i):
+            for work, body in (("code edit", CODE_EDIT), ("prose", PROSE_CHAT)):
+                time.sleep(SETTLE_SECONDS)
+                r = session.post(url + "/v1/chat/completions", json={**body, **extra}, timeout=600)
+                r.raise_for_status()
+                timings = r.json()["timings"]
+                rates[work, name].append(timings["predicted_per_second"])
+                if timings.get("draft_n"):
+                    accepted[work, name].append(timings.get("draft_n_accepted", 0) / timings["draft_n"])
+    return {work: {name: {"tokens_per_s": statistics.median(rates[work, name]),
+                          "accepted": statistics.median(accepted[work, name]) if accepted[work, name] else None}
+                   for name in servers} for work in ("code edit", "prose")}
+
+
+def report_speculation(table: dict) -> str:
+    lines = [f"{'decode tokens/s, speculation':<34}{'code edit':>10}{'accepted':>10}{'prose':>10}{'accepted':>10}"]
+    for name in table["code edit"]:
+        row = f"  {name:<32}"
+        for work in ("code edit", "prose"):
+            cell = table[work][name]
+            row += f"{cell['tokens_per_s']:>10.1f}" + (f"{cell['accepted']:>10.2f}" if cell["accepted"] is not None else f"{'-':>10}")
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def only_speculation(rounds: int) -> int:
+    from llama_server import build
+
+    binary, model, threads = build(), embedded_model_path(), best_thread_count()
+    peers = {"llama-server": LlamaServer(binary, model, threads, 1),
+             "llama-server ngram-simple": LlamaServer(binary, model, threads, 1, ["--spec-type", "ngram-simple"]),
+             "llama-server ngram-mod": LlamaServer(binary, model, threads, 1, ["--spec-type", "ngram-mod"])}
+    host = ApiHost(use_token=False, port=0, tunnel="none").start()
+    try:
+        print(report_speculation(speculation(speculation_servers(host.url or "", peers), rounds)))
+    finally:
+        host.stop()
+        for peer in peers.values():
+            peer.stop()
+    return 0
+
+
+def speculation_servers(ours: str, peers: dict) -> dict[str, tuple[str, dict]]:
+    return {"llm_magic --spec ngram": (ours, {}), "llm_magic, speculative: false": (ours, {"speculative": False}),
+            **{name: (peer.url, {}) for name, peer in peers.items()}}
 
 
 # The costliest schema a host accepts for per-token checks: the most enum values, each long,
@@ -507,12 +613,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--only", choices=["neighbours", "features", "prompt"],
+    parser.add_argument("--only", choices=["neighbours", "features", "prompt", "speculation"],
                         help="one measurement, printed, nothing saved: of llm_magic alone (neighbours, "
                              "features), or prompt reading beside llama-server -np 4 (prompt)")
     args = parser.parse_args()
     if args.only == "prompt":
         return only_prompt_reading(max(2, args.rounds // 2))
+    if args.only == "speculation":
+        return only_speculation(max(2, args.rounds // 2))
     if args.only:
         host = ApiHost(use_token=False, port=0, tunnel="none").start()
         try:
@@ -541,6 +649,8 @@ def main() -> int:
     peers = {"llama-server -np 4": LlamaServer(binary, model, threads, 4),
              "llama-server -np 1": LlamaServer(binary, model, threads, 1),
              "llama_cpp.server": LlamaCppServer(model, threads)}
+    speculating = {"llama-server ngram-simple": LlamaServer(binary, model, threads, 1, ["--spec-type", "ngram-simple"]),
+                   "llama-server ngram-mod": LlamaServer(binary, model, threads, 1, ["--spec-type", "ngram-mod"])}
     urls = {**{name: h.url or "" for name, h in hosts.items()}, **{name: p.url for name, p in peers.items()}}
     ours, theirs, cpp = urls["llm_magic --parallel 4"], urls["llama_cpp.server"], urls["llama-server -np 1"]
     try:
@@ -560,9 +670,11 @@ def main() -> int:
             "n_choices": n_choices(ours, max(3, args.rounds // 2)),
             "neighbours_ms": neighbours(ours, max(3, args.rounds // 2)),
             "concurrency": {name: [concurrency(url, n) for n in CLIENTS] for name, url in urls.items()},
+            "speculation": speculation(speculation_servers(ours, {"llama-server": peers["llama-server -np 1"],
+                                                                  **speculating}), max(2, args.rounds // 2)),
         }
     finally:
-        for server in [*peers.values(), *hosts.values()]:
+        for server in [*peers.values(), *speculating.values(), *hosts.values()]:
             server.stop()
         llm.close()
     results["startup_s"] = startup_seconds()
@@ -590,6 +702,10 @@ def main() -> int:
         / results["neighbours_ms"]["beside plain"],
         "clients4_vs_llama_server_np4": table["llm_magic --parallel 4"][1]["tokens_per_s"]
         / table["llama-server -np 4"][1]["tokens_per_s"],
+        "code_edit_spec_vs_none": results["speculation"]["code edit"]["llm_magic --spec ngram"]["tokens_per_s"]
+        / results["speculation"]["code edit"]["llm_magic, speculative: false"]["tokens_per_s"],
+        "prose_spec_vs_none": results["speculation"]["prose"]["llm_magic --spec ngram"]["tokens_per_s"]
+        / results["speculation"]["prose"]["llm_magic, speculative: false"]["tokens_per_s"],
         "clients16_vs_llama_server_np4": table["llm_magic --parallel 4"][2]["tokens_per_s"]
         / table["llama-server -np 4"][2]["tokens_per_s"],
     }
@@ -657,6 +773,7 @@ def report(r: dict) -> str:
         for c in rows:
             lines.append(f"  {name:<32}{c['clients']:>8}{c['errors']:>7}{c['tokens_per_s']:>10.1f}"
                          f"{c['ttft_p50_ms']:>10.0f}{c['ttft_p95_ms']:>8.0f}{c['p50_ms']:>13.0f}{c['p95_ms']:>8.0f}")
+    lines += ["", report_speculation(r["speculation"])]
     lines += ["", report_neighbours(r["neighbours_ms"])]
     lines += ["", f"llm-magic serve to healthy: {r['startup_s']:.2f} s"]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 TOKEN_ENV = "LLM_MAGIC_TOKEN"
 TUNNELS = ("cloudflared", "none")
 FLASH_ATTENTION = ("auto", "on", "off")
+SPEC_KINDS = ("ngram", "none")
 REASONING_FORMATS = ("auto", "none", "deepseek")  # as llama-server's --reasoning-format
 LLAMA_PARALLEL = 4  # slots, as llama-server's default
 FRONTED_PARALLEL = 64  # requests in flight to an engine that batches itself (vLLM's scheduler)
@@ -51,6 +52,9 @@ class ServeSettings:
     allow_model: list[str] = field(default_factory=list)
     parallel: int | None = None  # None: 4 for llama.cpp (as llama-server's), 64 in front of an engine
     max_queue: int = 16
+    spec: str = "ngram"  # speculation: ngram (drafts from the answer's own history) | none
+    spec_draft_max: int = 16  # the most tokens drafted per step
+    spec_draft_min: int = 2  # shorter drafts are not tried
     batch_size: int = 2048  # prompt tokens one decode step takes at most, as llama-server's -b
     ubatch_size: int = 512  # of those, how many llama.cpp computes at once, as llama-server's -ub
     flash_attn: str = "auto"  # as llama-server's default
@@ -184,6 +188,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "--engine, which batches itself; 1 serves one request at a time)")
     parser.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
                         help="requests that may wait for a free slot before 503 (default: %(default)s)")
+    parser.add_argument("--spec", choices=SPEC_KINDS, default=d.spec,
+                        help="speculative decoding: ngram guesses an answer's next tokens from the prompt "
+                             "and the answer so far (edits, code, quotes come out several tokens a step, "
+                             "token for token the same answer); none decodes one token a step "
+                             "(default: %(default)s)")
+    parser.add_argument("--spec-draft-max", type=_at_least_one, default=d.spec_draft_max, metavar="N",
+                        help="the most tokens guessed ahead per step (default: %(default)s)")
+    parser.add_argument("--spec-draft-min", type=_at_least_one, default=d.spec_draft_min, metavar="N",
+                        help="guesses shorter than this are not tried (default: %(default)s)")
     parser.add_argument("--batch-size", type=_at_least_one, default=d.batch_size, metavar="N",
                         help="the most prompt tokens read in one step while nothing else is written "
                              "(default: %(default)s, as llama-server's)")

@@ -36,11 +36,25 @@ class EngineStats:
     generation_seconds: float = 0.0
     model_loads: int = 0  # for /metrics (not /health): loads of a model for generating, and their time
     model_load_seconds: float = 0.0
+    draft_tokens: int = 0  # tokens guessed ahead (speculation), and of those, the ones answers wrote
+    draft_accepted_tokens: int = 0
+
+    def count(self, prompt: int, completion: int, seconds: float, drafted: int = 0, accepted: int = 0) -> None:
+        """Add one request's work."""
+        self.requests += 1
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.generation_seconds += seconds
+        self.draft_tokens += drafted
+        self.draft_accepted_tokens += accepted
 
     def as_dict(self) -> dict[str, float]:
         rate = self.completion_tokens / self.generation_seconds if self.generation_seconds else 0.0
-        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "tokens_per_second": round(rate, 1)}
+        stats = {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                 "completion_tokens": self.completion_tokens, "tokens_per_second": round(rate, 1)}
+        if self.draft_tokens:
+            stats.update(draft_tokens=self.draft_tokens, draft_accepted_tokens=self.draft_accepted_tokens)
+        return stats
 
 
 @runtime_checkable

@@ -86,6 +86,7 @@ def _launched(settings: ServeSettings, model_name: str | None) -> Built:
 def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None) -> Built:
     from llm_magic.engine.llama_cpp.backend import LlamaCppBackend, gpu_offload_supported
     from llm_magic.engine.llama_cpp.gpu import offload_warning
+    from llm_magic.engine.llama_cpp.speculation import SpecSettings
     from llm_magic.models import ModelPolicy, ModelSpec, model_name as name_of, resolve_model
 
     spec = ModelSpec.parse(settings.model)
@@ -97,6 +98,7 @@ def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None)
                               chat_format=settings.chat_format, max_queue=settings.max_queue,
                               parallel=settings.slots, flash_attention=settings.flash_attn,
                               batch_size=settings.batch_size, ubatch_size=settings.ubatch_size,
+                              speculation=SpecSettings(settings.spec, settings.spec_draft_max, settings.spec_draft_min),
                               reasoning_format=settings.reasoning_format,
                               reasoning_budget=settings.reasoning_budget,
                               chat_template_file=settings.chat_template_file,

@@ -253,6 +253,11 @@ class ScrapeCollector:
                                       value=float(values["model_loads"]))
             yield CounterMetricFamily("llm_magic_model_load_seconds", "Seconds spent loading them",
                                       value=float(values.get("model_load_seconds", 0.0)))
+        if "draft_tokens" in values:
+            yield CounterMetricFamily("llm_magic_draft_tokens", "Tokens guessed ahead by speculative decoding",
+                                      value=float(values["draft_tokens"]))
+            yield CounterMetricFamily("llm_magic_draft_accepted_tokens", "Of those, tokens the answers wrote",
+                                      value=float(values.get("draft_accepted_tokens", 0)))
         tunnel = (meter.extra_status() or {}).get("tunnel") if meter.extra_status else None
         if isinstance(tunnel, dict) and tunnel.get("state"):
             yield GaugeMetricFamily("llm_magic_tunnel_up", "1 while the public tunnel answers, else 0",

@@ -40,7 +40,7 @@ IGNORED_FIELDS = (
     "prediction", "verbosity", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
     "web_search_options", "modalities", "audio",
 )
-_COMMON = ("model", "stream", "stream_options", "n", "logit_bias", "logprobs", *SAMPLING_FIELDS,
+_COMMON = ("model", "stream", "stream_options", "n", "logit_bias", "logprobs", "speculative", *SAMPLING_FIELDS,
            *IGNORED_FIELDS)
 CHAT_FIELDS = (*_COMMON, "messages", "max_completion_tokens", "response_format", "top_logprobs",
                "tools", "tool_choice", "functions", "function_call", *REASONING_FIELDS)
@@ -85,7 +85,8 @@ def _common(f: Fields, model_ids: Iterable[str]) -> dict:
     options.reject_unknown(("include_usage", "include_obfuscation"))
     options.boolean("include_obfuscation")
     return {"model": _model(f, model_ids), "stream": f.boolean("stream", False), "n": f.integer("n", 1, MAX_N, 1),
-            "include_usage": bool(options.boolean("include_usage", False))}
+            "include_usage": bool(options.boolean("include_usage", False)),
+            "speculative": bool(f.boolean("speculative", True))}
 
 
 def _content(value: Any, where: str) -> str:

@@ -61,7 +61,7 @@ def _check_seed_order(messages: list[dict], field_name: str) -> None:
 
 
 API_FIELDS = ("token", "task", "repo_id", "file_name", "inputs", "parameters", "options")
-API_OPTIONS = ("use_gpu", "ctx_length", "ctx_lenght", "chat_format", "stream", *REASONING_FIELDS)
+API_OPTIONS = ("use_gpu", "ctx_length", "ctx_lenght", "chat_format", "stream", "speculative", *REASONING_FIELDS)
 API_DEFAULT_MAX_TOKENS = 512
 
 
@@ -107,6 +107,7 @@ def parse_api_request(body: Any) -> GenerationRequest:
         use_gpu=options.boolean("use_gpu"),
         chat_format=options.string("chat_format", max_length=100),
         stream=options.boolean("stream", False),
+        speculative=bool(options.boolean("speculative", True)),
         response_format=_api_response_format(params.obj.get("response_format")),
         **parse_reasoning(options),
     )

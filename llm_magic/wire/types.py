@@ -55,6 +55,7 @@ class GenerationRequest:
     reasoning_budget: int | None = None  # the most reasoning tokens; -1 unlimited
     reasoning_effort: str | None = None  # low | medium | high, for templates that take it (gpt-oss)
     chat_template_kwargs: dict | None = None  # more variables for the chat template (enable_thinking)
+    speculative: bool = True  # False: no tokens drafted ahead for this answer (the host's --spec otherwise)
 
     @property
     def is_chat(self) -> bool:

@@ -28,6 +28,7 @@ from llm_magic.engine.llama_cpp.loaded import EMBEDDING_TOKENS, LoadedModel
 from llm_magic.engine.llama_cpp.loading import (HostSettings, ModelKey, best_thread_count, chat_formats,
                                                 gpu_offload_supported)
 from llm_magic.engine.llama_cpp.residency import Residency
+from llm_magic.engine.llama_cpp.speculation import SpecSettings
 from llm_magic.engine.llama_cpp.thinking import read_template, split_reasoning
 from llm_magic.engine.llama_cpp.tool_events import split_tool_calls
 from llm_magic.errors import Cancelled, EngineError, InvalidRequest
@@ -67,6 +68,7 @@ class LlamaCppBackend:
         flash_attention: str = DEFAULTS.flash_attn,
         batch_size: int = DEFAULTS.batch_size,
         ubatch_size: int = DEFAULTS.ubatch_size,
+        speculation: SpecSettings | None = None,
         kv_unified: bool = False,  # one KV cache shared by the slots: less memory, answers may vary
         reasoning_format: str = DEFAULTS.reasoning_format,
         reasoning_budget: int = DEFAULTS.reasoning_budget,
@@ -84,10 +86,10 @@ class LlamaCppBackend:
         self.policy = policy or ModelPolicy(has_token=False)
         self.turnstile = Turnstile(max_queue, queue_timeout, capacity=self.parallel)
         self.stats = EngineStats()
-        self.scheduler = Scheduler()  # the one thread that runs llama.cpp's compute
+        # the one compute thread; no drafts without flash attention (several tokens round unlike one)
+        self.scheduler = Scheduler(speculation if flash_attention != "off" else None)
         self.grammars = GrammarChecker()
-        self.models = Residency(self.settings, self.scheduler, self.grammars, gpu_layers=gpu_layers,
-                                policy=self.policy,
+        self.models = Residency(self.settings, self.scheduler, self.grammars, gpu_layers=gpu_layers, policy=self.policy,
                                 embedding_path=Path(embedding_model) if embedding_model else None)
 
     # -- state ---------------------------------------------------------------------------
@@ -142,7 +144,8 @@ class LlamaCppBackend:
         """For ``/metrics``: KV cache cells in use and in all, model loads and their seconds."""
         used, total = self.scheduler.pool.cache_cells(shared=self.settings.kv_unified)
         return {"kv_cells_used": used, "kv_cells_total": total, "model_loads": self.stats.model_loads,
-                "model_load_seconds": self.stats.model_load_seconds}
+                "model_load_seconds": self.stats.model_load_seconds, "draft_tokens": self.stats.draft_tokens,
+                "draft_accepted_tokens": self.stats.draft_accepted_tokens}
 
     def load_default(self) -> None:
         """Load the default model now (at start-up) rather than on the first request."""
@@ -217,10 +220,9 @@ class LlamaCppBackend:
         """Add a task's work to the stats once it ends (an answer cut short by a client that
         left too), before its answer goes out, so that /health agrees with what clients saw."""
         if task.started:
-            self.stats.requests += 1
-            self.stats.prompt_tokens += len(task.tokens)
-            self.stats.completion_tokens += sum(c.generated for c in task.choices)
-            self.stats.generation_seconds += time.perf_counter() - task.started
+            choices = task.choices
+            self.stats.count(len(task.tokens), sum(c.generated for c in choices), time.perf_counter() - task.started,
+                             sum(c.drafted for c in choices), sum(c.accepted for c in choices))
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """How many tokens the request's prompt is, made by the chat template with its tools as

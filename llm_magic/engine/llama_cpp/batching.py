@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from llm_magic.engine.llama_cpp.decoding import Choice
 from llm_magic.engine.llama_cpp.slots import Slot, SlotPool
+from llm_magic.engine.llama_cpp.speculation import NgramDrafter, SpecSettings
 from llm_magic.errors import EngineError, LLMMagicError, ModelLoadError
 from llm_magic.engine.llama_cpp.sampling import logits_at
 from llm_magic.wire.events import Signal
@@ -153,6 +154,7 @@ class Task:
     handed_off: bool = False  # its first text went out (see FIRST_TEXT_WAIT)
     kept_logits: Any = None  # its prompt's logits, kept by its slot: nothing to decode
     request_id: str | None = None  # the server's id for the request (shown by /slots)
+    speculative: bool = True  # its answers may be drafted ahead (speculation.py); False: one token per step
 
     @property
     def reading(self) -> bool:
@@ -215,7 +217,9 @@ class ComputeThread:
 class Scheduler:
     """The one thread that drives llama.cpp, stepping every running request together."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: SpecSettings | None = None) -> None:
+        self.spec = spec or SpecSettings(kind="none")
+        self._drafts_off = False  # the KV cache was full with drafts in the step: the next goes without
         self._compute = ComputeThread(self._serve)
         self.context: BatchContext | None = None
         self._pool = SlotPool(None)
@@ -312,8 +316,7 @@ class Scheduler:
         if not self._running:
             return
         ctx.clear()
-        writing = [(slot, ctx.add(slot.next_token, len(slot.cache), slot.seq, True))
-                   for slot in self._slots if slot.next_token is not None]
+        writing = add_answers(ctx, self._slots, None if self._drafts_off else self.spec)
         # beside answers being written, in chunks that keep them flowing (within one ubatch)
         budget = min(self._chunk, ctx.n_ubatch - ctx.size) if writing else ctx.n_batch
         chunks = add_prompt_chunks(ctx, sorted((t for t in self._running if t.reading), key=lambda t: t.arrived),
@@ -321,8 +324,12 @@ class Scheduler:
         started = time.perf_counter()
         status = ctx.decode()
         if status == 1:
-            self._make_room()
+            if any(draft for _, _, draft in writing):
+                self._drafts_off = True  # first try again without guesses
+            else:
+                self._make_room()
             return
+        self._drafts_off = False
         if status != 0:
             raise EngineError(f"llama.cpp could not decode (status {status})")
         if chunks and writing:
@@ -333,9 +340,8 @@ class Scheduler:
             task.read += n
             if index >= 0:  # the prompt is read: every choice samples its first token from it
                 self._begin(task, lambda slot, index=index: self._sample(slot, index))
-        for slot, index in writing:
-            slot.cache.append(slot.next_token)  # type: ignore[arg-type]
-            self._sample(slot, index)
+        for slot, index, draft in writing:
+            verify(ctx, slot, index, draft, self._sample)
         if len(self._running) == 1:
             task = self._running[0]
             if task.first_text_passed is not None and not task.handed_off and any(c.text for c in task.choices):
@@ -457,6 +463,59 @@ class Scheduler:
 
 
 _NOTHING = object()
+
+
+def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None) -> list[tuple[Slot, int, list[int]]]:
+    """Put every answer's next token into the batch, each followed by its draft if it has one
+    (``spec``: None, no drafts): for each answer, its slot, the batch index of that token and
+    the drafted tokens."""
+    answers = [slot for slot in slots if slot.next_token is not None]
+    room = ctx.n_batch - len(answers)  # every answer's next token has its place
+    writing = []
+    for slot in answers:
+        pos = len(slot.cache)
+        index = ctx.add(slot.next_token, pos, slot.seq, True)  # type: ignore[arg-type]
+        draft = drafted(slot, spec, min(room, ctx.n_ctx - pos - 2)) if spec is not None and room > 0 else []
+        for i, token in enumerate(draft, pos + 1):
+            ctx.add(token, i, slot.seq, True)
+        room -= len(draft)
+        writing.append((slot, index, draft))
+    return writing
+
+
+def verify(ctx: BatchContext, slot: Slot, index: int, draft: list[int], sample: Callable[[Slot, int], None]) -> None:
+    """Write the answer's next token (``index`` in the batch) and as many of its drafted tokens
+    as its sampler chooses in turn (``sample``), each from the logits after the one before: the
+    answer is what it would be without the draft. The drafted tokens not chosen leave the KV cache."""
+    task, choice = slot.task, slot.choice
+    assert choice is not None
+    slot.cache.append(slot.next_token)  # type: ignore[arg-type]
+    choice.drafted += len(draft)
+    accepted = 0
+    sample(slot, index)
+    while accepted < len(draft) and slot.task is task and slot.next_token == draft[accepted]:
+        slot.cache.append(draft[accepted])  # already decoded: its logits are in this batch
+        accepted += 1
+        choice.accepted += 1
+        sample(slot, index + accepted)
+    if draft:
+        if accepted < len(draft) or slot.task is not task:
+            ctx.forget(slot.seq, len(slot.cache))  # the cache holds what the answer wrote, no more
+        if slot.drafter is not None and slot.task is task:
+            slot.drafter.verified(len(draft), accepted)
+
+
+def drafted(slot: Slot, spec: SpecSettings, room: int) -> list[int]:
+    """The slot's guess of the tokens after its next one, at most ``room`` of them."""
+    task, choice = slot.task, slot.choice
+    if task is None or choice is None or not task.speculative or not spec.enabled:
+        return []
+    room = min(room, choice.max_tokens - choice.generated - 1)  # none past the answer's end
+    if room < spec.draft_min:
+        return []
+    if slot.drafter is None:
+        slot.drafter = NgramDrafter(spec)
+    return slot.drafter.draft(slot.cache, slot.next_token)[:room]  # type: ignore[arg-type]
 
 
 def add_prompt_chunks(ctx: BatchContext, tasks: list[Task], budget: int) -> list[tuple[Task, int, int]]:

@@ -65,6 +65,8 @@ class Choice:
         self.generated = 0
         self.finish_reason: str | None = None  # set when the choice is complete
         self.first_token_at: float | None = None
+        self.drafted = 0  # tokens guessed ahead for it (speculation.py), and of those, the ones it wrote
+        self.accepted = 0
         self.ended_at: float | None = None
 
     def add(self, token: int, logits: Callable[[], Any]) -> bool:
@@ -108,8 +110,10 @@ class Choice:
     def completion(self, model: str, prompt_tokens: int, cached: int, started: float) -> Completion:
         ended = self.ended_at or time.perf_counter()
         first = self.first_token_at or ended
-        return Completion(self.text, model, self.finish_reason or "length", prompt_tokens, self.generated,
-                          timings(prompt_tokens, cached, self.generated, started, first, ended),
+        times = timings(prompt_tokens, cached, self.generated, started, first, ended)
+        if self.drafted:  # as llama-server reports speculation
+            times.update(draft_n=self.drafted, draft_n_accepted=self.accepted)
+        return Completion(self.text, model, self.finish_reason or "length", prompt_tokens, self.generated, times,
                           cached_tokens=cached, index=self.index,
                           logprobs=self.logprobs.reported if self.logprobs is not None else None,
                           # an end token the sampler saw while thinking is not one of the answer's

@@ -242,7 +242,8 @@ class LoadedModel:
             events.put(answers[0])
 
         return Task(tokens, choices, finish, cancel, events=events, first_text_passed=first_text_passed,
-                    tool_format=tool_format.name if tool_format else None, reasoning=reasoning)
+                    tool_format=tool_format.name if tool_format else None, reasoning=reasoning,
+                    speculative=request.speculative)
 
     # -- embeddings ----------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ class Slot:
     # The logits that follow the cache's last token, kept when an answer ends: a request whose
     # prompt is exactly the cache samples from them instead of decoding its last token again.
     logits: Any = None
+    drafter: Any = None  # its answer's NgramDrafter (speculation.py), made at its first draft
 
 
 class SlotPool:
@@ -67,6 +68,7 @@ class SlotPool:
         now = time.perf_counter()
         for slot, choice in zip(task.slots, task.choices):
             slot.task, slot.choice, slot.next_token, slot.last_used, slot.logits = task, choice, None, now, None
+            slot.drafter = None
         task.read = task.cached = keep
         task.started = now
 

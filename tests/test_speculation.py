@@ -1,0 +1,180 @@
+"""Speculative decoding: n-gram drafts verified in the batch, against the real SmolLM2 model.
+
+Greedy answers with drafts equal those without, token for token. Two things about llama.cpp's
+CPU flash attention shape these tests (see the README): the sequences stay under 256 KV cells,
+since past that a lone one-token step is computed by a split-KV kernel whose rounding differs in
+the last bits from a step of several tokens; and each comparison starts from the same cache
+(``warm``), since a prompt read in one batch and the same prompt's last token read again after
+it was cached differ in those bits too."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from llm_magic.engine.llama_cpp.backend import LlamaCppBackend
+from llm_magic.engine.llama_cpp.speculation import NgramDrafter, SpecSettings
+from llm_magic.errors import InvalidRequest
+from llm_magic.wire.events import Completion
+from llm_magic.wire.openai import parse_chat
+from llm_magic.wire.types import GenerationRequest, ResponseFormat, Sampling
+
+CELL = '''def mean(values):
+    total = 0.0
+    for value in values:
+        total += value
+    return total / len(values)
+'''
+EDIT = ({"role": "user", "content": "Here is a Python cell:\n\n```python\n" + CELL + "```\n\nRewrite the cell with "
+                                   "the function mean renamed to average. Reply with the whole cell in a code block."},)
+PROSE = ({"role": "user", "content": "Tell me about the sea."},)
+
+
+# -- the drafter alone -------------------------------------------------------------------------
+
+
+def test_a_passage_seen_before_is_guessed_from_where_it_was() -> None:
+    drafter = NgramDrafter(SpecSettings(draft_max=8, draft_min=2))
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
+    assert drafter.draft(history, 3) == [4, 5, 6, 7]  # after 1 2 3 came 4 5 6 7 ...: a modest first guess
+    assert drafter.draft(history + [3, 4, 5], 6) == [7, 8, 9, 1]  # the index grows with the history
+
+
+def test_no_guess_without_a_match_or_when_it_is_too_short() -> None:
+    assert NgramDrafter(SpecSettings(draft_max=8, draft_min=4)).draft([1, 2, 3, 4, 5], 6) == []  # 4 5 6: never before
+    # 1 2 3 was followed by 1 2 (and now 3): shorter than 4
+    assert NgramDrafter(SpecSettings(draft_max=8, draft_min=4)).draft([5, 1, 2, 3, 1, 2], 3) == []
+    assert NgramDrafter(SpecSettings(draft_max=8, draft_min=2)).draft([5, 1, 2, 3, 1, 2], 3) == [1, 2, 3]
+
+
+def test_drafts_grow_while_accepted_and_a_failing_slot_waits_longer_each_time() -> None:
+    drafter = NgramDrafter(SpecSettings(draft_max=16, draft_min=2))
+    history = list(range(100)) * 2
+    assert len(drafter.draft(history[:150], history[150])) == 4
+    drafter.verified(4, 4)
+    assert len(drafter.draft(history[:150], history[150])) == 8
+    drafter.verified(8, 8)
+    drafter.verified(16, 16)
+    assert drafter.length == 16  # never past --spec-draft-max
+    drafter.verified(16, 5)
+    assert drafter.length == 5  # as long as what was accepted
+    for failures in range(1, 4):
+        drafter.verified(5, 0)
+        waits = 0
+        while not drafter.draft(history[:150], history[150]):
+            waits += 1
+        assert waits == 2 ** (failures - 1)  # 1, 2, 4 steps without drafting
+    assert (drafter.drafted, drafter.accepted) == (4 + 8 + 16 + 16 + 15, 4 + 8 + 16 + 5)
+
+
+# -- in the engine -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(model_path: Path) -> Iterator[LlamaCppBackend]:
+    e = LlamaCppBackend(model_path, speculation=SpecSettings("ngram", 16, 2))
+    e.load_default()
+    yield e
+    e.close()
+
+
+def answer(engine: LlamaCppBackend, **kwargs) -> Completion:
+    events = list(engine.generate(GenerationRequest(**kwargs), threading.Event()))
+    assert isinstance(events[-1], Completion)
+    return events[-1]
+
+
+def warm(engine: LlamaCppBackend, **kwargs) -> None:
+    """Put the prompt in a slot's cache with more after it, so that both answers compared read
+    its last token again alone (a cache that ends with the prompt keeps its logits instead)."""
+    answer(engine, **{**kwargs, "speculative": False, "sampling": greedy(2)})
+
+
+def greedy(n: int) -> Sampling:
+    return Sampling(max_tokens=n, temperature=0.0)
+
+
+def test_a_greedy_edit_is_the_same_with_drafts_and_written_in_fewer_steps(engine: LlamaCppBackend) -> None:
+    warm(engine, messages=EDIT)
+    plain = answer(engine, messages=EDIT, sampling=greedy(90), speculative=False)
+    drafted = answer(engine, messages=EDIT, sampling=greedy(90))
+    assert drafted.text == plain.text and "def mean(values):" in drafted.text  # it wrote the cell again
+    assert drafted.completion_tokens == plain.completion_tokens
+    assert "draft_n" not in plain.timings  # speculative: false drafts nothing
+    assert drafted.timings["draft_n_accepted"] >= 10  # tokens that came in drafts: fewer steps
+    assert drafted.timings["draft_n"] >= drafted.timings["draft_n_accepted"]
+
+
+def test_greedy_prose_and_json_under_a_grammar_are_the_same_with_drafts(engine: LlamaCppBackend) -> None:
+    for kwargs in (dict(messages=PROSE, sampling=greedy(120)),
+                   dict(prompt="A list of three cities as JSON:", sampling=greedy(80),
+                        response_format=ResponseFormat(schema={"type": "object", "properties": {
+                            "cities": {"type": "array", "items": {"type": "string"}}}, "required": ["cities"]}))):
+        warm(engine, **kwargs)
+        assert answer(engine, **kwargs).text == answer(engine, speculative=False, **kwargs).text
+
+
+def test_four_answers_with_mixed_settings_at_once(engine: LlamaCppBackend) -> None:
+    other_edit = ({"role": "user", "content": EDIT[0]["content"].replace("average", "avg")},)
+    requests = [dict(messages=EDIT, sampling=greedy(80)),
+                dict(messages=other_edit, sampling=greedy(80), speculative=False),
+                dict(messages=PROSE, sampling=Sampling(max_tokens=60, temperature=0.8, seed=11)),
+                dict(prompt="def add(a, b):\n    return a + b\n\ndef add(a, b):", sampling=greedy(60))]
+    for r in requests:
+        warm(engine, **r)
+    results: list[Completion | None] = [None] * len(requests)
+
+    def one(i: int) -> None:
+        results[i] = answer(engine, **requests[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None and r.completion_tokens > 0 for r in results)
+    drafted = [r.timings.get("draft_n_accepted", 0) for r in results]  # type: ignore[union-attr]
+    assert drafted[0] > 0 and drafted[1] == 0  # each answer drafts as it asked, beside the others
+    assert results[3].text.startswith("\n    return a + b")  # type: ignore[union-attr]
+
+
+def test_a_seeded_sample_with_drafts_is_reproducible_and_the_same_without(engine: LlamaCppBackend) -> None:
+    seeded = dict(messages=EDIT, sampling=Sampling(max_tokens=80, temperature=0.7, seed=5))
+    warm(engine, **seeded)
+    first, second = answer(engine, **seeded), answer(engine, **seeded)
+    assert first.text == second.text == answer(engine, speculative=False, **seeded).text
+    assert first.timings.get("draft_n_accepted", 0) > 0
+
+
+def test_the_kv_cache_keeps_no_rejected_draft_and_the_next_turn_reuses_it(engine: LlamaCppBackend) -> None:
+    import llama_cpp
+
+    first = answer(engine, messages=EDIT, sampling=greedy(90))
+    assert first.timings["draft_n"] > first.timings["draft_n_accepted"]  # some drafted tokens were rejected
+    context = engine._loaded.context
+    for slot in engine.scheduler.pool.slots:  # each holds exactly the tokens it lists, no more
+        assert llama_cpp.llama_memory_seq_pos_max(context.memory, slot.seq) == len(slot.cache) - 1
+    follow_up = (*EDIT, {"role": "assistant", "content": first.text}, {"role": "user", "content": "Thanks."})
+    again = answer(engine, messages=follow_up, sampling=greedy(20))
+    assert again.cached_tokens >= first.prompt_tokens + first.completion_tokens - 2  # the whole first turn
+    assert again.completion_tokens > 0
+
+
+def test_speculative_must_be_true_or_false_and_false_turns_drafts_off() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat({**body, "speculative": False}).speculative is False
+    assert parse_chat(body).speculative is True
+    with pytest.raises(InvalidRequest, match="'speculative' must be true or false"):
+        parse_chat({**body, "speculative": "no"})
+
+
+def test_no_drafts_without_flash_attention(model_path: Path) -> None:
+    plain = LlamaCppBackend(model_path, flash_attention="off", speculation=SpecSettings())
+    plain.load_default()
+    try:
+        assert "draft_n" not in answer(plain, messages=EDIT, sampling=greedy(40)).timings
+    finally:
+        plain.close()
