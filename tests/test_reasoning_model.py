@@ -121,3 +121,18 @@ def test_api_answers_reasoning_beside_content(thinking_host: ApiHost) -> None:
              if line.startswith("data: ") and line != "data: [DONE]"]
     assert "".join(i.get("reasoning", "") for i in items) == answer["reasoning_content"]
     assert "".join(i.get("delta", "") for i in items) == answer["content"]
+
+
+def test_langchain_gets_the_answer_without_the_thinking(thinking_host: ApiHost) -> None:
+    pytest.importorskip("langchain_openai")
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=thinking_host.url + "/v1", api_key="none", model="default", temperature=0,
+                      max_tokens=48, timeout=120)
+    plain = openai.OpenAI(base_url=thinking_host.url + "/v1", api_key="none").chat.completions.create(
+        model="default", messages=ASK, **GREEDY).choices[0].message
+    reply = chat.invoke([("user", ASK[0]["content"])])
+    assert reply.content == plain.content  # the answer alone: no <think> block, no scratch work
+    assert plain.model_extra["reasoning_content"].strip() and "<think>" not in reply.content
+    streamed = "".join(str(chunk.content) for chunk in chat.stream([("user", ASK[0]["content"])]))
+    assert streamed == plain.content
