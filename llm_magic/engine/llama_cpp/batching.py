@@ -4,10 +4,12 @@ One thread (the ``Scheduler``'s) drives the context. Each step is one ``llama_de
 batch that carries the next token of every answer being written, plus a chunk of the prompt of
 any request that has just arrived, so a new request starts at once instead of after the others.
 A prompt read alone goes in whole batches (``--batch-size``) as llama-server reads it; beside
-answers being written it goes in chunks paced to a step of about a second, so their streams keep
-flowing while a long prompt is read. The context holds ``parallel`` sequences ("slots"), each with a KV cache that
-can hold the whole context, so one long conversation can still use all of it and no request's
-answer depends on what is decoded beside it (see ``BatchContext``). A slot keeps its tokens in
+answers being written it goes in chunks paced to a step of about a second, so their streams
+keep flowing while a long prompt is read. An answer's next token may come with a guess of the
+tokens after it (speculation.py), verified in the same step. The context holds ``parallel``
+sequences ("slots"), each with a KV cache that can hold the whole context, so one long
+conversation can still use all of it and no answer attends over what is decoded beside it (see
+``BatchContext``). A slot keeps its tokens in
 the cache after its request ends; the next request takes the free slot whose tokens share the
 longest prefix with its prompt, so several people's conversations each keep their cache. If the
 cache is ever full (slots that share one, when memory is short), idle slots give theirs up
