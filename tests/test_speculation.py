@@ -178,3 +178,12 @@ def test_no_drafts_without_flash_attention(model_path: Path) -> None:
         assert "draft_n" not in answer(plain, messages=EDIT, sampling=greedy(40)).timings
     finally:
         plain.close()
+
+
+def test_speculation_and_batch_settings_that_cannot_work_are_clear_errors(model_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="'--spec-draft-min' \\(4\\) must be from 1 to '--spec-draft-max' \\(2\\)"):
+        SpecSettings("ngram", draft_max=2, draft_min=4)
+    with pytest.raises(InvalidRequest, match="'--spec' must be ngram or none"):
+        SpecSettings("eagle")
+    with pytest.raises(InvalidRequest, match="'--batch-size' \\(2\\) must be at least '--parallel' \\(4\\)"):
+        LlamaCppBackend(model_path, batch_size=2, parallel=4)

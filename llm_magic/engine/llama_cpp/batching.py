@@ -318,11 +318,13 @@ class Scheduler:
         if not self._running:
             return
         ctx.clear()
-        writing = add_answers(ctx, self._slots, None if self._drafts_off else self.spec)
+        reading = sorted((t for t in self._running if t.reading), key=lambda t: t.arrived)
+        # drafts leave a prompt being read at least its smallest chunk of the ubatch
+        room = ctx.n_ubatch - PROMPT_CHUNK_MIN if reading else ctx.n_batch
+        writing = add_answers(ctx, self._slots, None if self._drafts_off else self.spec, room)
         # beside answers being written, in chunks that keep them flowing (within one ubatch)
         budget = min(self._chunk, ctx.n_ubatch - ctx.size) if writing else ctx.n_batch
-        chunks = add_prompt_chunks(ctx, sorted((t for t in self._running if t.reading), key=lambda t: t.arrived),
-                                   budget)
+        chunks = add_prompt_chunks(ctx, reading, budget)
         started = time.perf_counter()
         status = ctx.decode()
         if status == 1:
@@ -467,12 +469,13 @@ class Scheduler:
 _NOTHING = object()
 
 
-def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None) -> list[tuple[Slot, int, list[int]]]:
+def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None,
+                room: int) -> list[tuple[Slot, int, list[int]]]:
     """Put every answer's next token into the batch, each followed by its draft if it has one
-    (``spec``: None, no drafts): for each answer, its slot, the batch index of that token and
-    the drafted tokens."""
+    (``spec``: None, no drafts; all of them and their drafts within ``room`` tokens): for each
+    answer, its slot, the batch index of that token and the drafted tokens."""
     answers = [slot for slot in slots if slot.next_token is not None]
-    room = ctx.n_batch - len(answers)  # every answer's next token has its place
+    room -= len(answers)  # every answer's next token has its place (the batch holds --parallel)
     writing = []
     for slot in answers:
         pos = len(slot.cache)
@@ -490,7 +493,8 @@ def verify(ctx: BatchContext, slot: Slot, index: int, draft: list[int], sample: 
     as its sampler chooses in turn (``sample``), each from the logits after the one before: the
     answer is what it would be without the draft. The drafted tokens not chosen leave the KV cache."""
     task, choice = slot.task, slot.choice
-    assert choice is not None
+    if choice is None:  # its task failed earlier in this step (another of its choices): nothing to write
+        return
     slot.cache.append(slot.next_token)  # type: ignore[arg-type]
     choice.drafted += len(draft)
     accepted = 0

@@ -53,6 +53,8 @@ class HostSettings:
             raise ValueError(f"flash_attention must be one of {', '.join(FLASH_ATTENTION)}")
         if self.reasoning_format not in REASONING_FORMATS:
             raise InvalidRequest(f"'--reasoning-format' must be one of {', '.join(REASONING_FORMATS)}")
+        if self.batch_size < self.parallel:  # each step holds every answer's next token
+            raise InvalidRequest(f"'--batch-size' ({self.batch_size}) must be at least '--parallel' ({self.parallel})")
 
 
 def llama_cpp_module() -> Any:

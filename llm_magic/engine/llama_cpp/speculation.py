@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from llm_magic.errors import InvalidRequest
+
 NGRAM = 3  # tokens matched: long enough that a match predicts, short enough to find one
 MAX_PAUSE = 64  # the most steps a failing slot waits before it drafts again
 
@@ -33,9 +35,16 @@ class SpecSettings:
     draft_max: int = 16  # the most tokens guessed per step
     draft_min: int = 2  # a shorter guess is not tried: verifying it costs more than it saves
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("ngram", "none"):
+            raise InvalidRequest(f"'--spec' must be ngram or none, not {self.kind!r}")
+        if not 1 <= self.draft_min <= self.draft_max:
+            raise InvalidRequest(f"'--spec-draft-min' ({self.draft_min}) must be from 1 to '--spec-draft-max' "
+                                 f"({self.draft_max})")
+
     @property
     def enabled(self) -> bool:
-        return self.kind != "none" and self.draft_max >= max(1, self.draft_min)
+        return self.kind != "none"
 
 
 class NgramDrafter:
@@ -43,7 +52,7 @@ class NgramDrafter:
     last occurred, kept up to date as tokens are written, and the draft length that pays now."""
 
     def __init__(self, settings: SpecSettings) -> None:
-        self._max, self._min = settings.draft_max, max(1, settings.draft_min)
+        self._max, self._min = settings.draft_max, settings.draft_min
         self._after: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its latest occurrence is
         self._indexed = NGRAM  # history positions below this have their n-gram indexed
         self.length = min(4, self._max)  # the next draft's length: it starts modest
