@@ -8,6 +8,7 @@ Set LLM_MAGIC_SCREENSHOT=PATH to save the README's screenshot of the page.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -52,8 +53,9 @@ def page_host() -> Iterator[ApiHost]:
     h.stop()
 
 
-@pytest.fixture
-def page(browser, page_host: ApiHost) -> Iterator:
+@contextlib.contextmanager
+def chat_page(browser, url: str) -> Iterator:
+    """The chat page at ``url`` in a fresh browser context; no script error, ever."""
     # bypass_csp: Playwright's waits evaluate strings, which the page's policy forbids; it also
     # makes the sanitiser alone answer for what the XSS test checks (the policy has its own test)
     context = browser.new_context(viewport={"width": 1100, "height": 760}, color_scheme="light", bypass_csp=True)
@@ -61,10 +63,16 @@ def page(browser, page_host: ApiHost) -> Iterator:
     p.set_default_timeout(60_000)
     errors: list[str] = []
     p.on("pageerror", lambda exc: errors.append(str(exc)))
-    p.goto(page_host.url + "/")
+    p.goto(url + "/")
     yield p
     context.close()
-    assert not errors, errors  # no script error, ever
+    assert not errors, errors
+
+
+@pytest.fixture
+def page(browser, page_host: ApiHost) -> Iterator:
+    with chat_page(browser, page_host.url) as p:
+        yield p
 
 
 def enter_token(page, token: str = TOKEN) -> None:

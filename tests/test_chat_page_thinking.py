@@ -12,7 +12,7 @@ import pytest
 
 from llm_magic import ApiHost
 
-from .test_chat_page import TOKEN, browser, enter_token, send, set_max_tokens, wait_until_done  # noqa: F401
+from .test_chat_page import TOKEN, browser, chat_page, enter_token, send, set_max_tokens, wait_until_done  # noqa: F401
 from .test_reasoning_model import BUDGET, TEMPLATE
 
 # Every state the streaming reply's thinking block shows: (open, summary, the answer's text so far).
@@ -42,15 +42,8 @@ def thinking_page_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api
 
 @pytest.fixture
 def page(browser, thinking_page_host: ApiHost) -> Iterator:  # noqa: F811
-    context = browser.new_context(viewport={"width": 1100, "height": 760}, color_scheme="light", bypass_csp=True)
-    p = context.new_page()
-    p.set_default_timeout(60_000)
-    errors: list[str] = []
-    p.on("pageerror", lambda exc: errors.append(str(exc)))
-    p.goto(thinking_page_host.url + "/")
-    yield p
-    context.close()
-    assert not errors, errors
+    with chat_page(browser, thinking_page_host.url) as p:
+        yield p
 
 
 def test_the_thinking_streams_in_its_own_block_and_folds_when_the_answer_starts(page) -> None:
