@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ TUNNELS = ("cloudflared", "none")
 FLASH_ATTENTION = ("auto", "on", "off")
 SPEC_KINDS = ("ngram", "none")
 REASONING_FORMATS = ("auto", "none", "deepseek")  # as llama-server's --reasoning-format
+SPLIT_MODES = ("none", "layer", "row")  # as llama-server's --split-mode
 LLAMA_PARALLEL = 4  # slots, as llama-server's default
 FRONTED_PARALLEL = 64  # requests in flight to an engine that batches itself (vLLM's scheduler)
 
@@ -44,6 +46,9 @@ class ServeSettings:
     ctx: int = 4096
     max_ctx: int | None = None
     gpu_layers: int = -1
+    split_mode: str | None = None  # none | layer | row; None: one GPU when the model fits, else layers over all
+    tensor_split: tuple[float, ...] | None = None  # proportions per GPU, as llama-server's -ts 3,1
+    main_gpu: int | None = None  # the GPU of split mode none (row: of small tensors); None: the freest
     threads: int | None = None
     chat_format: str | None = None
     chat_template_file: str | None = None  # a Jinja chat template used instead of the GGUF's
@@ -91,6 +96,8 @@ class ServeSettings:
             elif isinstance(value, list):
                 for item in value:
                     argv += [flag, str(item)]
+            elif isinstance(value, tuple):  # --tensor-split 3,1
+                argv += [flag, ",".join(_number(x) for x in value)]
             elif value is not None:
                 argv += [flag, str(value)]
         return argv
@@ -101,6 +108,33 @@ DEFAULTS = ServeSettings()
 
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _at_least_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _proportions(text: str) -> tuple[float, ...]:
+    """``3,1``: a share of the model per GPU, as llama.cpp's ``-ts`` (only the ratios matter)."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of numbers, one per GPU, such as 3,1") from None
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': each proportion must be a number of 0 or more")
+    if not any(values):
+        raise argparse.ArgumentTypeError(f"'{text}': at least one proportion must be above 0")
+    return values
 
 
 def _at_least_one(text: str) -> int:
@@ -166,6 +200,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "options.ctx_length, reloading the model (default: --ctx, no reloads)")
     parser.add_argument("--gpu-layers", type=int, default=d.gpu_layers, metavar="N",
                         help="layers to offload to the GPU; -1 all, 0 CPU only (default: %(default)s)")
+    gpus = parser.add_argument_group("several GPUs (llama.cpp here)")
+    gpus.add_argument("--split-mode", choices=SPLIT_MODES, default=d.split_mode,
+                      help="none: the whole model on one GPU (--main-gpu); layer: layers spread over the GPUs; "
+                           "row: each layer's rows spread too (default: one GPU when the model fits on the one "
+                           "with the most free memory, layers over all of them when it does not)")
+    gpus.add_argument("--tensor-split", type=_proportions, default=d.tensor_split, metavar="A,B,...",
+                      help="the share of the model per GPU, as llama.cpp's -ts (3,1: three quarters on GPU 0); "
+                           "default: by free memory")
+    gpus.add_argument("--main-gpu", type=_at_least_zero, default=d.main_gpu, metavar="N",
+                      help="the GPU for the whole model with --split-mode none (row: for small tensors and "
+                           "intermediate results); default: the one with the most free memory")
     parser.add_argument("--threads", type=int, default=d.threads, metavar="N", help="CPU threads (default: every core)")
     parser.add_argument("--chat-format", default=d.chat_format, metavar="NAME",
                         help="chat template name (default: the template inside the GGUF)")

@@ -62,7 +62,8 @@ def served() -> Iterator[Serve]:
 def test_help_lists_the_design_flags() -> None:
     out = run_cli("serve", "--help").stdout
     for flag in ("--model", "--host", "--port", "--token", "--no-token", "--tunnel", "--ctx", "--gpu-layers",
-                 "--allow-model", "--max-queue", "--max-ctx", "--cors", "--parallel", "--flash-attn"):
+                 "--allow-model", "--max-queue", "--max-ctx", "--cors", "--parallel", "--flash-attn",
+                 "--split-mode", "--tensor-split", "--main-gpu"):
         assert flag in out
     assert "--ready-file" not in out  # plumbing stays hidden
     out = run_cli("ask", "--help").stdout

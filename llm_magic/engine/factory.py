@@ -86,6 +86,7 @@ def _launched(settings: ServeSettings, model_name: str | None) -> Built:
 def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None) -> Built:
     from llm_magic.engine.llama_cpp.backend import LlamaCppBackend, gpu_offload_supported
     from llm_magic.engine.llama_cpp.gpu import offload_warning
+    from llm_magic.engine.llama_cpp.placement import SplitFlags
     from llm_magic.engine.llama_cpp.speculation import SpecSettings
     from llm_magic.models import ModelPolicy, ModelSpec, model_name as name_of, resolve_model
 
@@ -102,6 +103,7 @@ def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None)
                               reasoning_format=settings.reasoning_format,
                               reasoning_budget=settings.reasoning_budget,
                               chat_template_file=settings.chat_template_file,
+                              split=SplitFlags(settings.split_mode, settings.main_gpu, settings.tensor_split),
                               policy=ModelPolicy(has_token=has_token, allow_patterns=settings.allow_model))
     warning = offload_warning(gpu_offload_supported()) if settings.gpu_layers != 0 else None
     return Built(backend, name, warnings=[warning] if warning else [])

@@ -26,7 +26,8 @@ from llm_magic.engine.llama_cpp.grammar.check import GrammarChecker
 from llm_magic.engine.llama_cpp.grammar.constraints import grammar_for
 from llm_magic.engine.llama_cpp.loaded import EMBEDDING_TOKENS, LoadedModel
 from llm_magic.engine.llama_cpp.loading import (HostSettings, ModelKey, best_thread_count, chat_formats,
-                                                gpu_offload_supported)
+                                                check_split, gpu_offload_supported)
+from llm_magic.engine.llama_cpp.placement import SplitFlags
 from llm_magic.engine.llama_cpp.residency import Residency
 from llm_magic.engine.llama_cpp.speculation import SpecSettings
 from llm_magic.engine.llama_cpp.thinking import read_template, split_reasoning
@@ -51,9 +52,7 @@ class LlamaCppBackend:
     """Loads GGUF models with llama.cpp and writes up to ``parallel`` answers at once."""
 
     def __init__(
-        self,
-        default_model: Path,
-        *,
+        self, default_model: Path, *,
         default_name: str | None = None,
         ctx_length: int = DEFAULT_CTX,
         max_ctx: int | None = None,
@@ -73,11 +72,13 @@ class LlamaCppBackend:
         reasoning_format: str = DEFAULTS.reasoning_format,
         reasoning_budget: int = DEFAULTS.reasoning_budget,
         chat_template_file: Path | str | None = None,
+        split: SplitFlags = SplitFlags(),  # --split-mode, --main-gpu, --tensor-split; none: one GPU if it fits
     ) -> None:
+        check_split(split)  # a clear error now, rather than a failed load once the host runs
         self.settings = HostSettings(ctx_length=ctx_length, threads=threads or best_thread_count(),
                                      parallel=max(1, parallel), flash_attention=flash_attention,
                                      batch_size=max(1, batch_size), ubatch_size=max(1, min(ubatch_size, batch_size)),
-                                     kv_unified=kv_unified, chat_format=chat_format,
+                                     kv_unified=kv_unified, chat_format=chat_format, split=split,
                                      chat_template=read_template(chat_template_file),
                                      reasoning_format=reasoning_format, reasoning_budget=max(-1, reasoning_budget))
         self.default_path = Path(default_model)

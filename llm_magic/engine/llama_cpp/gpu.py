@@ -67,6 +67,36 @@ def nvidia_gpus() -> list[Gpu]:
     return gpus
 
 
+def visible(gpus: Sequence[Gpu], cuda_visible_devices: str | None) -> list[Gpu] | None:
+    """The GPUs llama.cpp sees, in its order (its CUDA0 first): nvidia-smi's, narrowed and
+    reordered by ``CUDA_VISIBLE_DEVICES`` when set (``loading`` has CUDA number them in PCI bus
+    order, as nvidia-smi does). None when it names GPUs in a way nvidia-smi's indices cannot
+    match (UUIDs, MIG slices): then which GPU is which is unknown."""
+    if cuda_visible_devices is None:
+        return list(gpus)
+    if not cuda_visible_devices.strip():
+        return []  # set but empty: CUDA shows no GPU
+    by_index = {g.index: g for g in gpus}
+    seen: list[Gpu] = []
+    for item in (i.strip() for i in cuda_visible_devices.split(",")):
+        if not item.lstrip("-").isdigit():
+            return None
+        if int(item) not in by_index:
+            break  # CUDA stops at the first entry that is no GPU: the rest stay hidden
+        seen.append(by_index[int(item)])
+    return seen
+
+
+def llama_gpus() -> list[Gpu] | None:
+    """The GPUs llama.cpp sees here, in its order (see ``visible``)."""
+    return llama_gpus_of(nvidia_gpus())
+
+
+def llama_gpus_of(gpus: Sequence[Gpu]) -> list[Gpu] | None:
+    """``llama_gpus`` for a list already asked of nvidia-smi."""
+    return visible(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
 def driver_cuda_version() -> str | None:
     """The newest CUDA the driver supports ("CUDA Version: 12.4" in nvidia-smi's header)."""
     if shutil.which("nvidia-smi") is None:
@@ -114,20 +144,28 @@ def offload_warning(offload_supported: bool | None) -> str | None:
             "then start the host again")
 
 
-def device_name(offloaded_layers: int) -> str:
-    """What the model runs on: ``CUDA0 Tesla T4`` (from nvidia-smi), ``GPU``, or ``CPU``."""
+def device_name(offloaded_layers: int, devices: Sequence[int] = ()) -> str:
+    """What the model runs on: ``CUDA0 Tesla T4``, ``CUDA0 Tesla T4 + CUDA1 Tesla T4`` (llama.cpp's
+    numbers, nvidia-smi's names), ``GPU``, or ``CPU``. ``devices``: the GPUs the model was placed
+    on (``placement.Placement.devices``; none given: llama.cpp's first)."""
     if offloaded_layers <= 0:
         return "CPU"
-    gpus = nvidia_gpus()
-    return f"CUDA{gpus[0].index} {gpus[0].name}" if gpus else "GPU"
+    gpus = llama_gpus() or []
+    used = [i for i in devices or (0,) if i < len(gpus)]
+    return " + ".join(f"CUDA{i} {gpus[i].name}" for i in used) if used else "GPU"
 
 
-def gpu_memory_text() -> str | None:
-    """``GPU memory in use: 6120 of 15360 MiB`` (the first GPU, all processes), when known."""
-    gpus = nvidia_gpus()
-    if not gpus or gpus[0].memory_used_mib is None or gpus[0].memory_total_mib is None:
+def gpu_memory_text(devices: Sequence[int] = ()) -> str | None:
+    """``GPU memory in use: 6120 of 15360 MiB`` (all processes), when known: of the GPUs the
+    model was placed on, each named when there are several (``CUDA0 6120 of 15360 MiB, …``)."""
+    gpus = llama_gpus() or []
+    used = [gpus[i] for i in devices or (0,) if i < len(gpus)]
+    if not used or any(g.memory_used_mib is None or g.memory_total_mib is None for g in used):
         return None
-    return f"GPU memory in use: {gpus[0].memory_used_mib} of {gpus[0].memory_total_mib} MiB"
+    if len(used) == 1:
+        return f"GPU memory in use: {used[0].memory_used_mib} of {used[0].memory_total_mib} MiB"
+    return "GPU memory in use: " + ", ".join(
+        f"CUDA{i} {gpus[i].memory_used_mib} of {gpus[i].memory_total_mib} MiB" for i in devices if i < len(gpus))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,13 +10,17 @@ the package imports without it).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llm_magic.engine.llama_cpp.batching import FLASH_ATTENTION, BatchContext
+from llm_magic.engine.llama_cpp.placement import DEFAULT, Placement, SplitFlags, check, choose, estimate, \
+    kv_bytes_per_cell, unused_on_cpu
 from llm_magic.errors import InvalidRequest, ModelLoadError
 from llm_magic.wire.reasoning import REASONING_FORMATS
 
@@ -47,6 +51,7 @@ class HostSettings:
     chat_template: str | None = None  # a Jinja chat template used instead of each GGUF's (--chat-template-file)
     reasoning_format: str = "auto"  # auto | none | deepseek (wire/reasoning.py)
     reasoning_budget: int = -1  # the most reasoning tokens per answer; -1 unlimited
+    split: SplitFlags = field(default_factory=SplitFlags)  # --split-mode, --tensor-split, --main-gpu as given
 
     def __post_init__(self) -> None:
         if self.flash_attention not in FLASH_ATTENTION:
@@ -59,6 +64,10 @@ class HostSettings:
 
 def llama_cpp_module() -> Any:
     """llama-cpp-python, or the error that says how to install it."""
+    # CUDA numbers GPUs fastest first unless told otherwise; in PCI bus order, as nvidia-smi
+    # numbers them, llama.cpp's CUDA1 is nvidia-smi's GPU 1 and a placement means the GPU it names.
+    # (Read when CUDA starts: before llama_cpp is first imported.)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     try:
         import llama_cpp
     except ImportError:
@@ -76,27 +85,126 @@ def best_thread_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-_backend_ready = False
+_backend_ready = False  # llama_backend_init once per process
 
 
-def load_model(key: ModelKey) -> Any:
-    """llama_cpp's ``LlamaModel`` for ``key``: the weights, vocabulary and metadata alone."""
-    global _backend_ready
+def load_model(key: ModelKey, placement: Placement = DEFAULT) -> Any:
+    """llama_cpp's ``LlamaModel`` for ``key``: the weights, vocabulary and metadata alone, on the
+    GPUs ``placement`` says (``place``)."""
     lib = llama_cpp_module()
-    from llama_cpp import _internals, _logger
+    from llama_cpp import _internals
 
-    if not _backend_ready:
-        lib.llama_backend_init()
-        _logger.set_verbose(False)  # llama.cpp's own log: errors only, as Llama(verbose=False)
-        _backend_ready = True
-    params = lib.llama_model_default_params()
-    params.n_gpu_layers = key.gpu_layers
+    _init_backend(lib)
+    params = model_params(lib, key, placement)
     try:
         return _internals.LlamaModel(path_model=str(key.path), params=params, verbose=False)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelLoadError(
             f"llama.cpp could not load {key.path.name} ({exc}); the file may be corrupt or "
-            "incomplete: delete it (for a hub model, from the Hugging Face cache) and retry") from None
+            "incomplete: delete it (for a hub model, from the Hugging Face cache) and retry"
+            + (f"; or the GPUs cannot hold it as placed ({placement.reason})" if placement.split_mode else "")
+        ) from None
+
+
+def _init_backend(lib: Any) -> None:
+    global _backend_ready
+    if not _backend_ready:
+        from llama_cpp import _logger
+
+        lib.llama_backend_init()
+        _logger.set_verbose(False)  # llama.cpp's own log: errors only, as Llama(verbose=False)
+        _backend_ready = True
+
+
+_SPLIT_MODES = {"none": "LLAMA_SPLIT_MODE_NONE", "layer": "LLAMA_SPLIT_MODE_LAYER", "row": "LLAMA_SPLIT_MODE_ROW"}
+
+
+def model_params(lib: Any, key: ModelKey, placement: Placement = DEFAULT) -> Any:
+    """llama.cpp's model params for ``key`` and ``placement`` (split mode None: its defaults)."""
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = key.gpu_layers
+    if placement.split_mode is None:
+        return params
+    params.split_mode = getattr(lib, _SPLIT_MODES[placement.split_mode])
+    if placement.main_gpu is not None:
+        params.main_gpu = placement.main_gpu
+    if placement.tensor_split is not None:
+        # llama.cpp reads llama_max_devices() floats. The pointer field keeps the array alive (ctypes
+        # holds it in params._objects) for as long as params, which the LlamaModel keeps.
+        if len(placement.tensor_split) > lib.LLAMA_MAX_DEVICES:
+            raise InvalidRequest(f"'--tensor-split' has {len(placement.tensor_split)} entries, but llama.cpp takes "
+                                 f"at most {lib.LLAMA_MAX_DEVICES} GPUs")
+        params.tensor_split = (ctypes.c_float * lib.LLAMA_MAX_DEVICES)(*placement.tensor_split)
+    return params
+
+
+def check_split(split: SplitFlags) -> None:
+    """``placement.check`` against this machine: the GPUs llama.cpp sees (nvidia-smi, asked only
+    when there are flags to check) and the most it takes (``LLAMA_MAX_DEVICES``)."""
+    if not split.given:
+        return
+    from llm_magic.engine.llama_cpp.gpu import llama_gpus
+
+    most = None
+    if split.tensor_split is not None:
+        try:
+            most = int(llama_cpp_module().LLAMA_MAX_DEVICES)
+        except (ModelLoadError, AttributeError):  # no llama-cpp-python: the load will say so
+            pass
+    check(split, llama_gpus(), most)
+
+
+def place(key: ModelKey, settings: HostSettings) -> Placement:
+    """Which GPUs ``key``'s model goes on (``placement.choose``): what the owner asked, else one
+    GPU when it fits on the freest, else all of them. Asks nvidia-smi only when layers go to a GPU."""
+    if key.gpu_layers == 0:  # the CPU (asked for, or a build without GPU offload)
+        return unused_on_cpu(settings.split)
+    from llm_magic.engine.llama_cpp.gpu import llama_gpus
+
+    cells = key.ctx_length * (1 if settings.kv_unified else settings.parallel)  # a cache per slot
+    return choose(settings.split, llama_gpus(),
+                  lambda: model_needs(key.path, cells, settings.ubatch_size, key.gpu_layers))
+
+
+def model_needs(path: Path, cells: int, ubatch: int, gpu_layers: int = -1) -> int | None:
+    """Bytes ``path``'s model needs on GPUs with ``cells`` KV cache cells (``placement.estimate``),
+    from its files' size and its metadata (read without its weights); with ``gpu_layers`` of
+    them on GPUs, that share of its weights and cache. None when the metadata does not say."""
+    lib = llama_cpp_module()
+    from llama_cpp import _internals
+
+    _init_backend(lib)
+    params = lib.llama_model_default_params()
+    params.vocab_only = True  # metadata and vocabulary only: a fraction of a second
+    try:
+        model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    except (ValueError, RuntimeError, OSError):
+        return None  # the real load says what is wrong
+    try:
+        metadata, n_vocab = model.metadata(), model.n_vocab()
+    finally:
+        model.close()
+    per_cell = kv_bytes_per_cell(metadata)
+    if per_cell is None:
+        return None
+    weights, kv = weights_bytes(path), per_cell * cells
+    layers = int(metadata.get(f"{metadata.get('general.architecture')}.block_count") or 0) + 1  # and the output
+    if 0 <= gpu_layers < layers:  # --gpu-layers N: N layers' share on GPUs, the rest on the CPU
+        weights, kv = weights * gpu_layers // layers, kv * gpu_layers // layers
+    return estimate(weights, kv, n_vocab, ubatch)
+
+
+_SHARD = re.compile(r"^(?P<stem>.*)-\d{5}-of-(?P<count>\d{5})\.gguf$")
+
+
+def weights_bytes(path: Path) -> int:
+    """The size of a model's files: every shard of a split one (``x-00001-of-00003.gguf``)."""
+    match = _SHARD.match(path.name)
+    if not match:
+        return path.stat().st_size
+    count = int(match["count"])
+    shards = [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    return sum(p.stat().st_size for p in shards if p.exists())
 
 
 def make_context(model: Any, key: ModelKey, settings: HostSettings) -> BatchContext:
@@ -140,9 +248,11 @@ def _mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
-def device_info(model: Any, key: ModelKey, metadata: dict[str, str], context: BatchContext | None) -> dict[str, str]:
-    """Where a loaded model runs, for ``/health``: ``device``, ``gpu_layers`` offloaded and
-    ``memory`` (weights and KV cache as llama.cpp sizes them), worked out once at load."""
+def device_info(model: Any, key: ModelKey, metadata: dict[str, str], context: BatchContext | None,
+                placement: Placement = DEFAULT) -> dict[str, str]:
+    """Where a loaded model runs, for ``/health``: ``device``, ``gpu_layers`` offloaded,
+    ``memory`` (weights and KV cache as llama.cpp sizes them) and, when there was a choice to
+    make or flags to follow, ``placement`` (which GPUs and why), worked out once at load."""
     from llm_magic.engine.llama_cpp.gpu import device_name
 
     lib = llama_cpp_module()
@@ -161,9 +271,10 @@ def device_info(model: Any, key: ModelKey, metadata: dict[str, str], context: Ba
     slots = "no context" if context is None else (
         f"{context.n_seq} slot{'s' * (context.n_seq > 1)} of {context.n_ctx} tokens"
         if cells >= context.n_seq * context.n_ctx else f"{context.n_seq} slots sharing {cells} tokens")
-    return {"device": device_name(offloaded),
+    info = {"device": device_name(offloaded, placement.devices),
             "gpu_layers": f"{offloaded} of {layers}" if offloaded else "0 (CPU only)",
             "memory": f"{_mib(lib.llama_model_size(weights))} model + {_mib(kv_bytes)} KV cache ({slots})"}
+    return {**info, "placement": placement.reason} if placement.reason else info
 
 
 def chat_formats() -> list[str]:

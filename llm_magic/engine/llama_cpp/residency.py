@@ -17,7 +17,8 @@ from llm_magic.engine.llama_cpp.batching import Scheduler
 from llm_magic.engine.llama_cpp.grammar.check import GrammarChecker
 from llm_magic.engine.llama_cpp.loaded import EMBEDDING_CTX, LoadedModel
 from llm_magic.engine.llama_cpp.loading import (HostSettings, ModelKey, device_info, load_model, make_context,
-                                                offload_works)
+                                                offload_works, place)
+from llm_magic.engine.llama_cpp.placement import DEFAULT
 from llm_magic.errors import InvalidRequest, ModelLoadError, ModelNotAllowed
 from llm_magic.models import ModelPolicy, model_name
 from llm_magic.wire.types import GenerationRequest
@@ -43,17 +44,20 @@ class Residency:
         self._device: dict[str, str] = {}  # the resident model's device, layers offloaded, memory
         self._gpu_memory: str | None = None
         self._gpu_memory_at = 0.0
+        self._placement = DEFAULT  # the resident model's GPUs
 
     def device(self) -> dict[str, str]:
         """Where the resident model runs: ``device`` ("CPU", "CUDA0 Tesla T4"), ``gpu_layers``
         ("0 (CPU only)", "29 of 29") and ``memory`` (the model's weights and KV cache as llama.cpp
-        sizes them; on a GPU also the GPU's memory in use, asked of nvidia-smi at most every 10 s)."""
+        sizes them; on a GPU also the memory in use of the GPUs it is on, asked of nvidia-smi at
+        most every 10 s) and, on several GPUs or with split flags, ``placement``."""
         info = dict(self._device)
         if info.get("device", "CPU") != "CPU":
             from llm_magic.engine.llama_cpp.gpu import gpu_memory_text
 
             if time.monotonic() - self._gpu_memory_at > 10:
-                self._gpu_memory, self._gpu_memory_at = gpu_memory_text(), time.monotonic()
+                self._gpu_memory = gpu_memory_text(self._placement.devices)
+                self._gpu_memory_at = time.monotonic()
             if self._gpu_memory:
                 info["memory"] += f"; {self._gpu_memory}"
         return info
@@ -99,7 +103,10 @@ class Residency:
         self.loading = True
         started = time.perf_counter()
         try:
-            model = load_model(key)
+            placement = place(key, self.settings)
+            if placement.reason:
+                log.info("placing %s: %s", name, placement.reason)
+            model = load_model(key, placement)
             try:
                 context = make_context(model, key, self.settings)
             except BaseException:
@@ -114,8 +121,8 @@ class Residency:
             log.warning("the context (%d) is larger than %s was trained for (%d): answers past that "
                         "may degrade", key.ctx_length, name, model.n_ctx_train())
         self.loaded = LoadedModel(key, name, model, self.settings, context, self.grammars)
-        self._device = device_info(model, key, self.loaded.metadata, context)
-        self._gpu_memory_at = 0.0
+        self._device = device_info(model, key, self.loaded.metadata, context, placement)
+        self._placement, self._gpu_memory_at = placement, 0.0
         self.scheduler.call(lambda: self.scheduler.attach(context))
         return self.loaded
 
@@ -132,7 +139,7 @@ class Residency:
             assert self.embedding_path is not None
             key = ModelKey(self.embedding_path, EMBEDDING_CTX, self.key(self.embedding_path).gpu_layers)
             try:
-                model = load_model(key)
+                model = load_model(key, place(key, self.settings))
             except ModelLoadError as exc:
                 raise ModelLoadError(f"the embedding model: {exc.message}") from None
             self._embedding = LoadedModel(key, model_name(self.embedding_path), model, self.settings)
