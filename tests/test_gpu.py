@@ -98,7 +98,7 @@ def test_the_notebook_host_passes_the_warning_on(fake_gpu: Path) -> None:
 def test_gpu_command_shows_what_it_sees_and_plans_a_wheel_then_a_build(fake_gpu: Path) -> None:
     shown = run_cli("gpu")
     assert shown.returncode == 0
-    assert "GPU:                Tesla T4 (compute capability 7.5)" in shown.stdout
+    assert "GPU 0:              Tesla T4, compute capability 7.5, memory 2310 of 15360 MiB used" in shown.stdout
     assert "CUDA (driver):      12.4" in shown.stdout and "CUDA (toolkit):     12.5" in shown.stdout
     assert "prebuilt wheel:     https://abetlen.github.io/llama-cpp-python/whl/cu124" in shown.stdout
     assert "warning: this machine has an NVIDIA GPU" in shown.stdout
@@ -251,6 +251,16 @@ def test_the_device_and_its_memory_name_the_gpus_the_model_is_on(fake_gpu: Path,
     assert gpu_memory_text((0, 1)) == "GPU memory in use: CUDA0 2310 of 15360 MiB, CUDA1 120 of 15360 MiB"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert [g.index for g in llama_gpus() or []] == [1] and device_name(29) == "CUDA0 Tesla T4"
+
+
+def test_gpu_command_lists_every_gpu_on_a_line_of_its_own(fake_gpu: Path) -> None:
+    two_gpus(fake_gpu, used0=2310, used1=120)
+    lines = run_cli("gpu").stdout.splitlines()
+    assert lines[:2] == ["GPU 0:              Tesla T4, compute capability 7.5, memory 2310 of 15360 MiB used",
+                         "GPU 1:              Tesla T4, compute capability 7.5, memory 120 of 15360 MiB used"]
+    assert lines[2] == "CUDA (driver):      12.4"
+    hidden = run_cli("gpu", env={"CUDA_VISIBLE_DEVICES": "1"}).stdout.splitlines()
+    assert hidden[0].endswith("used (hidden by CUDA_VISIBLE_DEVICES)") and hidden[1].endswith("(llama.cpp's CUDA0)")
 
 
 @pytest.mark.parametrize("args, message", [

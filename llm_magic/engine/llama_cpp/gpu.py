@@ -236,17 +236,28 @@ def run_step(step: Step, log_path: Path, say: Callable[[str], None] = print, eve
 
 
 def describe(offload_supported: bool | None, llama_version: str | None) -> str:
-    """What ``llm-magic gpu`` sees, one fact per line."""
+    """What ``llm-magic gpu`` sees, one fact per line: each GPU on a line of its own."""
     gpus = nvidia_gpus()
     driver, toolkit = driver_cuda_version(), toolkit_cuda_version()
-    seen = (", ".join(f"{g.name} (compute capability {g.compute_cap})" for g in gpus) if gpus
-            else "an NVIDIA driver, but nvidia-smi lists none" if has_nvidia_gpu() else "none")
-    lines = [f"GPU:                {seen}",
-             f"CUDA (driver):      {driver or 'unknown'}",
-             f"CUDA (toolkit):     {toolkit or 'no nvcc found'}",
-             f"llama-cpp-python:   {llama_version or 'not installed'}"
-             + ("" if offload_supported is None else (", with GPU offload" if offload_supported else ", CPU only"))]
+    lines = [_gpu_line(g, gpus) for g in gpus] or [
+        f"GPU:                {'an NVIDIA driver, but nvidia-smi lists none' if has_nvidia_gpu() else 'none'}"]
+    lines += [f"CUDA (driver):      {driver or 'unknown'}",
+              f"CUDA (toolkit):     {toolkit or 'no nvcc found'}",
+              f"llama-cpp-python:   {llama_version or 'not installed'}"
+              + ("" if offload_supported is None else (", with GPU offload" if offload_supported else ", CPU only"))]
     tag = wheel_tag(toolkit, driver)
     if gpus or has_nvidia_gpu():
         lines.append(f"prebuilt wheel:     {WHEEL_INDEX.format(tag=tag) if tag else 'none for this CUDA'}")
     return "\n".join(lines)
+
+
+def _gpu_line(gpu: Gpu, gpus: Sequence[Gpu]) -> str:
+    """``GPU 0:  Tesla T4, compute capability 7.5, memory 2310 of 15360 MiB used``, and which
+    CUDA number llama.cpp gives it when that differs (or that it does not see it)."""
+    memory = (f"memory {gpu.memory_used_mib} of {gpu.memory_total_mib} MiB used"
+              if gpu.memory_used_mib is not None and gpu.memory_total_mib is not None else "memory unknown")
+    seen = llama_gpus_of(gpus)
+    where = "" if seen is None or seen == list(gpus) else (
+        f" (llama.cpp's CUDA{seen.index(gpu)})" if gpu in seen else " (hidden by CUDA_VISIBLE_DEVICES)")
+    return f"{f'GPU {gpu.index}:':<20}{gpu.name}, compute capability {gpu.compute_cap}, {memory}{where}"
+
