@@ -65,7 +65,10 @@ def test_llm_magic_starts_vllm_fronts_it_and_stops_it(fake_vllm: Path) -> None:
         assert answer["choices"][0]["message"]["content"]
         health = requests.get(host.url + "/health", timeout=10).json()
         assert health["engine"]["process"] == "vllm" and health["engine"]["state"] == "ok"
-        assert "fake vllm: starting" in host.logs(400)  # the engine's output is in the host's log
+        log_text = host.logs(400)
+        assert "fake vllm: starting" in log_text  # the engine's output is in the host's log
+        key = args[args.index("--api-key") + 1]  # a key of its own: only the host may use its port
+        assert len(key) >= 32 and key not in log_text and "--api-key <key>" in log_text  # never logged
         pid = health["engine"]["pid"]
     finally:
         host.stop()
@@ -104,5 +107,7 @@ def test_llm_magic_in_front_of_its_own_llama_server(llama_server_bin: str, monke
         assert shaped["model"] == "SmolLM2-135M-Instruct.Q4_1"  # named as our own host names it
         health = requests.get(host.url + "/health", timeout=10).json()
         assert health["engine"]["process"] == "llama-server" and health["engine"]["state"] == "ok"
+        refused = requests.get(health["engine"]["url"] + "/v1/models", timeout=10)
+        assert refused.status_code == 401  # the engine's port wants the key only the host holds
     finally:
         host.stop()

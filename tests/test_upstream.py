@@ -278,3 +278,61 @@ def test_llm_host_status_names_the_engine_and_whether_it_answers() -> None:
     down = engine_line({"kind": "upstream", "url": "http://h:8000", "state": "down",
                         "error": "the engine at http://h:8000 does not answer (connection refused)"})
     assert down == "the engine at http://h:8000: down; the engine at http://h:8000 does not answer (connection refused)"
+
+
+def _llama_cpp_server(model_path, port: int):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
+                return proc
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail("llama_cpp.server did not start")
+
+
+def test_a_real_engine_killed_mid_stream_is_an_error_event_and_the_host_recovers_when_it_returns(model_path) -> None:
+    """llama-cpp-python's own server killed while it streams: the client gets an error event
+    (not a cut connection), the host stays up and says its engine is down, and once the engine
+    is back on its port the next request is answered, with no restart of the host."""
+    from llm_magic.supervisor.host import ApiHost
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = _llama_cpp_server(model_path, port)
+    host = ApiHost(use_token=False, port=0, tunnel="none", extra_args=["--engine", f"http://127.0.0.1:{port}"]).start()
+    try:
+        with requests.post(host.url + "/v1/chat/completions", stream=True, timeout=60, json={
+                "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
+                "max_tokens": 1000, "temperature": 0, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if b'"content"' in line)  # it writes
+            engine.kill()
+            rest = [line for line in lines if line.startswith(b"data:")]
+        errors = [json.loads(line[5:])["error"] for line in rest if b'"error"' in line]
+        assert errors and f"127.0.0.1:{port}" in errors[0]["message"]  # named, in the stream
+        assert b'"error"' in rest[-1]  # the stream's last word: no answer passed off as whole
+        time.sleep(5.5)  # past the cached state
+        health = requests.get(host.url + "/health", timeout=10).json()
+        assert health["status"] == "degraded" and health["engine"]["state"] == "down"
+        refused = requests.post(host.url + "/v1/chat/completions", timeout=30, json={"messages": CHAT, "max_tokens": 4})
+        assert refused.status_code == 502 and refused.json()["error"]["code"] == "engine_unavailable"
+        engine.wait(10)
+        engine = _llama_cpp_server(model_path, port)  # back
+        answer = requests.post(host.url + "/v1/chat/completions", timeout=60,
+                               json={"messages": CHAT, "max_tokens": 4, "temperature": 0})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+        time.sleep(5.5)
+        assert requests.get(host.url + "/health", timeout=10).json()["engine"]["state"] == "ok"
+    finally:
+        host.stop()
+        engine.kill()
+        engine.wait(10)

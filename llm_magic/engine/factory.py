@@ -3,6 +3,7 @@ a URL. The only place that chooses; ``llm-magic serve`` builds its backend here.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,13 +61,17 @@ def _launched(settings: ServeSettings, model_name: str | None) -> Built:
         vllm_command
 
     port = free_port()
+    # a key: only this host may use the engine's port (others on the machine can reach it too)
+    owners = given_key(settings.vllm_arg if settings.engine == "vllm" else settings.llama_server_arg)
+    key = owners or settings.engine_key or secrets.token_urlsafe(24)
     if settings.engine == "vllm":
         if not settings.model:
             raise InvalidRequest("'--engine vllm' needs --model: a hub id (Qwen/Qwen2.5-7B-Instruct) or a local folder")
         command = vllm_command(settings.model, port, tensor_parallel=settings.tensor_parallel_size,
                                pipeline_parallel=settings.pipeline_parallel_size,
                                max_model_len=settings.max_model_len or settings.ctx,
-                               gpu_memory_utilization=settings.gpu_memory_utilization, extra=settings.vllm_arg)
+                               gpu_memory_utilization=settings.gpu_memory_utilization,
+                               extra=[*settings.vllm_arg, *([] if owners else ["--api-key", key])])
         wanted = settings.model
     else:
         from llm_magic.models import ModelSpec, model_name as name_of, resolve_model
@@ -76,11 +81,22 @@ def _launched(settings: ServeSettings, model_name: str | None) -> Built:
         wanted = model_name or (str(spec) if spec.repo_id else name_of(path))  # its --alias
         command = llama_server_command(str(path), port, ctx=settings.ctx, parallel=settings.slots,
                                        gpu_layers=settings.gpu_layers, threads=settings.threads,
-                                       extra=["--alias", wanted, *settings.llama_server_arg])
-    process = EngineProcess(settings.engine or "", command, port)
-    backend = LaunchedEngine(process, start_timeout=settings.engine_start_timeout, model=wanted,
+                                       extra=["--alias", wanted, *settings.llama_server_arg,
+                                              *([] if owners else ["--api-key", key])])
+    process = EngineProcess(settings.engine or "", command, port, secret=key)
+    backend = LaunchedEngine(process, start_timeout=settings.engine_start_timeout, model=wanted, key=key,
                              parallel=settings.slots, max_queue=settings.max_queue)
     return Built(backend, wanted or process.kind)
+
+
+def given_key(args: list[str]) -> str | None:
+    """The ``--api-key`` the owner passed on to the engine, if any."""
+    for i, arg in enumerate(args):
+        if arg == "--api-key" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--api-key="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None) -> Built:

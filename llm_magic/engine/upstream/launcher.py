@@ -99,8 +99,9 @@ def _dies_with_this_process() -> Callable[[], None] | None:
 class EngineProcess:
     """One engine child: started, watched, its output logged and its last lines kept."""
 
-    def __init__(self, kind: str, command: list[str], port: int) -> None:
+    def __init__(self, kind: str, command: list[str], port: int, *, secret: str | None = None) -> None:
         self.kind, self.command, self.port = kind, command, port
+        self._secret = secret  # the engine's key: never logged, even where the engine echoes it
         self.url = f"http://127.0.0.1:{port}"
         self.lines: collections.deque[str] = collections.deque(maxlen=LINES_KEPT)
         self.process: subprocess.Popen | None = None
@@ -108,7 +109,7 @@ class EngineProcess:
         self._engine_log = logging.getLogger(f"llm_magic.engine.{kind}")
 
     def start(self) -> None:
-        log.info("starting %s: %s", self.kind, " ".join(self.command))
+        log.info("starting %s: %s", self.kind, self._hidden(" ".join(self.command)))
         try:
             self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, preexec_fn=_dies_with_this_process())
@@ -120,10 +121,24 @@ class EngineProcess:
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         for raw in self.process.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
+            line = self._hidden(raw.decode("utf-8", "replace").rstrip())
             if line:
                 self.lines.append(line)
                 self._engine_log.info("%s", line)
+
+    def _running(self) -> bool:
+        """Whether the engine or anything it started (its process group) still runs."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            return True
+        try:
+            os.killpg(self.process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def _hidden(self, text: str) -> str:
+        return text.replace(self._secret, "<key>") if self._secret else text
 
     @property
     def alive(self) -> bool:
@@ -163,21 +178,22 @@ class EngineProcess:
         return info
 
     def stop(self) -> None:
-        """SIGTERM to its process group, SIGKILL if it lingers: its GPU memory is freed."""
+        """SIGTERM to its process group, SIGKILL if any of it lingers: its GPU memory is freed.
+        The group, not the process: vLLM's engine core may outlive its API server."""
         process = self.process
         if process is None:
             return
-        if process.poll() is None:
-            for sig, wait in ((signal.SIGTERM, STOP_SECONDS), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(process.pid, sig)
-                except (ProcessLookupError, PermissionError):
+        for sig, wait in ((signal.SIGTERM, STOP_SECONDS), (signal.SIGKILL, 10.0)):
+            if not self._running():
+                break
+            try:
+                os.killpg(process.pid, sig)
+            except (ProcessLookupError, PermissionError):  # no group of its own (not Linux)
+                if process.poll() is None:
                     process.send_signal(sig)
-                try:
-                    process.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and self._running():
+                time.sleep(0.1)
         if self._reader is not None:
             self._reader.join(5.0)
         if process.stdout is not None:
