@@ -60,6 +60,7 @@ class ServeSettings:
     spec: str = "ngram"  # speculation: ngram (drafts from the answer's own history) | none
     spec_draft_max: int = 16  # the most tokens drafted per step
     spec_draft_min: int = 2  # shorter drafts are not tried
+    model_draft: str | None = None  # a small GGUF of the same vocabulary that drafts instead of n-grams
     batch_size: int = 2048  # prompt tokens one decode step takes at most, as llama-server's -b
     ubatch_size: int = 512  # of those, how many llama.cpp computes at once, as llama-server's -ub
     flash_attn: str = "auto"  # as llama-server's default
@@ -242,6 +243,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the most tokens guessed ahead per step (default: %(default)s)")
     parser.add_argument("--spec-draft-min", type=_at_least_one, default=d.spec_draft_min, metavar="N",
                         help="guesses shorter than this are not tried (default: %(default)s)")
+    parser.add_argument("--model-draft", metavar="SPEC", default=d.model_draft,
+                        help="a small model of the same family (same tokenizer) that guesses the next "
+                             "tokens instead of n-grams, as REPO:QUANT or a local .gguf: its own KV caches; "
+                             "worth it on a GPU, where checking guesses costs about one step")
     parser.add_argument("--batch-size", type=_at_least_one, default=d.batch_size, metavar="N",
                         help="the most prompt tokens read in one step while nothing else is written "
                              "(default: %(default)s, as llama-server's)")

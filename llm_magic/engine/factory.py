@@ -110,12 +110,14 @@ def _llama_cpp(settings: ServeSettings, has_token: bool, model_name: str | None)
     path = resolve_model(spec)
     name = model_name or (str(spec) if spec.repo_id else name_of(path))
     embedding = resolve_model(ModelSpec.parse(settings.embedding_model)) if settings.embedding_model else None
+    draft = resolve_model(ModelSpec.parse(settings.model_draft)) if settings.model_draft else None
     backend = LlamaCppBackend(path, default_name=name, ctx_length=settings.ctx, max_ctx=settings.max_ctx,
                               gpu_layers=settings.gpu_layers, embedding_model=embedding, threads=settings.threads,
                               chat_format=settings.chat_format, max_queue=settings.max_queue,
                               parallel=settings.slots, flash_attention=settings.flash_attn,
                               batch_size=settings.batch_size, ubatch_size=settings.ubatch_size,
-                              speculation=SpecSettings(settings.spec, settings.spec_draft_max, settings.spec_draft_min),
+                              speculation=SpecSettings(settings.spec, settings.spec_draft_max, settings.spec_draft_min,
+                                                       draft),
                               reasoning_format=settings.reasoning_format,
                               reasoning_budget=settings.reasoning_budget,
                               chat_template_file=settings.chat_template_file,

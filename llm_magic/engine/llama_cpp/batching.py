@@ -6,10 +6,10 @@ any request that has just arrived, so a new request starts at once instead of af
 A prompt read alone goes in whole batches (``--batch-size``) as llama-server reads it; beside
 answers being written it goes in chunks paced to a step of about a second, so their streams
 keep flowing while a long prompt is read. An answer's next token may come with a guess of the
-tokens after it (speculation.py), verified in the same step. The context holds ``parallel``
-sequences ("slots"), each with a KV cache that can hold the whole context, so one long
-conversation can still use all of it and no answer attends over what is decoded beside it (see
-``BatchContext``). A slot keeps its tokens in
+tokens after it (from n-grams, speculation.py, or a draft model, draft_model.py), verified in
+the same step. The context holds ``parallel`` sequences ("slots"), each with a KV cache that can
+hold the whole context, so one long conversation can still use all of it and no answer attends
+over what is decoded beside it (see ``BatchContext``). A slot keeps its tokens in
 the cache after its request ends; the next request takes the free slot whose tokens share the
 longest prefix with its prompt, so several people's conversations each keep their cache. If the
 cache is ever full (slots that share one, when memory is short), idle slots give theirs up
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from llm_magic.engine.llama_cpp.decoding import Choice
+from llm_magic.engine.llama_cpp.draft_model import DraftModel
 from llm_magic.engine.llama_cpp.slots import Slot, SlotPool
 from llm_magic.engine.llama_cpp.speculation import NgramDrafter, SpecSettings
 from llm_magic.errors import EngineError, LLMMagicError, ModelLoadError
@@ -222,6 +223,7 @@ class Scheduler:
     def __init__(self, spec: SpecSettings | None = None) -> None:
         self.spec = spec or SpecSettings(kind="none")
         self._drafts_off = False  # the KV cache was full with drafts in the step: the next goes without
+        self.draft_model: DraftModel | None = None  # --model-draft's, which drafts instead of n-grams
         self._compute = ComputeThread(self._serve)
         self.context: BatchContext | None = None
         self._pool = SlotPool(None)
@@ -261,12 +263,12 @@ class Scheduler:
 
     # -- in the scheduler's thread -------------------------------------------------------
 
-    def attach(self, context: BatchContext | None) -> None:
-        """Drive ``context`` from now on (None: none). Only between requests."""
+    def attach(self, context: BatchContext | None, draft_model: DraftModel | None = None) -> None:
+        """Drive ``context`` (and draft with ``draft_model``) from now on (None: none). Only between requests."""
         for task in [*self._running, *self._pending]:
             self._drop(task)
         self._pending.clear()
-        self.context = context
+        self.context, self.draft_model = context, draft_model
         self._pool = SlotPool(context)
         self._slots = self._pool.slots
 
@@ -274,7 +276,7 @@ class Scheduler:
         inbox = self._compute.inbox
         while True:
             try:
-                item = inbox.get(block=not self._busy)
+                item = inbox.get(block=not self.generating)
             except queue.Empty:
                 item = _NOTHING
             while item is not _NOTHING:
@@ -292,17 +294,13 @@ class Scheduler:
                     item = inbox.get_nowait()
                 except queue.Empty:
                     item = _NOTHING
-            if self._busy:
+            if self.generating:
                 try:
                     self._step()
                 except Exception as exc:  # a fault of ours or llama.cpp's: fail what runs, go on
                     log.exception("a decode step failed")
                     for task in list(self._running):
                         self._fail(task, exc)
-
-    @property
-    def _busy(self) -> bool:
-        return bool(self._pending or self._running)
 
     def _step(self) -> None:
         for task in [t for t in [*self._running, *self._pending] if t.cancel.is_set()]:
@@ -321,7 +319,7 @@ class Scheduler:
         reading = sorted((t for t in self._running if t.reading), key=lambda t: t.arrived)
         # drafts leave a prompt being read at least its smallest chunk of the ubatch
         room = ctx.n_ubatch - PROMPT_CHUNK_MIN if reading else ctx.n_batch
-        writing = add_answers(ctx, self._slots, None if self._drafts_off else self.spec, room)
+        writing = add_answers(ctx, self._slots, None if self._drafts_off else self.spec, room, self.draft_model)
         # beside answers being written, in chunks that keep them flowing (within one ubatch)
         budget = min(self._chunk, ctx.n_ubatch - ctx.size) if writing else ctx.n_batch
         chunks = add_prompt_chunks(ctx, reading, budget)
@@ -469,23 +467,45 @@ class Scheduler:
 _NOTHING = object()
 
 
-def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None,
-                room: int) -> list[tuple[Slot, int, list[int]]]:
+def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None, room: int,
+                draft_model: DraftModel | None = None) -> list[tuple[Slot, int, list[int]]]:
     """Put every answer's next token into the batch, each followed by its draft if it has one
-    (``spec``: None, no drafts; all of them and their drafts within ``room`` tokens): for each
-    answer, its slot, the batch index of that token and the drafted tokens."""
+    (``spec``: None, no drafts; all of them and their drafts within ``room`` tokens; guessed by
+    ``draft_model`` if there is one, else from n-grams): for each answer, its slot, the batch
+    index of that token and the drafted tokens."""
     answers = [slot for slot in slots if slot.next_token is not None]
     room -= len(answers)  # every answer's next token has its place (the batch holds --parallel)
+    guesses = model_guesses(draft_model, ctx, answers, spec, room) if draft_model and spec else None
     writing = []
     for slot in answers:
         pos = len(slot.cache)
         index = ctx.add(slot.next_token, pos, slot.seq, True)  # type: ignore[arg-type]
-        draft = drafted(slot, spec, min(room, ctx.n_ctx - pos - 2)) if spec is not None and room > 0 else []
+        if guesses is not None:
+            draft = guesses.get(slot.seq, [])
+        else:
+            draft = drafted(slot, spec, min(room, ctx.n_ctx - pos - 2)) if spec is not None and room > 0 else []
         for i, token in enumerate(draft, pos + 1):
             ctx.add(token, i, slot.seq, True)
         room -= len(draft)
         writing.append((slot, index, draft))
     return writing
+
+
+def model_guesses(draft_model: DraftModel, ctx: BatchContext, answers: list[Slot], spec: SpecSettings,
+                  room: int) -> dict[int, list[int]]:
+    """The draft model's guesses for the answers that may be drafted, within ``room`` tokens in
+    all: slot number -> tokens. A draft model that fails makes no guesses (the answers go on)."""
+    wanted = []
+    for slot in answers:
+        most = draft_room(slot, spec, min(room, ctx.n_ctx - len(slot.cache) - 2))
+        if most:
+            wanted.append((slot.seq, slot.cache, slot.next_token, most))
+            room -= most
+    try:
+        return draft_model.propose(wanted)  # type: ignore[arg-type]
+    except EngineError as exc:
+        log.warning("no drafts in this step: %s", exc.message)
+        return {}
 
 
 def verify(ctx: BatchContext, slot: Slot, index: int, draft: list[int], sample: Callable[[Slot, int], None]) -> None:
@@ -511,13 +531,19 @@ def verify(ctx: BatchContext, slot: Slot, index: int, draft: list[int], sample: 
             slot.drafter.verified(len(draft), accepted)
 
 
-def drafted(slot: Slot, spec: SpecSettings, room: int) -> list[int]:
-    """The slot's guess of the tokens after its next one, at most ``room`` of them."""
+def draft_room(slot: Slot, spec: SpecSettings, room: int) -> int:
+    """How many tokens the slot's answer may have drafted now (0: none), at most ``room``."""
     task, choice = slot.task, slot.choice
     if task is None or choice is None or not task.speculative or not spec.enabled:
-        return []
-    room = min(room, choice.max_tokens - choice.generated - 1)  # none past the answer's end
-    if room < spec.draft_min:
+        return 0
+    room = min(room, spec.draft_max, choice.max_tokens - choice.generated - 1)  # none past the answer's end
+    return room if room >= spec.draft_min else 0
+
+
+def drafted(slot: Slot, spec: SpecSettings, room: int) -> list[int]:
+    """The slot's guess (from n-grams) of the tokens after its next one, at most ``room`` of them."""
+    room = draft_room(slot, spec, room)
+    if not room:
         return []
     if slot.drafter is None:
         slot.drafter = NgramDrafter(spec)

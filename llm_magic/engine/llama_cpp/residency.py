@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from llm_magic.engine.llama_cpp.batching import Scheduler
+from llm_magic.engine.llama_cpp.draft_model import DraftModel, check_draft_vocabulary, vocabulary
 from llm_magic.engine.llama_cpp.grammar.check import GrammarChecker
 from llm_magic.engine.llama_cpp.loaded import EMBEDDING_CTX, LoadedModel
-from llm_magic.engine.llama_cpp.loading import (HostSettings, ModelKey, device_info, load_model, make_context,
-                                                offload_works, place)
+from llm_magic.engine.llama_cpp.loading import (HostSettings, ModelKey, device_info, llama_cpp_module, load_model,
+                                                make_context, offload_works, place)
 from llm_magic.engine.llama_cpp.placement import DEFAULT
 from llm_magic.errors import InvalidRequest, ModelLoadError, ModelNotAllowed
 from llm_magic.models import ModelPolicy, model_name
@@ -45,6 +47,7 @@ class Residency:
         self._gpu_memory: str | None = None
         self._gpu_memory_at = 0.0
         self._placement = DEFAULT  # the resident model's GPUs
+        self._draft: DraftModel | None = None  # --model-draft's, beside the resident model
 
     def device(self) -> dict[str, str]:
         """Where the resident model runs: ``device`` ("CPU", "CUDA0 Tesla T4"), ``gpu_layers``
@@ -109,6 +112,11 @@ class Residency:
             model = load_model(key, placement)
             try:
                 context = make_context(model, key, self.settings)
+                try:
+                    draft = self._draft_model(model, key) if self.scheduler.spec.model and self.scheduler.spec.enabled else None
+                except BaseException:
+                    context.close()
+                    raise
             except BaseException:
                 model.close()
                 raise
@@ -123,8 +131,26 @@ class Residency:
         self.loaded = LoadedModel(key, name, model, self.settings, context, self.grammars)
         self._device = device_info(model, key, self.loaded.metadata, context, placement)
         self._placement, self._gpu_memory_at = placement, 0.0
-        self.scheduler.call(lambda: self.scheduler.attach(context))
+        self._draft = draft
+        self.scheduler.call(lambda: self.scheduler.attach(context, draft))
         return self.loaded
+
+    def _draft_model(self, model: Any, key: ModelKey) -> DraftModel:
+        """``--model-draft``'s model for ``model``: the same vocabulary, a context of its own
+        with a sequence per slot, on the same GPUs (its layers as many as the model's)."""
+        path = self.scheduler.spec.model
+        assert path is not None
+        draft_key = ModelKey(Path(path), key.ctx_length, key.gpu_layers)
+        draft = load_model(draft_key, place(draft_key, self.settings))
+        try:
+            lib = llama_cpp_module()
+            check_draft_vocabulary(vocabulary(lib, model.model), vocabulary(lib, draft.model), Path(path).name)
+            context = make_context(draft, draft_key, self.settings)
+        except BaseException:
+            draft.close()
+            raise
+        log.info("drafting with %s", Path(path).name)
+        return DraftModel(context, lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(draft.model)), draft)
 
     def unload(self) -> None:
         """Free the resident model, once the scheduler has let go of its context."""
@@ -132,6 +158,9 @@ class Residency:
             self.scheduler.call(lambda: self.scheduler.attach(None))
             self.loaded.close()
             self.loaded = None
+        if self._draft is not None:
+            self._draft.close()
+            self._draft = None
 
     def embedding_model(self) -> LoadedModel:
         """The ``--embedding-model``, loaded at its first request and kept beside the resident one."""

@@ -19,6 +19,7 @@ tries again. Pure Python; used from the scheduler's thread only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from llm_magic.errors import InvalidRequest
@@ -34,6 +35,7 @@ class SpecSettings:
     kind: str = "ngram"  # ngram | none
     draft_max: int = 16  # the most tokens guessed per step
     draft_min: int = 2  # a shorter guess is not tried: verifying it costs more than it saves
+    model: Path | None = None  # --model-draft: a small GGUF of the same vocabulary guesses instead (draft_model.py)
 
     def __post_init__(self) -> None:
         if self.kind not in ("ngram", "none"):
