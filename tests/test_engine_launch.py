@@ -57,7 +57,8 @@ def test_llm_magic_starts_vllm_fronts_it_and_stops_it(fake_vllm: Path) -> None:
                    extra_args=["--engine", "vllm", "--tensor-parallel-size", "2", "--vllm-arg=--enforce-eager"])
     host.start()
     try:
-        args = json.loads(fake_vllm.read_text())
+        seen = json.loads(fake_vllm.read_text())
+        args, key = seen["args"], seen["key"]
         assert args[:2] == ["serve", "Qwen/Qwen2.5-0.5B-Instruct"]  # the hub id, for vLLM to fetch
         assert args[args.index("--tensor-parallel-size") + 1] == "2" and "--enforce-eager" in args
         answer = requests.post(host.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {host.token}"},
@@ -67,8 +68,10 @@ def test_llm_magic_starts_vllm_fronts_it_and_stops_it(fake_vllm: Path) -> None:
         assert health["engine"]["process"] == "vllm" and health["engine"]["state"] == "ok"
         log_text = host.logs(400)
         assert "fake vllm: starting" in log_text  # the engine's output is in the host's log
-        key = args[args.index("--api-key") + 1]  # a key of its own: only the host may use its port
-        assert len(key) >= 32 and key not in log_text and "--api-key <key>" in log_text  # never logged
+        # a key of its own, so that only the host may use its port: in its environment, not on its
+        # command line (which anyone on the machine may read), and never in the host's log
+        assert len(key) >= 32 and "--api-key" not in args
+        assert key not in log_text and "api_key: <key>" in log_text
         pid = health["engine"]["pid"]
     finally:
         host.stop()

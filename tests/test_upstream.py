@@ -288,13 +288,15 @@ def _llama_cpp_server(model_path, port: int):
                              "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
                 return proc
-        except requests.ConnectionError:
-            time.sleep(0.2)
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
     proc.kill()
+    proc.wait(10)
     pytest.fail("llama_cpp.server did not start")
 
 
@@ -308,8 +310,9 @@ def test_a_real_engine_killed_mid_stream_is_an_error_event_and_the_host_recovers
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     engine = _llama_cpp_server(model_path, port)
-    host = ApiHost(use_token=False, port=0, tunnel="none", extra_args=["--engine", f"http://127.0.0.1:{port}"]).start()
+    host = ApiHost(use_token=False, port=0, tunnel="none", extra_args=["--engine", f"http://127.0.0.1:{port}"])
     try:
+        host.start()
         with requests.post(host.url + "/v1/chat/completions", stream=True, timeout=60, json={
                 "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
                 "max_tokens": 1000, "temperature": 0, "stream": True}) as stream:
@@ -320,8 +323,7 @@ def test_a_real_engine_killed_mid_stream_is_an_error_event_and_the_host_recovers
         errors = [json.loads(line[5:])["error"] for line in rest if b'"error"' in line]
         assert errors and f"127.0.0.1:{port}" in errors[0]["message"]  # named, in the stream
         assert b'"error"' in rest[-1]  # the stream's last word: no answer passed off as whole
-        time.sleep(5.5)  # past the cached state
-        health = requests.get(host.url + "/health", timeout=10).json()
+        health = engine_state(host.url, "down")  # asked again once its cached state is old
         assert health["status"] == "degraded" and health["engine"]["state"] == "down"
         refused = requests.post(host.url + "/v1/chat/completions", timeout=30, json={"messages": CHAT, "max_tokens": 4})
         assert refused.status_code == 502 and refused.json()["error"]["code"] == "engine_unavailable"
@@ -330,9 +332,18 @@ def test_a_real_engine_killed_mid_stream_is_an_error_event_and_the_host_recovers
         answer = requests.post(host.url + "/v1/chat/completions", timeout=60,
                                json={"messages": CHAT, "max_tokens": 4, "temperature": 0})
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
-        time.sleep(5.5)
-        assert requests.get(host.url + "/health", timeout=10).json()["engine"]["state"] == "ok"
+        assert engine_state(host.url, "ok")["engine"]["state"] == "ok"
     finally:
         host.stop()
         engine.kill()
         engine.wait(10)
+
+
+def engine_state(url: str, state: str, within: float = 20.0) -> dict:
+    """The host's /health once it says the engine is ``state`` (or at the deadline)."""
+    deadline = time.monotonic() + within
+    while True:
+        health = requests.get(url + "/health", timeout=10).json()
+        if health["engine"]["state"] == state or time.monotonic() > deadline:
+            return health
+        time.sleep(0.5)

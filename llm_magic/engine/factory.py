@@ -3,6 +3,7 @@ a URL. The only place that chooses; ``llm-magic serve`` builds its backend here.
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,12 +58,15 @@ def _upstream(settings: ServeSettings, model_name: str | None) -> Built:
 
 def _launched(settings: ServeSettings, model_name: str | None) -> Built:
     """vLLM or llama-server, started by this host on a free local port and fronted."""
-    from llm_magic.engine.upstream.launcher import EngineProcess, LaunchedEngine, free_port, llama_server_command, \
-        vllm_command
+    from llm_magic.engine.upstream.launcher import KEY_ENV, EngineProcess, LaunchedEngine, free_port, \
+        llama_server_command, vllm_command
 
     port = free_port()
-    # a key: only this host may use the engine's port (others on the machine can reach it too)
-    owners = given_key(settings.vllm_arg if settings.engine == "vllm" else settings.llama_server_arg)
+    # a key: only this host may use the engine's port (others on the machine can reach it too);
+    # in the engine's environment, since a command line is anyone's to read (ps)
+    kind = settings.engine or ""
+    own_args = settings.vllm_arg if kind == "vllm" else settings.llama_server_arg
+    owners = given_key(own_args) or os.environ.get(KEY_ENV[kind])
     key = owners or settings.engine_key or secrets.token_urlsafe(24)
     if settings.engine == "vllm":
         if not settings.model:
@@ -71,7 +75,7 @@ def _launched(settings: ServeSettings, model_name: str | None) -> Built:
                                pipeline_parallel=settings.pipeline_parallel_size,
                                max_model_len=settings.max_model_len or settings.ctx,
                                gpu_memory_utilization=settings.gpu_memory_utilization,
-                               extra=[*settings.vllm_arg, *([] if owners else ["--api-key", key])])
+                               extra=settings.vllm_arg)
         wanted = settings.model
     else:
         from llm_magic.models import ModelSpec, model_name as name_of, resolve_model
@@ -81,21 +85,20 @@ def _launched(settings: ServeSettings, model_name: str | None) -> Built:
         wanted = model_name or (str(spec) if spec.repo_id else name_of(path))  # its --alias
         command = llama_server_command(str(path), port, ctx=settings.ctx, parallel=settings.slots,
                                        gpu_layers=settings.gpu_layers, threads=settings.threads,
-                                       extra=["--alias", wanted, *settings.llama_server_arg,
-                                              *([] if owners else ["--api-key", key])])
-    process = EngineProcess(settings.engine or "", command, port, secret=key)
+                                       extra=["--alias", wanted, *settings.llama_server_arg])
+    process = EngineProcess(kind, command, port, secret=key, env={} if owners else {KEY_ENV[kind]: key})
     backend = LaunchedEngine(process, start_timeout=settings.engine_start_timeout, model=wanted, key=key,
                              parallel=settings.slots, max_queue=settings.max_queue)
     return Built(backend, wanted or process.kind)
 
 
 def given_key(args: list[str]) -> str | None:
-    """The ``--api-key`` the owner passed on to the engine, if any."""
+    """The ``--api-key`` the owner passed on to the engine, if any (the first of a list)."""
     for i, arg in enumerate(args):
         if arg == "--api-key" and i + 1 < len(args):
-            return args[i + 1]
+            return args[i + 1].split(",")[0]
         if arg.startswith("--api-key="):
-            return arg.split("=", 1)[1]
+            return arg.split("=", 1)[1].split(",")[0]
     return None
 
 

@@ -504,8 +504,11 @@ def model_guesses(draft_model: DraftModel, ctx: BatchContext, answers: list[Slot
     try:
         return draft_model.propose(wanted)  # type: ignore[arg-type]
     except EngineError as exc:
-        log.warning("no drafts in this step: %s", exc.message)
-        return {}
+        log.warning("%s", exc.message)
+    except Exception:  # a fault of ours or llama.cpp's in drafting: never the answers'
+        log.exception("the draft model failed; no drafts for a while")
+        draft_model.reset()
+    return {}
 
 
 def verify(ctx: BatchContext, slot: Slot, index: int, draft: list[int], sample: Callable[[Slot, int], None]) -> None:

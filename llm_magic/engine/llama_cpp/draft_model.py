@@ -32,6 +32,7 @@ log = logging.getLogger("llm_magic.engine")
 P_MIN = 0.75  # a guess the draft model is less sure of than this is not made (llama.cpp's --draft-p-min)
 VOCAB_SIZE_SLACK = 128  # vocabularies may differ in this many (padding) tokens, as llama.cpp allows
 VOCAB_CHECK_FROM = 5  # the first few ids are special tokens that families number differently
+REST_STEPS = 64  # steps without drafts after the draft model failed
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,16 @@ class DraftModel:
         self._np = numpy
         self.context = context  # a BatchContext (batching.py) over the draft model
         self._model = model  # the draft model's weights (a LlamaCppModel), freed with it
-        self._n_vocab = n_vocab
+        self._n_vocab = n_vocab  # tokens both models have: a guess is never one the model lacks
+        self._resting = 0  # steps left without drafts after a failure
         self._held: dict[int, list[int]] = {}  # slot -> the tokens its sequence holds
 
     def propose(self, wanted: Sequence[tuple[int, list[int], int, int]]) -> dict[int, list[int]]:
         """For each ``(slot, history, next_token, most)``: up to ``most`` tokens guessed to follow
         ``history + [next_token]``, the slot's answer so far."""
+        if self._resting:
+            self._resting -= 1
+            return {}
         if not wanted:
             return {}
         ctx = self.context
@@ -119,36 +124,61 @@ class DraftModel:
         return guesses
 
     def _catch_up(self, wanted: Sequence[tuple[int, list[int], int, int]]) -> dict[int, int]:
-        """Bring each slot's sequence to its answer so far; the batch index of its last token."""
+        """Bring each slot's sequence up to its answer so far, at most a ubatch of tokens a step
+        (a long prompt is read over several steps, beside the streams, as the model reads it);
+        for each slot caught up, the batch index of its next token (where its first guess is)."""
         ctx = self.context
-        pending: list[tuple[int, list[int], int]] = []  # slot, tokens to read, the position they start at
+        budget = ctx.n_ubatch
+        behind: list[tuple[int, list[int], int]] = []  # slot, history tokens to read, where they start
+        ready: list[tuple[int, int, int]] = []  # slot, its next token's position, the token
         for slot, history, next_token, _ in wanted:
             held = self._held.setdefault(slot, [])
             n = len(held)
             same = n if n <= len(history) and held == history[:n] else common_prefix(held, history)
-            if same < n:
-                ctx.forget(slot, same)  # what the large model refused, or another request's tokens
+            if same < n:  # what the model refused, or another request's tokens
+                if not ctx.forget(slot, same):  # a cache that cannot be cut there: read it all again
+                    ctx.forget(slot)
+                    same = 0
                 del held[same:]
-            pending.append((slot, [*history[same:], next_token], same))
-        last: dict[int, int] = {}
+            missing = history[same:]
+            take = min(len(missing), budget)
+            budget -= take
+            if take:
+                behind.append((slot, missing[:take], same))
+            if take == len(missing):
+                ready.append((slot, len(history), next_token))
         ctx.clear()
-        for slot, tokens, start in pending:
+        for slot, tokens, start in behind:  # no logits wanted: in whole batches
             for i, token in enumerate(tokens):
-                if ctx.size == ctx.n_batch:  # a long prompt read for the first time: in several decodes
+                if ctx.size == ctx.n_batch:
                     self._decode()
                     ctx.clear()
-                last[slot] = ctx.add(token, start + i, slot, i == len(tokens) - 1)
+                ctx.add(token, start + i, slot, False)
             self._held[slot].extend(tokens)
-        self._decode()
+        if ctx.size:
+            self._decode()
+        ctx.clear()  # then every caught-up slot's next token, its logits wanted: one batch (--parallel fit)
+        last = {slot: ctx.add(token, pos, slot, True) for slot, pos, token in ready}
+        for slot, _, token in ready:
+            self._held[slot].append(token)
+        if last:
+            self._decode()
         return last
 
     def _decode(self) -> None:
         status = self.context.decode()
         if status != 0:
-            self._held.clear()  # what the sequences hold is no longer known: each starts again
-            for slot in range(self.context.n_seq):
-                self.context.forget(slot)
-            raise EngineError(f"the draft model could not decode (status {status})")
+            self.reset()
+            raise EngineError(f"the draft model could not decode (status {status}); no drafts for "
+                              f"{REST_STEPS} steps")
+
+    def reset(self) -> None:
+        """Start every sequence again after a failure (what they hold is no longer known), and
+        draft nothing for a while: a failure that recurs costs one try in REST_STEPS steps."""
+        self._held.clear()
+        for slot in range(self.context.n_seq):
+            self.context.forget(slot)
+        self._resting = REST_STEPS
 
     def _likeliest(self, index: int) -> tuple[int, float]:
         """The draft model's likeliest next token at batch ``index``, and its probability."""

@@ -113,7 +113,7 @@ class Residency:
             try:
                 context = make_context(model, key, self.settings)
                 try:
-                    draft = self._draft_model(model, key) if self.scheduler.spec.model and self.scheduler.spec.enabled else None
+                    draft = self._draft_model(model, key, first=not self._trained_ctx)
                 except BaseException:
                     context.close()
                     raise
@@ -135,22 +135,32 @@ class Residency:
         self.scheduler.call(lambda: self.scheduler.attach(context, draft))
         return self.loaded
 
-    def _draft_model(self, model: Any, key: ModelKey) -> DraftModel:
+    def _draft_model(self, model: Any, key: ModelKey, *, first: bool) -> DraftModel | None:
         """``--model-draft``'s model for ``model``: the same vocabulary, a context of its own
-        with a sequence per slot, on the same GPUs (its layers as many as the model's)."""
+        with a sequence per slot, placed as the model is (its layers as many as the model's).
+        One of another vocabulary is refused at the first load; at a later switch (to a model of
+        another family) the host writes without drafts instead."""
         path = self.scheduler.spec.model
-        assert path is not None
+        if path is None or not self.scheduler.spec.enabled:
+            return None
         draft_key = ModelKey(Path(path), key.ctx_length, key.gpu_layers)
         draft = load_model(draft_key, place(draft_key, self.settings))
         try:
             lib = llama_cpp_module()
-            check_draft_vocabulary(vocabulary(lib, model.model), vocabulary(lib, draft.model), Path(path).name)
+            ours, theirs = vocabulary(lib, model.model), vocabulary(lib, draft.model)
+            check_draft_vocabulary(ours, theirs, Path(path).name)
             context = make_context(draft, draft_key, self.settings)
+        except InvalidRequest as exc:
+            draft.close()
+            if first:
+                raise
+            log.warning("%s; writing without it", exc.message)
+            return None
         except BaseException:
             draft.close()
             raise
         log.info("drafting with %s", Path(path).name)
-        return DraftModel(context, lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(draft.model)), draft)
+        return DraftModel(context, min(ours.size, theirs.size), draft)
 
     def unload(self) -> None:
         """Free the resident model, once the scheduler has let go of its context."""

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import requests
@@ -30,7 +31,8 @@ KINDS = ("vllm", "llama-server")
 LLAMA_SERVER_ENV = "LLAMA_SERVER_BIN"
 VLLM_ENV = "LLM_MAGIC_VLLM"  # a vllm executable, else `vllm` on PATH, else `python -m vllm...`
 LINES_KEPT = 60  # of the engine's output, for the report of a crash
-STOP_SECONDS = 30.0
+STOP_SECONDS = 7.0  # SIGTERM's grace, then SIGKILL: both within the 10 s a host's stop waits for the host
+KEY_ENV = {"vllm": "VLLM_API_KEY", "llama-server": "LLAMA_API_KEY"}  # where each engine reads its key
 # vLLM answers tool_choice "required" only with a parser for the model's own format (DESIGN §7);
 # the family is read from the model's name, and --vllm-arg overrides it.
 VLLM_TOOL_PARSERS = (("qwen", "hermes"), ("hermes", "hermes"), ("llama-3", "llama3_json"), ("llama3", "llama3_json"),
@@ -90,18 +92,40 @@ def _dies_with_this_process() -> Callable[[], None] | None:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def arm() -> None:
-        os.setsid()  # its own process group: stopping it stops its workers too
         prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
     return arm
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (on Linux, not counting zombies, which a
+    PID 1 that never reaps would keep forever)."""
+    if sys.platform.startswith("linux"):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 class EngineProcess:
     """One engine child: started, watched, its output logged and its last lines kept."""
 
-    def __init__(self, kind: str, command: list[str], port: int, *, secret: str | None = None) -> None:
+    def __init__(self, kind: str, command: list[str], port: int, *, secret: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.kind, self.command, self.port = kind, command, port
         self._secret = secret  # the engine's key: never logged, even where the engine echoes it
+        self._env = env or {}  # beside the host's environment (the key goes here, not on its command line)
         self.url = f"http://127.0.0.1:{port}"
         self.lines: collections.deque[str] = collections.deque(maxlen=LINES_KEPT)
         self.process: subprocess.Popen | None = None
@@ -111,8 +135,10 @@ class EngineProcess:
     def start(self) -> None:
         log.info("starting %s: %s", self.kind, self._hidden(" ".join(self.command)))
         try:
+            # its own process group (start_new_session): stopping it stops its workers too
             self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, preexec_fn=_dies_with_this_process())
+                                            stdin=subprocess.DEVNULL, env={**os.environ, **self._env},
+                                            start_new_session=True, preexec_fn=_dies_with_this_process())
         except OSError as exc:
             raise EngineUnavailable(f"cannot start {self.kind} ({exc.strerror or exc}): is it installed?") from None
         self._reader = threading.Thread(target=self._read, name=f"llm-magic-{self.kind}-log", daemon=True)
@@ -129,13 +155,7 @@ class EngineProcess:
     def _running(self) -> bool:
         """Whether the engine or anything it started (its process group) still runs."""
         assert self.process is not None
-        if self.process.poll() is None:
-            return True
-        try:
-            os.killpg(self.process.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return self.process.poll() is None or _group_alive(self.process.pid)
 
     def _hidden(self, text: str) -> str:
         return text.replace(self._secret, "<key>") if self._secret else text
@@ -183,7 +203,7 @@ class EngineProcess:
         process = self.process
         if process is None:
             return
-        for sig, wait in ((signal.SIGTERM, STOP_SECONDS), (signal.SIGKILL, 10.0)):
+        for sig, wait in ((signal.SIGTERM, STOP_SECONDS), (signal.SIGKILL, 2.0)):
             if not self._running():
                 break
             try:
@@ -196,7 +216,9 @@ class EngineProcess:
                 time.sleep(0.1)
         if self._reader is not None:
             self._reader.join(5.0)
-        if process.stdout is not None:
+        # closing under a reader still blocked in a read would wait for it (something outside the
+        # group may hold the pipe): then the reader, a daemon, ends when the pipe does
+        if process.stdout is not None and (self._reader is None or not self._reader.is_alive()):
             process.stdout.close()
 
 
