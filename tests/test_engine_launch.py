@@ -114,3 +114,22 @@ def test_llm_magic_in_front_of_its_own_llama_server(llama_server_bin: str, monke
         assert refused.status_code == 401  # the engine's port wants the key only the host holds
     finally:
         host.stop()
+
+
+def test_a_started_engines_key_is_the_owners_if_given_else_a_fresh_one_in_its_environment(monkeypatch) -> None:
+    from llm_magic.engine.factory import build_backend
+    from llm_magic.settings import ServeSettings
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+
+    def launched(**settings):
+        backend = build_backend(ServeSettings(engine="vllm", model="some/model", **settings), has_token=False).backend
+        return backend._key, backend.process._env, backend.process.command
+
+    key, env, command = launched()
+    assert len(key) >= 32 and env == {"VLLM_API_KEY": key} and key not in command  # off the command line
+    assert launched()[0] != key  # fresh each time
+    assert launched(engine_key="mine")[:2] == ("mine", {"VLLM_API_KEY": "mine"})
+    assert launched(vllm_arg=["--api-key=theirs,other"])[:2] == ("theirs", {})  # passed through as given
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    assert launched()[:2] == ("from-env", {})  # the engine reads it where the owner put it
