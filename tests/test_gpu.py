@@ -251,6 +251,8 @@ def test_the_device_and_its_memory_name_the_gpus_the_model_is_on(fake_gpu: Path,
     assert gpu_memory_text((0, 1)) == "GPU memory in use: CUDA0 2310 of 15360 MiB, CUDA1 120 of 15360 MiB"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert [g.index for g in llama_gpus() or []] == [1] and device_name(29) == "CUDA0 Tesla T4"
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # the owner's: CUDA's numbers are then its own
+    assert llama_gpus() is None
 
 
 def test_gpu_command_lists_every_gpu_on_a_line_of_its_own(fake_gpu: Path) -> None:

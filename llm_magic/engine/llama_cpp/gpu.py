@@ -94,6 +94,8 @@ def llama_gpus() -> list[Gpu] | None:
 
 def llama_gpus_of(gpus: Sequence[Gpu]) -> list[Gpu] | None:
     """``llama_gpus`` for a list already asked of nvidia-smi."""
+    if os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID") != "PCI_BUS_ID":
+        return None  # CUDA numbers them fastest first: nvidia-smi's order says nothing of its own
     return visible(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 

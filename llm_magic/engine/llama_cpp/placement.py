@@ -143,8 +143,9 @@ def choose(flags: SplitFlags, gpus: Sequence[Gpu] | None, need: Callable[[], int
     if flags.given:
         return _as_asked(flags, gpus, free if known else None, freest)
     if gpus is None:
-        return Placement(None, reason="llama.cpp's defaults: CUDA_VISIBLE_DEVICES names GPUs that nvidia-smi's "
-                                      "indices do not match")
+        return Placement(None, reason="llama.cpp's defaults: which GPU is which is unknown (CUDA_VISIBLE_DEVICES "
+                                      "names GPUs nvidia-smi's indices do not match, or CUDA_DEVICE_ORDER is not "
+                                      "PCI_BUS_ID)")
     if len(gpus) < 2:
         return DEFAULT
     if not known or freest is None:
