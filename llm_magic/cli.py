@@ -150,6 +150,8 @@ def serve(args: argparse.Namespace) -> int:
     except _Stop:
         pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)  # (an engine child would outlive it, holding its GPU)
         print("stopping", flush=True)
         if tunnel is not None:
             tunnel.stop()
