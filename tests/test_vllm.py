@@ -137,6 +137,23 @@ def test_responses_and_the_chat_pages_request_go_through_vllms_chat_route(host: 
     assert events[-1]["usage"]["completion_tokens"] <= 8
 
 
+def test_claude_codes_anthropic_api_and_count_tokens_go_through_vllm(host: ApiHost) -> None:
+    """The Anthropic Messages API (what Claude Code sends), translated onto vLLM's chat route;
+    count_tokens asks vLLM's own template and tokenizer (its /tokenize)."""
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=host.url, api_key=host.token, max_retries=0, timeout=120)
+    asked = dict(model="claude-sonnet-4-5", max_tokens=8, system="Be brief.", extra_body={"temperature": 0},
+                 messages=[{"role": "user", "content": CHAT[0]["content"]}])
+    message = claude.messages.create(**asked)
+    text = "".join(b.text for b in message.content if b.type == "text")
+    assert text and message.usage.output_tokens <= 8 and message.stop_reason in ("end_turn", "max_tokens")
+    with claude.messages.stream(**asked) as stream:
+        assert "".join(stream.text_stream) == text  # greedy: the same, streamed
+    counted = claude.messages.count_tokens(model="claude-sonnet-4-5", system="Be brief.", messages=asked["messages"])
+    assert counted.input_tokens == message.usage.input_tokens  # the engine's own count, both ways
+
+
 def test_a_client_that_leaves_ends_vllms_request(host: ApiHost) -> None:
     """vLLM's own counters say the request ended early: it stopped writing when the client left."""
     written = engine_metric(host, "vllm:generation_tokens_total")
