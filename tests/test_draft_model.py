@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +22,7 @@ from llm_magic.engine.llama_cpp.draft_model import Vocabulary, vocabulary_mismat
 from llm_magic.engine.llama_cpp.speculation import SpecSettings
 from llm_magic.errors import InvalidRequest
 from llm_magic.wire.types import ResponseFormat, Sampling
-from tests.test_speculation import EDIT, PROSE, answer, greedy, warm
+from tests.test_speculation import EDIT, PROSE, answer, answer_all, greedy, warm
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +69,7 @@ def test_four_answers_with_mixed_settings_draft_together(engine: LlamaCppBackend
     asks = [dict(messages=EDIT, sampling=greedy(60)), dict(messages=PROSE, sampling=greedy(60), speculative=False),
             dict(messages=PROSE, sampling=Sampling(max_tokens=50, temperature=0.8, seed=11)),
             dict(prompt="def add(a, b):\n    return a + b\n\ndef add(a, b):", sampling=greedy(40))]
-    results: list = [None] * len(asks)
-
-    def one(i: int) -> None:
-        results[i] = answer(engine, **asks[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(asks))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    results: list = answer_all(engine, asks, 180)
     assert all(r is not None and r.completion_tokens > 0 for r in results)
     assert results[0].timings["draft_n_accepted"] > 0 and "draft_n" not in results[1].timings
     assert results[3].text.startswith("\n    return a + b")

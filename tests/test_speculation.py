@@ -87,6 +87,21 @@ def answer(engine: LlamaCppBackend, **kwargs) -> Completion:
     return events[-1]
 
 
+def answer_all(engine: LlamaCppBackend, asks: list[dict], timeout: float) -> list[Completion | None]:
+    """Every one of ``asks`` answered at once, each from a thread of its own."""
+    results: list[Completion | None] = [None] * len(asks)
+
+    def one(i: int) -> None:
+        results[i] = answer(engine, **asks[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results
+
+
 def warm(engine: LlamaCppBackend, **kwargs) -> None:
     """Put the prompt in a slot's cache with more after it, so that both answers compared read
     its last token again alone (a cache that ends with the prompt keeps its logits instead)."""
@@ -125,16 +140,7 @@ def test_four_answers_with_mixed_settings_at_once(engine: LlamaCppBackend) -> No
                 dict(prompt="def add(a, b):\n    return a + b\n\ndef add(a, b):", sampling=greedy(60))]
     for r in requests:
         warm(engine, **r)
-    results: list[Completion | None] = [None] * len(requests)
-
-    def one(i: int) -> None:
-        results[i] = answer(engine, **requests[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = answer_all(engine, requests, 120)
     assert all(r is not None and r.completion_tokens > 0 for r in results)
     drafted = [r.timings.get("draft_n_accepted", 0) for r in results]  # type: ignore[union-attr]
     assert drafted[0] > 0 and drafted[1] == 0  # each answer drafts as it asked, beside the others

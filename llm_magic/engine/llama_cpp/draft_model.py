@@ -186,10 +186,6 @@ class DraftModel:
         token = int(logits.argmax())
         return token, float(1.0 / self._np.exp(logits - logits[token]).sum())
 
-    def forget(self, slot: int) -> None:
-        self._held.pop(slot, None)
-        self.context.forget(slot)
-
     def close(self) -> None:
         self._held.clear()
         self.context.close()

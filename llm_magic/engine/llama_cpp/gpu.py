@@ -161,13 +161,12 @@ def gpu_memory_text(devices: Sequence[int] = ()) -> str | None:
     """``GPU memory in use: 6120 of 15360 MiB`` (all processes), when known: of the GPUs the
     model was placed on, each named when there are several (``CUDA0 6120 of 15360 MiB, …``)."""
     gpus = llama_gpus() or []
-    used = [gpus[i] for i in devices or (0,) if i < len(gpus)]
-    if not used or any(g.memory_used_mib is None or g.memory_total_mib is None for g in used):
+    used = [(i, gpus[i]) for i in devices or (0,) if i < len(gpus)]
+    if not used or any(g.memory_used_mib is None or g.memory_total_mib is None for _, g in used):
         return None
     if len(used) == 1:
-        return f"GPU memory in use: {used[0].memory_used_mib} of {used[0].memory_total_mib} MiB"
-    return "GPU memory in use: " + ", ".join(
-        f"CUDA{i} {gpus[i].memory_used_mib} of {gpus[i].memory_total_mib} MiB" for i in devices if i < len(gpus))
+        return f"GPU memory in use: {used[0][1].memory_used_mib} of {used[0][1].memory_total_mib} MiB"
+    return "GPU memory in use: " + ", ".join(f"CUDA{i} {g.memory_used_mib} of {g.memory_total_mib} MiB" for i, g in used)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,7 +137,8 @@ class Residency:
 
     def _draft_model(self, model: Any, key: ModelKey, *, first: bool) -> DraftModel | None:
         """``--model-draft``'s model for ``model``: the same vocabulary, a context of its own
-        with a sequence per slot, placed as the model is (its layers as many as the model's).
+        with a sequence per slot, placed by the same rule as the model (``place``: its own fit, so
+        not always on the model's GPUs) with as many layers offloaded.
         One of another vocabulary is refused at the first load; at a later switch (to a model of
         another family) the host writes without drafts instead."""
         path = self.scheduler.spec.model

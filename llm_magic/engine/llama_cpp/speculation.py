@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from llm_magic.errors import InvalidRequest
+from llm_magic.settings import SPEC_KINDS
 
 NGRAM = 3  # tokens matched: long enough that a match predicts, short enough to find one
 MAX_PAUSE = 64  # the most steps a failing slot waits before it drafts again
@@ -38,8 +39,8 @@ class SpecSettings:
     model: Path | None = None  # --model-draft: a small GGUF of the same vocabulary guesses instead (draft_model.py)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ngram", "none"):
-            raise InvalidRequest(f"'--spec' must be ngram or none, not {self.kind!r}")
+        if self.kind not in SPEC_KINDS:
+            raise InvalidRequest(f"'--spec' must be {' or '.join(SPEC_KINDS)}, not {self.kind!r}")
         if not 1 <= self.draft_min <= self.draft_max:
             raise InvalidRequest(f"'--spec-draft-min' ({self.draft_min}) must be from 1 to '--spec-draft-max' "
                                  f"({self.draft_max})")

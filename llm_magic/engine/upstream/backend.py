@@ -257,10 +257,7 @@ class UpstreamBackend:
             yield from reader.feed(chunk)
 
     def _count(self, result: Any, started: float) -> None:
-        self.stats.requests += 1
-        self.stats.prompt_tokens += result.prompt_tokens
-        self.stats.completion_tokens += result.completion_tokens
-        self.stats.generation_seconds += time.perf_counter() - started
+        self.stats.count(result.prompt_tokens, result.completion_tokens, time.perf_counter() - started)
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """The prompt's tokens as the engine templates and tokenizes it (Anthropic's

@@ -208,7 +208,7 @@ class EngineProcess:
                 break
             try:
                 os.killpg(process.pid, sig)
-            except (ProcessLookupError, PermissionError):  # no group of its own (not Linux)
+            except (ProcessLookupError, PermissionError):  # its group is gone or not ours: the process itself
                 if process.poll() is None:
                     process.send_signal(sig)
             deadline = time.monotonic() + wait
