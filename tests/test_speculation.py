@@ -16,7 +16,9 @@ from typing import Iterator
 import pytest
 
 from llm_magic.engine.llama_cpp.backend import LlamaCppBackend
+from llm_magic.engine.llama_cpp import batching, step_costs
 from llm_magic.engine.llama_cpp.speculation import NgramDrafter, SpecSettings
+from llm_magic.engine.llama_cpp.step_costs import StepCosts, draft_length, passes
 from llm_magic.errors import InvalidRequest
 from llm_magic.wire.events import Completion
 from llm_magic.wire.openai import parse_chat
@@ -37,9 +39,9 @@ PROSE = ({"role": "user", "content": "Tell me about the sea."},)
 
 
 def test_a_passage_seen_before_is_guessed_from_where_it_was() -> None:
-    drafter = NgramDrafter(SpecSettings(draft_max=8, draft_min=2))
+    drafter = NgramDrafter(SpecSettings(draft_max=4, draft_min=2))
     history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
-    assert drafter.draft(history, 3) == [4, 5, 6, 7]  # after 1 2 3 came 4 5 6 7 ...: a modest first guess
+    assert drafter.draft(history, 3) == [4, 5, 6, 7]  # after 1 2 3 came 4 5 6 7 ...: up to --spec-draft-max
     assert drafter.draft(history + [3, 4, 5], 6) == [7, 8, 9, 1]  # the index grows with the history
 
 
@@ -50,24 +52,51 @@ def test_no_guess_without_a_match_or_when_it_is_too_short() -> None:
     assert NgramDrafter(SpecSettings(draft_max=8, draft_min=2)).draft([5, 1, 2, 3, 1, 2], 3) == [1, 2, 3]
 
 
-def test_drafts_grow_while_accepted_and_a_failing_slot_waits_longer_each_time() -> None:
+def test_the_acceptance_estimate_follows_the_drafts_and_recovers_while_none_are_tried() -> None:
     drafter = NgramDrafter(SpecSettings(draft_max=16, draft_min=2))
-    history = list(range(100)) * 2
-    assert len(drafter.draft(history[:150], history[150])) == 4
-    drafter.verified(4, 4)
-    assert len(drafter.draft(history[:150], history[150])) == 8
-    drafter.verified(8, 8)
+    prior = drafter.accept
     drafter.verified(16, 16)
-    assert drafter.length == 16  # never past --spec-draft-max
-    drafter.verified(16, 5)
-    assert drafter.length == 5  # as long as what was accepted
-    for failures in range(1, 4):
-        drafter.verified(5, 0)
-        waits = 0
-        while not drafter.draft(history[:150], history[150]):
-            waits += 1
-        assert waits == 2 ** (failures - 1)  # 1, 2, 4 steps without drafting
-    assert (drafter.drafted, drafter.accepted) == (4 + 8 + 16 + 16 + 15, 4 + 8 + 16 + 5)
+    assert drafter.accept > prior  # a whole draft taken
+    for _ in range(10):
+        drafter.verified(4, 0)
+    failing = drafter.accept
+    assert failing < 0.4  # drafts refused at once, again and again: the 16 taken before are forgotten
+    for _ in range(100):
+        drafter.passed()
+    assert failing < drafter.accept < prior + 0.01  # back near the prior: it will try again
+    assert (drafter.drafted, drafter.accepted) == (16 + 40, 16)
+    copying = list(range(20)) + list(range(10))
+    assert drafter.draft(copying, 10)[:3] == [11, 12, 13]
+    assert drafter.accept == pytest.approx(0.9)  # a long match (a line being copied): its own, higher odds
+
+
+def test_a_step_is_fitted_as_passes_and_tokens_and_a_draft_is_cut_where_it_stops_paying() -> None:
+    costs = StepCosts()
+    assert not costs.known
+    costs.note(1, 1, 0.022)
+    per_pass, per_token = costs.figures()  # one shape only: split by the prior share
+    assert per_pass + per_token == pytest.approx(0.022) and per_token < per_pass
+    for shape, seconds in (((1, 1), 0.0221), ((1, 9), 0.0882), ((1, 17), 0.1539), ((2, 3), 0.0523), ((2, 12), 0.1304)):
+        costs.note(*shape, seconds)
+    per_pass, per_token = costs.figures()
+    assert per_pass == pytest.approx(0.0138, abs=0.002) and per_token == pytest.approx(0.0083, abs=0.001)
+    # one answer alone on this CPU: a token taken saves a whole step (22 ms), each drafted costs 8 ms
+    assert draft_length(16, 0.5, 0.022, 0.0083, 0.0) == 1
+    assert 6 <= draft_length(16, 0.9, 0.022, 0.0083, 0.0) <= 10
+    assert draft_length(16, 0.99, 0.022, 0.0083, 0.0) == 16
+    # beside three other answers: a token is worth a quarter step, and the draft adds a pass
+    assert draft_length(16, 0.9, 0.0125, 0.0083, 0.0138) == 0
+    # on a GPU a drafted token costs a few percent of a step: long drafts pay even at 70 %
+    assert draft_length(16, 0.7, 0.013, 0.0004, 0.0) >= 8
+
+
+def test_passes_follow_llama_cpps_split_of_a_batch_by_sequence() -> None:
+    assert passes([(0, 1), (1, 1), (2, 1), (3, 1)], 512, unified=False) == 1
+    assert passes([(0, 1), (1, 1), (3, 1)], 512, unified=False) == 2  # 0-1, then 3: runs of consecutive sequences
+    assert passes([(0, 9), (1, 1), (2, 1), (3, 1)], 512, unified=False) == 2  # a draft beside others: a pass of its own
+    assert passes([(0, 3), (1, 3)], 512, unified=False) == 1  # equal drafts share it
+    assert passes([(0, 600)], 512, unified=False) == 2
+    assert passes([(0, 9), (1, 1), (3, 1)], 512, unified=True) == 1  # one cache: any mix, a ubatch at a time
 
 
 # -- in the engine -----------------------------------------------------------------------------
@@ -75,10 +104,15 @@ def test_drafts_grow_while_accepted_and_a_failing_slot_waits_longer_each_time() 
 
 @pytest.fixture(scope="module")
 def engine(model_path: Path) -> Iterator[LlamaCppBackend]:
-    e = LlamaCppBackend(model_path, speculation=SpecSettings("ngram", 16, 2))
-    e.load_default()
-    yield e
-    e.close()
+    """An engine that verifies every guess whole, as if drafts cost nothing: these tests are
+    about what drafts must not change, so they must happen (whether a draft pays on this CPU
+    is the economics test's subject, further down)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batching, "draft_length", lambda guess, *_: guess)
+        e = LlamaCppBackend(model_path, speculation=SpecSettings("ngram", 16, 2))
+        e.load_default()
+        yield e
+        e.close()
 
 
 def answer(engine: LlamaCppBackend, **kwargs) -> Completion:
@@ -193,3 +227,29 @@ def test_speculation_and_batch_settings_that_cannot_work_are_clear_errors(model_
         SpecSettings("eagle")
     with pytest.raises(InvalidRequest, match="'--batch-size' \\(2\\) must be at least '--parallel' \\(4\\)"):
         LlamaCppBackend(model_path, batch_size=2, parallel=4)
+
+
+def test_on_this_cpu_an_answer_alone_drafts_and_four_at_once_do_not(model_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's own economics (step_costs.py), unpatched: alone, an edit's copied lines are
+    drafted; beside three other answers a draft would cost a pass of its own, more on a CPU
+    than its tokens could save, so none is verified."""
+    monkeypatch.setattr(batching, "draft_length", step_costs.draft_length)  # not the module engine's
+    e = LlamaCppBackend(model_path, speculation=SpecSettings("ngram", 16, 2))
+    e.load_default()
+    try:
+        warm(e, messages=EDIT)
+        alone = answer(e, messages=EDIT, sampling=greedy(90))
+        assert alone.timings.get("draft_n_accepted", 0) > 0
+        edits = [({"role": "user", "content": EDIT[0]["content"].replace("average", name)},)
+                 for name in ("avg", "middle", "typical", "central")]
+        asks = [dict(messages=m, sampling=greedy(60)) for m in edits]
+        for ask in asks:
+            warm(e, **ask)
+        together = answer_all(e, asks, 120)
+        assert [r.timings.get("draft_n", 0) for r in together] == [0, 0, 0, 0]  # type: ignore[union-attr]
+        per_pass, per_token = e.scheduler._costs.figures()
+        assert per_pass > 0 and per_token > 0
+        assert step_costs.draft_length(16, 0.9, (per_pass + 4 * per_token) / 4, per_token, per_pass) == 0
+    finally:
+        e.close()

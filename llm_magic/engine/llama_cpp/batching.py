@@ -41,6 +41,7 @@ from llm_magic.engine.llama_cpp.decoding import Choice
 from llm_magic.engine.llama_cpp.draft_model import DraftModel
 from llm_magic.engine.llama_cpp.slots import Slot, SlotPool
 from llm_magic.engine.llama_cpp.speculation import NgramDrafter, SpecSettings
+from llm_magic.engine.llama_cpp.step_costs import StepCosts, draft_length, passes
 from llm_magic.errors import EngineError, LLMMagicError, ModelLoadError
 from llm_magic.engine.llama_cpp.sampling import logits_at
 from llm_magic.wire.events import Signal
@@ -99,6 +100,7 @@ class BatchContext:
         self.n_batch = lib.llama_n_batch(self.ctx)
         self.n_ubatch = lib.llama_n_ubatch(self.ctx)
         self.n_seq = n_seq
+        self.unified = unified
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         # the batch's arrays, looked up once: each is a ctypes pointer indexed per token
@@ -232,6 +234,7 @@ class Scheduler:
         self._running: list[Task] = []
         self._chunk = PROMPT_CHUNK_MIN
         self._hold_new = False  # the KV cache was full: no new task until one ends
+        self._costs = StepCosts()  # what this context's steps cost, to size the drafts
 
     # -- from other threads --------------------------------------------------------------
 
@@ -268,7 +271,7 @@ class Scheduler:
         for task in [*self._running, *self._pending]:
             self._drop(task)
         self._pending.clear()
-        self.context, self.draft_model = context, draft_model
+        self.context, self.draft_model, self._costs = context, draft_model, StepCosts()
         self._pool = SlotPool(context)
         self._slots = self._pool.slots
 
@@ -319,7 +322,8 @@ class Scheduler:
         reading = sorted((t for t in self._running if t.reading), key=lambda t: t.arrived)
         # drafts leave a prompt being read at least its smallest chunk of the ubatch
         room = ctx.n_ubatch - PROMPT_CHUNK_MIN if reading else ctx.n_batch
-        writing = add_answers(ctx, self._slots, None if self._drafts_off else self.spec, room, self.draft_model)
+        writing = add_answers(ctx, self._slots, None if self._drafts_off else self.spec, room, self.draft_model,
+                              self._costs)
         # beside answers being written, in chunks that keep them flowing (within one ubatch)
         budget = min(self._chunk, ctx.n_ubatch - ctx.size) if writing else ctx.n_batch
         chunks = add_prompt_chunks(ctx, reading, budget)
@@ -336,6 +340,9 @@ class Scheduler:
             raise EngineError(f"llama.cpp could not decode (status {status})")
         if chunks and writing:
             self._chunk = paced(self._chunk, time.perf_counter() - started, ctx.n_ubatch)
+        elif writing:  # a step of answers alone: what its shape costs
+            self._costs.note(passes([(s.seq, 1 + len(d)) for s, _, d in writing], ctx.n_ubatch, ctx.unified),
+                             ctx.size, time.perf_counter() - started)
         for task, n, index in chunks:
             lead = task.slots[0]
             lead.cache.extend(task.tokens[task.read:task.read + n])
@@ -468,27 +475,61 @@ _NOTHING = object()
 
 
 def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None, room: int,
-                draft_model: DraftModel | None = None) -> list[tuple[Slot, int, list[int]]]:
+                draft_model: DraftModel | None = None, costs: StepCosts | None = None) -> list[tuple[Slot, int, list[int]]]:
     """Put every answer's next token into the batch, each followed by its draft if it has one
     (``spec``: None, no drafts; all of them and their drafts within ``room`` tokens; guessed by
-    ``draft_model`` if there is one, else from n-grams): for each answer, its slot, the batch
-    index of that token and the drafted tokens."""
+    ``draft_model`` if there is one, else from n-grams, as far as they pay at ``costs``): for
+    each answer, its slot, the batch index of that token and the drafted tokens."""
     answers = [slot for slot in slots if slot.next_token is not None]
     room -= len(answers)  # every answer's next token has its place (the batch holds --parallel)
-    guesses = model_guesses(draft_model, ctx, answers, spec, room) if draft_model and spec else None
+    if spec is None or room <= 0:
+        guesses: dict[int, list[int]] = {}
+    elif draft_model is not None:
+        guesses = model_guesses(draft_model, ctx, answers, spec, room)
+    else:
+        guesses = ngram_guesses(ctx, answers, spec, room, costs or StepCosts())
     writing = []
     for slot in answers:
         pos = len(slot.cache)
         index = ctx.add(slot.next_token, pos, slot.seq, True)  # type: ignore[arg-type]
-        if guesses is not None:
-            draft = guesses.get(slot.seq, [])
-        else:
-            draft = drafted(slot, spec, min(room, ctx.n_ctx - pos - 2)) if spec is not None and room > 0 else []
+        draft = guesses.get(slot.seq, [])
         for i, token in enumerate(draft, pos + 1):
             ctx.add(token, i, slot.seq, True)
-        room -= len(draft)
         writing.append((slot, index, draft))
     return writing
+
+
+def ngram_guesses(ctx: BatchContext, answers: list[Slot], spec: SpecSettings, room: int,
+                  costs: StepCosts) -> dict[int, list[int]]:
+    """Each answer's n-gram guess, cut to the length that pays (step_costs.py), within ``room``
+    tokens in all: slot number -> tokens. None before a step's cost is known."""
+    if not costs.known or not answers:
+        return {}
+    per_pass, per_token = costs.figures()
+    counts = {slot.seq: 1 for slot in answers}
+
+    def shape_passes() -> int:
+        return passes(sorted(counts.items()), ctx.n_ubatch, ctx.unified)
+
+    plain = shape_passes()
+    worth = (per_pass * plain + per_token * len(answers)) / len(answers)  # an answer's share of a plain step
+    guesses = {}
+    for slot in answers:
+        guess = drafted(slot, spec, min(room, ctx.n_ctx - len(slot.cache) - 2))
+        if not guess:
+            continue
+        before = shape_passes()
+        counts[slot.seq] += len(guess)
+        extra = shape_passes() - before
+        counts[slot.seq] -= len(guess)
+        length = draft_length(len(guess), slot.drafter.accept, worth, per_token, extra * per_pass)
+        if length < spec.draft_min:
+            slot.drafter.passed()
+            continue
+        guesses[slot.seq] = guess[:length]
+        counts[slot.seq] += length
+        room -= length
+    return guesses
 
 
 def model_guesses(draft_model: DraftModel, ctx: BatchContext, answers: list[Slot], spec: SpecSettings,

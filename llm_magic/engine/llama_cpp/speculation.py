@@ -6,14 +6,14 @@ followed them then are a good guess of what follows now. The scheduler puts such
 "draft") into the next decode step after the slot's next token, samples every drafted position
 with the slot's own sampler chain, and keeps the drafted tokens up to the first one the chain
 did not choose: the answer is token for token what it would be without drafts, only fewer
-steps long. This is llama-server's prompt lookup (``--spec-type ngram-simple``), with a draft
-length that adapts per slot.
+steps long. This is llama-server's prompt lookup (``--spec-type ngram-simple``).
 
-Drafts cost: on a CPU, verifying 8 drafted tokens takes about four single steps (measured on
-2 cores: 12 ms for one token, 47 ms for nine), on a GPU little more than one. So a slot drafts
-only while its drafts pay: the length doubles while whole drafts are accepted, shrinks to what
-was accepted otherwise, and a slot whose drafts keep failing waits longer and longer before it
-tries again. Pure Python; used from the scheduler's thread only.
+Drafts cost compute, a lot on a CPU and little on a GPU, so how much of a guess is verified is
+an economic choice (step_costs.py): each answer keeps an estimate of how often its drafted
+tokens are taken, and a guess is kept only as far as its expected tokens pay for their cost
+in the step. An answer whose guesses keep failing stops drafting; its estimate drifts back
+towards the prior while it does not draft, so it tries again now and then. Pure Python; used
+from the scheduler's thread only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from llm_magic.errors import InvalidRequest
 from llm_magic.settings import SPEC_KINDS
 
 NGRAM = 3  # tokens matched: long enough that a match predicts, short enough to find one
-MAX_PAUSE = 64  # the most steps a failing slot waits before it drafts again
+LONG_MATCH = 8  # a guess whose match runs this far back is a copy in progress: its odds are kept apart
+# The estimates before any draft, (taken, refused): a short match's drafted token is taken 3 times
+# in 5, a long one's 9 in 10 (a line being copied goes on as it went).
+PRIORS = ((1.2, 0.8), (1.8, 0.2))
+MEMORY = 0.7  # each draft's outcome weighs this much less at the next: the estimate follows the answer
+RECOVERY = 0.9  # per step a guess was not drafted, the counts shrink towards the prior
 
 
 @dataclass(frozen=True)
@@ -52,33 +57,39 @@ class SpecSettings:
 
 class NgramDrafter:
     """One answer's guesses: an index of where each n-gram of its history (prompt and answer)
-    last occurred, kept up to date as tokens are written, and the draft length that pays now."""
+    last occurred, kept up to date as tokens are written, and how often its drafted tokens are
+    taken (``accept``: the chance that a drafted token is taken when the one before it was),
+    apart for guesses from short and from long matches."""
 
     def __init__(self, settings: SpecSettings) -> None:
         self._max, self._min = settings.draft_max, settings.draft_min
         self._after: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its latest occurrence is
         self._indexed = NGRAM  # history positions below this have their n-gram indexed
-        self.length = min(4, self._max)  # the next draft's length: it starts modest
-        self._failures = 0
-        self._pause = 0  # steps to wait before the next draft
+        self._counts = [[0.0, 0.0], [0.0, 0.0]]  # per match kind: recent drafted tokens taken, drafts cut short
+        self._long = False  # whether the latest guess came from a long match
         self.drafted = 0  # totals for the answer's timings
         self.accepted = 0
 
+    @property
+    def accept(self) -> float:
+        """The estimate for the latest guess's kind of match."""
+        (taken, refused), (prior_taken, prior_refused) = self._counts[self._long], PRIORS[self._long]
+        return (taken + prior_taken) / (taken + refused + prior_taken + prior_refused)
+
     def draft(self, history: Sequence[int], next_token: int) -> list[int]:
         """Tokens guessed to follow ``history`` (the slot's cached tokens) and ``next_token``
-        (sampled, about to be decoded); empty when there is no guess worth verifying."""
+        (sampled, about to be decoded), at most ``--spec-draft-max``; empty without a guess
+        of at least ``--spec-draft-min`` tokens."""
         self._index(history)
-        if self._pause:
-            self._pause -= 1
-            return []
         if len(history) < NGRAM - 1:
             return []
         key = (*history[len(history) - NGRAM + 1:], next_token)
         start = self._after.get(key)
         if start is None:
             return []
-        guess = list(history[start:start + self.length])
-        if len(guess) < self.length and start + len(guess) == len(history):
+        self._long = _matched(history, start) >= LONG_MATCH
+        guess = list(history[start:start + self._max])
+        if len(guess) < self._max and start + len(guess) == len(history):
             guess.append(next_token)  # the match runs into the present: its next token follows
         return guess if len(guess) >= self._min else []
 
@@ -92,16 +103,24 @@ class NgramDrafter:
         self._indexed = max(self._indexed, len(history))
 
     def verified(self, drafted: int, accepted: int) -> None:
-        """Note how many of ``drafted`` guessed tokens the sampler chose, and adapt."""
+        """Note how many of ``drafted`` guessed tokens the sampler chose."""
         self.drafted += drafted
         self.accepted += accepted
-        if accepted == drafted:
-            self.length = min(self._max, self.length * 2)
-            self._failures = 0
-        elif accepted >= self._min:  # as long as what was accepted: longer ones cost more than they bring
-            self.length = max(self._min, accepted)
-            self._failures = 0
-        else:  # the guess did not pay: wait 1, 2, 4, ... steps before the next
-            self.length = max(self._min, min(4, self._max))
-            self._pause = min(MAX_PAUSE, 2 ** self._failures)
-            self._failures += 1
+        counts = self._counts[self._long]
+        counts[0] = counts[0] * MEMORY + accepted
+        counts[1] = counts[1] * MEMORY + (accepted < drafted)
+
+    def passed(self) -> None:
+        """A guess was not drafted (it would not pay): forget a little of what failed."""
+        for counts in self._counts:
+            counts[0] *= RECOVERY
+            counts[1] *= RECOVERY
+
+
+def _matched(history: Sequence[int], start: int) -> int:
+    """How many tokens the match that guessed ``history[start:]`` spans: its n-gram, and as many
+    tokens before it as agree with those before the present (at most LONG_MATCH)."""
+    a, b, n = start - NGRAM - 1, len(history) - NGRAM, NGRAM
+    while n < LONG_MATCH and a >= 0 and history[a] == history[b]:
+        a, b, n = a - 1, b - 1, n + 1
+    return n
