@@ -502,7 +502,7 @@ def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None,
 def ngram_guesses(ctx: BatchContext, answers: list[Slot], spec: SpecSettings, room: int,
                   costs: StepCosts) -> dict[int, list[int]]:
     """Each answer's n-gram guess, cut to the length that pays (step_costs.py), within ``room``
-    tokens in all: slot number -> tokens. None before a step's cost is known."""
+    tokens in all: slot number -> tokens; none before a step's cost is known."""
     if not costs.known or not answers:
         return {}
     per_pass, per_token = costs.figures()
