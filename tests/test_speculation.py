@@ -253,3 +253,28 @@ def test_on_this_cpu_an_answer_alone_drafts_and_four_at_once_do_not(model_path: 
         assert step_costs.draft_length(16, 0.9, (per_pass + 4 * per_token) / 4, per_token, per_pass) == 0
     finally:
         e.close()
+
+
+LONG_CELL = CELL + "".join(CELL.replace("mean", name) for name in ("spread", "middle", "typical", "central", "usual", "median"))
+
+
+def test_past_256_cached_tokens_drafts_still_change_nothing_where_llama_cpps_kernels_agree(
+        model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 256 cells llama.cpp's CPU flash attention computes a lone token with a split-KV
+    kernel and several tokens with another, whose rounding differs (README: Several requests at
+    once); with one thread the two agree, and a long edit is the same token for token with
+    every guess verified whole."""
+    monkeypatch.setattr(batching, "draft_length", lambda guess, *_: guess)
+    e = LlamaCppBackend(model_path, speculation=SpecSettings("ngram", 16, 2), threads=1)
+    e.load_default()
+    try:
+        edit = ({"role": "user", "content": "Here is a Python cell:\n\n```python\n" + LONG_CELL + "```\n\nRewrite "
+                 "the cell with the function mean renamed to average. Reply with the whole cell in a code block."},)
+        warm(e, messages=edit)
+        plain = answer(e, messages=edit, sampling=greedy(120), speculative=False)
+        drafted = answer(e, messages=edit, sampling=greedy(120))
+        assert plain.prompt_tokens > 256 and plain.completion_tokens == 120  # the cache passes 256 cells
+        assert drafted.text == plain.text
+        assert drafted.timings["draft_n_accepted"] >= 30
+    finally:
+        e.close()
