@@ -80,6 +80,9 @@ def test_a_step_is_fitted_as_passes_and_tokens_and_a_draft_is_cut_where_it_stops
         costs.note(*shape, seconds)
     per_pass, per_token = costs.figures()
     assert per_pass == pytest.approx(0.0138, abs=0.002) and per_token == pytest.approx(0.0083, abs=0.001)
+    for _ in range(128):  # the window moves on: steps of one shape only, the others forgotten
+        costs.note(1, 4, 0.030)
+    assert costs.figures() == pytest.approx((0.030 / (1 + 3 * 0.37) * 0.63, 0.030 / (1 + 3 * 0.37) * 0.37))
     # one answer alone on this CPU: a token taken saves a whole step (22 ms), each drafted costs 8 ms
     assert draft_length(16, 0.5, 0.022, 0.0083, 0.0) == 1
     assert 6 <= draft_length(16, 0.9, 0.022, 0.0083, 0.0) <= 10

@@ -25,17 +25,33 @@ SPREAD = 1.5  # the steps must differ this much in tokens per pass before both f
 
 
 class StepCosts:
-    """The seconds a pass and a token cost, fitted by least squares to the recent steps."""
+    """The seconds a pass and a token cost, fitted by least squares to the recent steps. The
+    fit's sums are kept as steps come and go, so refitting at every step costs the same however
+    long the window (it runs in the step loop)."""
 
     def __init__(self) -> None:
-        self._steps: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=WINDOW)
+        self._steps: collections.deque[tuple[int, int, float]] = collections.deque()
+        # sums over the window of p, t, s, p*p, p*t, t*t, p*s, t*s (p passes, t tokens, s seconds)
+        self._sums = [0.0] * 8
+        self._ratios: collections.Counter[float] = collections.Counter()  # tokens per pass -> steps
         self._fit: tuple[float, float] | None = None
 
     def note(self, passes: int, tokens: int, seconds: float) -> None:
         """One step's shape and time (a step of answers and their drafts only)."""
         if passes > 0 and seconds > 0:
+            if len(self._steps) == WINDOW:
+                self._count(*self._steps.popleft(), sign=-1)
             self._steps.append((passes, tokens, seconds))
+            self._count(passes, tokens, seconds, sign=1)
             self._fit = None
+
+    def _count(self, p: int, t: int, s: float, sign: int) -> None:
+        for i, term in enumerate((p, t, s, p * p, p * t, t * t, p * s, t * s)):
+            self._sums[i] += sign * term
+        ratio = t / p
+        self._ratios[ratio] += sign
+        if not self._ratios[ratio]:
+            del self._ratios[ratio]
 
     @property
     def known(self) -> bool:
@@ -44,31 +60,19 @@ class StepCosts:
     def figures(self) -> tuple[float, float]:
         """(seconds per pass, seconds per token); (0, 0) before any step."""
         if self._fit is None:
-            self._fit = _fitted(self._steps)
+            self._fit = self._fitted() if self._steps else (0.0, 0.0)
         return self._fit
 
-    def seconds(self, passes: int, tokens: int) -> float:
-        per_pass, per_token = self.figures()
-        return per_pass * passes + per_token * tokens
-
-
-def _fitted(steps: Sequence[tuple[int, int, float]]) -> tuple[float, float]:
-    if not steps:
-        return 0.0, 0.0
-    ratios = [t / p for p, t, _ in steps]
-    pp = sum(p * p for p, _, _ in steps)
-    pt = sum(p * t for p, t, _ in steps)
-    tt = sum(t * t for _, t, _ in steps)
-    ps = sum(p * s for p, _, s in steps)
-    ts = sum(t * s for _, t, s in steps)
-    det = pp * tt - pt * pt
-    if max(ratios) >= SPREAD * min(ratios) and det > 0:
-        per_pass, per_token = (tt * ps - pt * ts) / det, (pp * ts - pt * ps) / det
-        if per_pass > 0 and per_token > 0:
-            return per_pass, per_token
-    # one shape of step so far (or a fit that makes no sense): split the time by the prior share
-    one = sum(s for _, _, s in steps) / sum((1 - TOKEN_SHARE) * p + TOKEN_SHARE * t for p, t, _ in steps)
-    return one * (1 - TOKEN_SHARE), one * TOKEN_SHARE
+    def _fitted(self) -> tuple[float, float]:
+        p, t, s, pp, pt, tt, ps, ts = self._sums
+        det = pp * tt - pt * pt
+        if max(self._ratios) >= SPREAD * min(self._ratios) and det > 0:
+            per_pass, per_token = (tt * ps - pt * ts) / det, (pp * ts - pt * ps) / det
+            if per_pass > 0 and per_token > 0:
+                return per_pass, per_token
+        # one shape of step so far (or a fit that makes no sense): split the time by the prior share
+        one = s / ((1 - TOKEN_SHARE) * p + TOKEN_SHARE * t)
+        return one * (1 - TOKEN_SHARE), one * TOKEN_SHARE
 
 
 def passes(counts: Sequence[tuple[int, int]], n_ubatch: int, unified: bool) -> int:
