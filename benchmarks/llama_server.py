@@ -12,12 +12,15 @@ llama-cpp-python itself does.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from llm_magic.engine.llama_cpp.cpu import cmake_args
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm_magic"
 
@@ -31,7 +34,8 @@ def llama_cpp_version() -> str:
 def build(version: str | None = None, quiet: bool = False) -> Path:
     """The path of a ``llama-server`` binary built from llama-cpp-python ``version``'s llama.cpp."""
     version = version or llama_cpp_version()
-    binary = CACHE / f"llama-server-{version}" / "llama-server"
+    no_amx = shlex.split(cmake_args())  # as scripts/test builds llama-cpp-python here (cpu.py)
+    binary = CACHE / f"llama-server-{version}{'-no-amx' if no_amx else ''}" / "llama-server"
     if binary.exists():
         return binary
     out = subprocess.DEVNULL if quiet else None
@@ -47,7 +51,7 @@ def build(version: str | None = None, quiet: bool = False) -> Path:
         build_dir = work / "build"
         subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                        "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=out, timeout=600)
+                        "-DBUILD_SHARED_LIBS=OFF", *no_amx], check=True, stdout=out, timeout=600)
         subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                        check=True, stdout=out, timeout=3600)
         built = next(build_dir.glob("**/bin/llama-server"))

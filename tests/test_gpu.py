@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from llm_magic import ApiHost
+from llm_magic.engine.llama_cpp.cpu import NO_AMX_CMAKE_ARGS, advertises_amx
 from llm_magic.engine.llama_cpp.gpu import Gpu, device_name, gpu_memory_text, install_plan, llama_gpus, run_step, \
     visible, wheel_tag
 from llm_magic.engine.llama_cpp.placement import GIB, DEFAULT, SplitFlags, choose, kv_bytes_per_cell
@@ -105,7 +106,8 @@ def test_gpu_command_shows_what_it_sees_and_plans_a_wheel_then_a_build(fake_gpu:
     planned = run_cli("gpu", "--install", "--dry-run").stdout
     wheel, build = [line for line in planned.splitlines() if "pip install" in line]
     assert "--only-binary=llama-cpp-python --index-url https://abetlen.github.io/llama-cpp-python/whl/cu124" in wheel
-    assert build.startswith('CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=75"')
+    no_amx = f" {NO_AMX_CMAKE_ARGS}" if advertises_amx() else ""  # the CPU side too, on an AMX CPU
+    assert build.startswith(f'CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=75{no_amx}"')
     assert "--no-binary=llama-cpp-python" in build and "--no-deps" in build
 
 

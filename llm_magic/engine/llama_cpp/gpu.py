@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from llm_magic.engine.llama_cpp.cpu import NO_AMX_CMAKE_ARGS, advertises_amx
+
 NVIDIA_PROC = Path("/proc/driver/nvidia")  # present when the NVIDIA kernel driver is loaded
 WHEEL_INDEX = "https://abetlen.github.io/llama-cpp-python/whl/{tag}"
 # CUDA versions llama-cpp-python publishes prebuilt wheels for (its wheel index, one per version;
@@ -194,6 +196,8 @@ def install_plan() -> list[Step]:
     gpus = nvidia_gpus()
     archs = sorted({g.compute_cap.replace(".", "") for g in gpus if g.compute_cap.replace(".", "").isdigit()})
     cmake = "-DGGML_CUDA=on" + (f" -DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}" if archs else "")
+    if advertises_amx():  # the CPU side without AMX kernels, which GCC 12 miscompiles (cpu.py)
+        cmake += " " + NO_AMX_CMAKE_ARGS
     steps.append(Step(f"a source build with CUDA for {'sm_' + ', sm_'.join(archs) if archs else 'every architecture'}",
                       [*pip, "--no-binary=llama-cpp-python", "--verbose", LLAMA_REQUIREMENT],
                       {"CMAKE_ARGS": cmake, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)},

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from llm_magic.engine.llama_cpp.batching import FLASH_ATTENTION, BatchContext
+from llm_magic.engine.llama_cpp.cpu import NO_AMX_CMAKE_ARGS, build_uses_amx, extra_buffers_crash
 from llm_magic.engine.llama_cpp.placement import DEFAULT, Placement, SplitFlags, check, choose, estimate, \
     kv_bytes_per_cell, unused_on_cpu
-from llm_magic.errors import InvalidRequest, ModelLoadError
+from llm_magic.errors import InvalidRequest, LLMMagicError, ModelLoadError
+from llm_magic.models import embedded_model_path
 from llm_magic.wire.reasoning import REASONING_FORMATS
 
 log = logging.getLogger("llm_magic.engine")
@@ -123,6 +125,8 @@ def model_params(lib: Any, key: ModelKey, placement: Placement = DEFAULT) -> Any
     """llama.cpp's model params for ``key`` and ``placement`` (split mode None: its defaults)."""
     params = lib.llama_model_default_params()
     params.n_gpu_layers = key.gpu_layers
+    if not extra_buffers_run(lib, key.path):
+        params.use_extra_bufts = False
     if placement.split_mode is None:
         return params
     params.split_mode = getattr(lib, _SPLIT_MODES[placement.split_mode])
@@ -136,6 +140,32 @@ def model_params(lib: Any, key: ModelKey, placement: Placement = DEFAULT) -> Any
                                  f"at most {lib.LLAMA_MAX_DEVICES} GPUs")
         params.tensor_split = (ctypes.c_float * lib.LLAMA_MAX_DEVICES)(*placement.tensor_split)
     return params
+
+
+def extra_buffers_run(lib: Any, model: Path) -> bool:
+    """Whether llama.cpp's extra weight buffers (AMX, repacked) may be used: not where this
+    build's AMX kernels crash at a decode (cpu.py; probed once per build, with the embedded
+    model where it is installed, else with ``model``)."""
+    if not build_uses_amx(lib.llama_print_system_info().decode(errors="replace")):
+        return True
+    try:
+        probe_model = embedded_model_path()
+    except LLMMagicError:
+        probe_model = model
+    library = Path(lib.__file__).parent / "lib" / "libggml-cpu.so"
+    if not extra_buffers_crash(library if library.exists() else Path(lib.__file__), probe_model):
+        return True
+    global _amx_warned
+    if not _amx_warned:
+        _amx_warned = True
+        log.warning("this llama.cpp build's AMX kernels crash on this machine (llama.cpp issue 20824, a GCC 12 "
+                    "miscompilation): weights load into plain CPU buffers. Reinstalling llama-cpp-python with "
+                    "CMAKE_ARGS=\"%s\" builds it without AMX, and with llama.cpp's repacked weights",
+                    NO_AMX_CMAKE_ARGS)
+    return False
+
+
+_amx_warned = False
 
 
 def check_split(split: SplitFlags) -> None:
