@@ -8,7 +8,7 @@ round by round so that machine drift hits each alike:
 - generation tokens/s, one stream: llama-cpp-python in-process (``Llama.create_completion``
   at its best thread count), our ``/api``, our ``/v1/completions`` streaming, llama.cpp's own
   C++ ``llama-server`` (built from the llama.cpp inside the installed llama-cpp-python: see
-  ``llama_server.py``) and llama-cpp-python's ``llama_cpp.server``;
+  ``llama_server.py``) answering whole and streaming, and llama-cpp-python's ``llama_cpp.server``;
 - per-request overhead (``max_tokens=1``) and time to the first streamed token;
 - a long chat (~1,500 tokens of history): next turn's time to first token, KV cache warm vs cold;
 - prompt reading: a ~2,000-token prompt no cache holds, time to its first token on llm_magic and
@@ -195,6 +195,9 @@ def throughput(llm, ours: str, theirs: str, cpp: str, rounds: int) -> dict:
         "/api": lambda: api_completion(s_ours, ours, GEN_TOKENS),
         "/v1 stream": lambda: v1_stream(s_ours, ours, {"prompt": PROMPT, "max_tokens": GEN_TOKENS, "temperature": 0})[1:],
         "llama-server": lambda: v1_completion(s_cpp, cpp, GEN_TOKENS),
+        # the same stream from llama-server: the client's own reading of SSE costs both alike
+        "llama-server stream": lambda: v1_stream(s_cpp, cpp, {"prompt": PROMPT, "max_tokens": GEN_TOKENS,
+                                                               "temperature": 0})[1:],
         "llama_cpp.server": lambda: v1_completion(s_theirs, theirs, GEN_TOKENS),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -687,6 +690,7 @@ def main() -> int:
         "api_vs_inprocess": t["/api"] / t["in-process"],
         "v1_stream_vs_inprocess": t["/v1 stream"] / t["in-process"],
         "v1_stream_vs_llama_server": t["/v1 stream"] / t["llama-server"],
+        "v1_stream_vs_llama_server_stream": t["/v1 stream"] / t["llama-server stream"],
         "llama_cpp_server_vs_inprocess": t["llama_cpp.server"] / t["in-process"],
         "api_overhead_ms": o["/api"] - o["in-process"],
         "v1_overhead_ms": o["/v1"] - o["in-process"],

@@ -49,11 +49,18 @@ def test_greedy_answers_are_the_model_alones_and_mostly_come_in_drafts(engine: L
 def test_a_sampled_answer_is_reproducible_its_refused_guesses_leave_both_caches(engine: LlamaCppBackend) -> None:
     import llama_cpp
 
-    seeded = dict(messages=PROSE, sampling=Sampling(max_tokens=80, temperature=1.0, seed=3))
-    warm(engine, **seeded)
-    first, second = answer(engine, **seeded), answer(engine, **seeded)
+    # greedy guesses, a sampled answer: the first seed whose answer refuses some of them (which
+    # seed does depends on the CPU's rounding: on one, seed 3 took all 16 it was offered)
+    for seed in range(3, 11):
+        seeded = dict(messages=PROSE, sampling=Sampling(max_tokens=80, temperature=1.0, seed=seed))
+        warm(engine, **seeded)
+        first = answer(engine, **seeded)
+        if first.timings["draft_n"] > first.timings["draft_n_accepted"]:
+            break
+    else:
+        pytest.fail("no seeded answer refused a drafted guess")
+    second = answer(engine, **seeded)
     assert first.text == second.text
-    assert first.timings["draft_n"] > first.timings["draft_n_accepted"]  # greedy guesses, sampled answer
     context, draft = engine._loaded.context, engine.scheduler.draft_model
     for slot in engine.scheduler.pool.slots:  # each cache holds what its owner lists, no more
         assert llama_cpp.llama_memory_seq_pos_max(context.memory, slot.seq) == len(slot.cache) - 1

@@ -35,6 +35,22 @@ def test_vllm_gets_the_hosts_settings_and_the_parsers_for_the_model_family(monke
     assert given.count("--tool-call-parser") == 1  # the owner's own choice wins
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_a_llama_server_that_segfaults_on_an_amx_cpu_is_told_the_likely_cause(tmp_path: Path, monkeypatch, amx) -> None:
+    from llm_magic.engine.upstream import launcher
+
+    monkeypatch.setattr(launcher, "advertises_amx", lambda: amx)
+    crashing = tmp_path / "llama-server"
+    crashing.write_text("#!/bin/sh\necho 'load_tensors: AMX model buffer size = 92.10 MiB'\nkill -SEGV $$\n")
+    crashing.chmod(0o755)
+    process = EngineProcess("llama-server", [str(crashing)], 0)
+    process.start()
+    with pytest.raises(EngineUnavailable, match="(?s)llama-server was killed by signal 11.*AMX model buffer") as failed:
+        process.wait_ready(30)
+    process.stop()
+    assert ("--no-repack" in str(failed.value) and "-mno-amx-int8" in str(failed.value)) is amx
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("LLM_MAGIC_VLLM", str(FAKE_VLLM))

@@ -39,8 +39,9 @@ def thinking_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiHost]
 
 
 @pytest.fixture(scope="module")
-def client(thinking_host: ApiHost) -> openai.OpenAI:
-    return openai.OpenAI(base_url=thinking_host.url + "/v1", api_key="none")
+def client(thinking_host: ApiHost) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=thinking_host.url + "/v1", api_key="none") as sdk:
+        yield sdk
 
 
 def test_the_budget_closes_the_block_and_the_answer_follows(client: openai.OpenAI) -> None:
@@ -123,13 +124,13 @@ def test_api_answers_reasoning_beside_content(thinking_host: ApiHost) -> None:
     assert "".join(i.get("delta", "") for i in items) == answer["content"]
 
 
-def test_langchain_gets_the_answer_without_the_thinking(thinking_host: ApiHost) -> None:
+def test_langchain_gets_the_answer_without_the_thinking(thinking_host: ApiHost, closing) -> None:
     pytest.importorskip("langchain_openai")
     from langchain_openai import ChatOpenAI
 
     chat = ChatOpenAI(base_url=thinking_host.url + "/v1", api_key="none", model="default", temperature=0,
                       max_tokens=48, timeout=120)
-    plain = openai.OpenAI(base_url=thinking_host.url + "/v1", api_key="none").chat.completions.create(
+    plain = closing(openai.OpenAI(base_url=thinking_host.url + "/v1", api_key="none")).chat.completions.create(
         model="default", messages=ASK, **GREEDY).choices[0].message
     reply = chat.invoke([("user", ASK[0]["content"])])
     assert reply.content == plain.content  # the answer alone: no <think> block, no scratch work

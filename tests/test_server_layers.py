@@ -181,11 +181,11 @@ def http_url() -> Iterator[tuple[ScriptedBackend, str]]:
         server.stop()
 
 
-def test_the_openai_sdk_reads_the_scripted_answers_through_the_real_http_server(http_url) -> None:
+def test_the_openai_sdk_reads_the_scripted_answers_through_the_real_http_server(http_url, closing) -> None:
     from openai import OpenAI
 
     backend, url = http_url
-    client = OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0, timeout=10)
+    client = closing(OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0, timeout=10))
     answer = client.chat.completions.create(model="gpt-4o", messages=CHAT)
     assert answer.choices[0].message.content == "Hello through the SDK."
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(

@@ -244,7 +244,7 @@ def test_a_slow_engine_is_kept_alive_and_a_client_that_leaves_closes_the_engines
         backend.close()
 
 
-def test_llm_magic_serve_in_front_of_a_real_engine(llama_cpp_server: str) -> None:
+def test_llm_magic_serve_in_front_of_a_real_engine(llama_cpp_server: str, closing) -> None:
     """``llm-magic serve --engine URL`` before llama-cpp-python's own server with the real
     model: the openai SDK, the seed /api and a stream, all answered by the engine."""
     from openai import OpenAI
@@ -253,7 +253,7 @@ def test_llm_magic_serve_in_front_of_a_real_engine(llama_cpp_server: str) -> Non
 
     host = ApiHost(use_token=True, port=0, tunnel="none", extra_args=["--engine", llama_cpp_server]).start()
     try:
-        sdk = OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0, timeout=60)
+        sdk = closing(OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0, timeout=60))
         answer = sdk.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=8, temperature=0)
         assert answer.choices[0].message.content and answer.model == "smollm2"
         assert answer.usage.completion_tokens <= 8

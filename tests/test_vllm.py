@@ -77,7 +77,7 @@ def engine_metric(host: ApiHost, name: str) -> float:
     return sum(values)
 
 
-def test_the_seed_api_and_the_openai_sdk_are_answered_by_vllm(host: ApiHost) -> None:
+def test_the_seed_api_and_the_openai_sdk_are_answered_by_vllm(host: ApiHost, closing) -> None:
     from openai import OpenAI
 
     seed = requests.post(host.url + "/api", timeout=120, json={
@@ -88,7 +88,7 @@ def test_the_seed_api_and_the_openai_sdk_are_answered_by_vllm(host: ApiHost) -> 
         "token": host.token, "inputs": "The capital of France is", "parameters": {"max_tokens": 4, "temperature": 0}})
     assert completion.status_code == 200 and completion.json()["answer"]["content"]
 
-    sdk = OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0, timeout=120)
+    sdk = closing(OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0, timeout=120))
     answer = sdk.chat.completions.create(model="anything", messages=CHAT, max_tokens=8, temperature=0)
     assert answer.choices[0].message.content and answer.usage.completion_tokens <= 8
     assert answer.model == str(host.model)  # vLLM names the model after its folder; the front says so
@@ -98,10 +98,10 @@ def test_the_seed_api_and_the_openai_sdk_are_answered_by_vllm(host: ApiHost) -> 
     assert [m.id for m in sdk.models.list().data] == [str(host.model)]
 
 
-def test_structured_output_and_tools_are_vllms_own(host: ApiHost) -> None:
+def test_structured_output_and_tools_are_vllms_own(host: ApiHost, closing) -> None:
     from openai import OpenAI
 
-    sdk = OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0, timeout=120)
+    sdk = closing(OpenAI(base_url=host.url + "/v1", api_key=host.token, max_retries=0, timeout=120))
     # a shape the model would not write unasked: only vLLM's guided decoding gives it
     schema = {"type": "object", "properties": {"zz": {"type": "integer"}}, "required": ["zz"],
               "additionalProperties": False}
@@ -137,12 +137,12 @@ def test_responses_and_the_chat_pages_request_go_through_vllms_chat_route(host: 
     assert events[-1]["usage"]["completion_tokens"] <= 8
 
 
-def test_claude_codes_anthropic_api_and_count_tokens_go_through_vllm(host: ApiHost) -> None:
+def test_claude_codes_anthropic_api_and_count_tokens_go_through_vllm(host: ApiHost, closing) -> None:
     """The Anthropic Messages API (what Claude Code sends), translated onto vLLM's chat route;
     count_tokens asks vLLM's own template and tokenizer (its /tokenize)."""
     import anthropic
 
-    claude = anthropic.Anthropic(base_url=host.url, api_key=host.token, max_retries=0, timeout=120)
+    claude = closing(anthropic.Anthropic(base_url=host.url, api_key=host.token, max_retries=0, timeout=120))
     asked = dict(model="claude-sonnet-4-5", max_tokens=8, system="Be brief.", extra_body={"temperature": 0},
                  messages=[{"role": "user", "content": CHAT[0]["content"]}])
     message = claude.messages.create(**asked)

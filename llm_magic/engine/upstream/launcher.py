@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import requests
 
+from llm_magic.engine.llama_cpp.cpu import NO_AMX_CMAKE_ARGS, advertises_amx  # stdlib alone
 from llm_magic.errors import EngineUnavailable, InvalidRequest
 
 log = logging.getLogger("llm_magic.engine")
@@ -166,9 +167,15 @@ class EngineProcess:
 
     def failure(self) -> str:
         code = self.process.returncode if self.process is not None else None
+        if self._reader is not None:
+            self._reader.join(2.0)  # the dead child's last lines may still be in the pipe
         how = f"exited with code {code}" if code is None or code >= 0 else f"was killed by signal {-code}"
         tail = "\n".join(list(self.lines)[-15:]) or "(no output)"
-        return f"{self.kind} {how}; its last lines:\n{tail}"
+        hint = ""
+        if self.kind == "llama-server" and code == -signal.SIGSEGV and advertises_amx():
+            hint = (" (on a CPU with AMX, a llama.cpp built with GCC 12 crashes at its first decode: start it with "
+                    f"--no-repack, or build it with CMAKE_ARGS=\"{NO_AMX_CMAKE_ARGS}\")")
+        return f"{self.kind} {how}{hint}; its last lines:\n{tail}"
 
     def wait_ready(self, timeout: float) -> None:
         """Until its ``/health`` answers 200; its death or the deadline is an error with its log."""
