@@ -22,13 +22,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-log = logging.getLogger("llm_magic.engine")
 
 # Compiler flags that leave AMX out of a -march=native build of llama.cpp (GCC and Clang take
 # an explicit -mno-X over what -march implies, wherever it stands).
