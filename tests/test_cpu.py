@@ -44,7 +44,7 @@ def test_a_probe_killed_by_a_signal_means_a_crash_and_one_that_cannot_tell_says_
     assert cpu.probe_crashes(model, str(tmp_path / "no-such-python")) is None
 
 
-def test_the_real_probe_decodes_with_this_build(monkeypatch) -> None:
+def test_the_real_probe_decodes_with_this_build() -> None:
     """The child's script runs against the installed llama-cpp-python: on a build without AMX
     its decodes run; with AMX it gives a verdict either way, never 'could not tell'."""
     import llama_cpp
