@@ -19,6 +19,8 @@ round by round so that machine drift hits each alike:
 - speculation: decode tokens/s of a code edit (a 40-line cell written again with one name
   changed) and of prose, llm_magic with ``--spec ngram`` and with ``speculative: false``, and
   llama-server with no speculation, ``--spec-type ngram-simple`` and ``ngram-mod``;
+- a decode step of 1 to 32 tokens of one answer, in-process: what verifying a draft costs, and
+  so the most speculation can gain on this machine;
 - chat decode tokens/s plain, with JSON-schema structured output, and with logprobs; ``n=4``
   against one answer;
 - ``llm-magic serve`` start-up time to a healthy ``/health``.
@@ -290,6 +292,7 @@ def speculation(servers: dict[str, tuple[str, dict]], rounds: int) -> dict:
     session = new_session()
     rates = {(work, name): [] for work in ("code edit", "prose") for name in servers}
     accepted: dict[tuple[str, str], list[float]] = {key: [] for key in rates}
+    plain_answers: dict[str, str] = {}
     for i in range(rounds):
         for name, (url, extra) in rotated(servers, i):
             for work, body in (("code edit", CODE_EDIT), ("prose", PROSE_CHAT)):
@@ -297,12 +300,51 @@ def speculation(servers: dict[str, tuple[str, dict]], rounds: int) -> dict:
                 r = session.post(url + "/v1/chat/completions", json={**body, **extra}, timeout=600)
                 r.raise_for_status()
                 timings = r.json()["timings"]
+                if name == "llm_magic, speculative: false":
+                    plain_answers[work] = r.json()["choices"][0]["message"]["content"]
                 rates[work, name].append(timings["predicted_per_second"])
                 if timings.get("draft_n"):
                     accepted[work, name].append(timings.get("draft_n_accepted", 0) / timings["draft_n"])
     return {work: {name: {"tokens_per_s": statistics.median(rates[work, name]),
                           "accepted": statistics.median(accepted[work, name]) if accepted[work, name] else None}
-                   for name in servers} for work in ("code edit", "prose")}
+                   for name in servers} for work in ("code edit", "prose")} | {"plain_answers": plain_answers}
+
+
+def speculation_ceiling(model: Path, answers: dict[str, str], step_ms: dict[int, float]) -> dict[str, float]:
+    """The most n-gram speculation could gain on each workload's plain greedy answer with these
+    step costs: if every step drafted exactly the tokens about to be taken (llm_magic's n-gram
+    guesses, up to 16), no more, so that no drafted token is wasted. A ceiling no sizing of the
+    drafts can pass."""
+    import llama_cpp
+
+    from llm_magic.engine.llama_cpp.speculation import NgramDrafter, SpecSettings
+
+    vocab = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    prompts = {"code edit": CODE_EDIT, "prose": PROSE_CHAT}
+    ceilings = {}
+    for work, answer in answers.items():
+        history = vocab.tokenize(prompts[work]["messages"][0]["content"].encode())
+        tokens, taken, spent = vocab.tokenize(answer.encode(), add_bos=False, special=False), 0, 0.0
+        drafter = NgramDrafter(SpecSettings(draft_max=16, draft_min=1))
+        while taken < len(tokens):
+            guess, run = drafter.draft(history, tokens[taken]), 0
+            while run < len(guess) and taken + 1 + run < len(tokens) and guess[run] == tokens[taken + 1 + run]:
+                run += 1
+            spent += interpolated(step_ms, 1 + run)
+            history += tokens[taken:taken + 1 + run]
+            taken += 1 + run
+        ceilings[work] = len(tokens) * step_ms[1] / spent if spent else 1.0
+    vocab.close()
+    return ceilings
+
+
+def interpolated(step_ms: dict[int, float], k: int) -> float:
+    """A step of ``k`` tokens' milliseconds, linear between the measured sizes."""
+    below = max(size for size in step_ms if size <= k)
+    above = min((size for size in step_ms if size >= k), default=below)
+    if above == below:
+        return step_ms[below]
+    return step_ms[below] + (step_ms[above] - step_ms[below]) * (k - below) / (above - below)
 
 
 def report_speculation(table: dict) -> str:
@@ -313,6 +355,9 @@ def report_speculation(table: dict) -> str:
             cell = table[work][name]
             row += f"{cell['tokens_per_s']:>10.1f}" + (f"{cell['accepted']:>10.2f}" if cell["accepted"] is not None else f"{'-':>10}")
         lines.append(row)
+    if "ceiling" in table:
+        ceiling = table["ceiling"]
+        lines.append(f"  {'ceiling (x no speculation)':<32}{ceiling['code edit']:>10.2f}{'':>10}{ceiling['prose']:>10.2f}")
     return "\n".join(lines)
 
 
@@ -325,12 +370,52 @@ def only_speculation(rounds: int) -> int:
              "llama-server ngram-mod": LlamaServer(binary, model, threads, 1, ["--spec-type", "ngram-mod"])}
     host = ApiHost(use_token=False, port=0, tunnel="none").start()
     try:
-        print(report_speculation(speculation(speculation_servers(host.url or "", peers), rounds)))
+        table = speculation(speculation_servers(host.url or "", peers), rounds)
     finally:
         host.stop()
         for peer in peers.values():
             peer.stop()
+    steps = step_costs(model, threads, rounds)
+    table["ceiling"] = speculation_ceiling(model, table.pop("plain_answers"), steps)
+    print(report_speculation(table), report_step_costs(steps), sep="\n\n")
     return 0
+
+
+STEP_TOKENS = (1, 2, 4, 8, 16, 32)
+
+
+def step_costs(model: Path, threads: int, rounds: int) -> dict[int, float]:
+    """Milliseconds llama.cpp takes to decode a step of k tokens of one answer, each with its
+    logits (what verifying k-1 drafted tokens costs), after 200 tokens of context. ``k × ms(1)
+    / ms(k)`` is the most any speculation can gain here: the speed-up if every drafted token
+    were taken."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, logits_all=True,
+                          flash_attn=True, verbose=False)
+    try:
+        tokens = llm.tokenize(CODE_CELL.encode() * 3)[:200 + max(STEP_TOKENS)]
+        llm.eval(tokens[:200])
+        times: dict[int, list[float]] = {k: [] for k in STEP_TOKENS}
+        for _ in range(2 + 4 * rounds):  # the first two of each are warm-up
+            for k in STEP_TOKENS:
+                llm.n_tokens = 200
+                llm._ctx.kv_cache_seq_rm(-1, 200, -1)
+                time.sleep(SETTLE_SECONDS)
+                started = time.perf_counter()
+                llm.eval(tokens[200:200 + k])
+                times[k].append(time.perf_counter() - started)
+        return {k: 1000 * statistics.median(ts[2:]) for k, ts in times.items()}
+    finally:
+        llm.close()
+
+
+def report_step_costs(ms: dict) -> str:
+    one = ms[1] if 1 in ms else ms["1"]
+    lines = [f"{'a decode step of k tokens':<34}{'ms':>10}{'ms a token':>12}{'ceiling':>10}"]
+    for k, t in ms.items():
+        lines.append(f"  {'k = ' + str(k):<32}{t:>10.1f}{t / int(k):>12.1f}{int(k) * one / t:>10.2f}")
+    return "\n".join(lines)
 
 
 def speculation_servers(ours: str, peers: dict) -> dict[str, tuple[str, dict]]:
@@ -616,14 +701,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--only", choices=["neighbours", "features", "prompt", "speculation"],
+    parser.add_argument("--only", choices=["neighbours", "features", "prompt", "speculation", "steps"],
                         help="one measurement, printed, nothing saved: of llm_magic alone (neighbours, "
-                             "features), or prompt reading beside llama-server -np 4 (prompt)")
+                             "features), prompt reading beside llama-server -np 4 (prompt), speculation beside "
+                             "llama-server's with its ceiling (speculation), or decode steps in-process (steps)")
     args = parser.parse_args()
     if args.only == "prompt":
         return only_prompt_reading(max(2, args.rounds // 2))
     if args.only == "speculation":
         return only_speculation(max(2, args.rounds // 2))
+    if args.only == "steps":
+        print(report_step_costs(step_costs(embedded_model_path(), best_thread_count(), args.rounds)))
+        return 0
     if args.only:
         host = ApiHost(use_token=False, port=0, tunnel="none").start()
         try:
@@ -680,6 +769,9 @@ def main() -> int:
         for server in [*peers.values(), *speculating.values(), *hosts.values()]:
             server.stop()
         llm.close()
+    results["step_ms"] = step_costs(model, threads, args.rounds)
+    results["speculation"]["ceiling"] = speculation_ceiling(model, results["speculation"].pop("plain_answers"),
+                                                            results["step_ms"])
     results["startup_s"] = startup_seconds()
 
     t = results["throughput_tokens_per_s"]
@@ -708,6 +800,8 @@ def main() -> int:
         / table["llama-server -np 4"][1]["tokens_per_s"],
         "code_edit_spec_vs_none": results["speculation"]["code edit"]["llm_magic --spec ngram"]["tokens_per_s"]
         / results["speculation"]["code edit"]["llm_magic, speculative: false"]["tokens_per_s"],
+        "spec_ceiling_at_16": 16 * results["step_ms"][1] / results["step_ms"][16],
+        "code_edit_spec_ceiling": results["speculation"]["ceiling"]["code edit"],
         "prose_spec_vs_none": results["speculation"]["prose"]["llm_magic --spec ngram"]["tokens_per_s"]
         / results["speculation"]["prose"]["llm_magic, speculative: false"]["tokens_per_s"],
         "clients16_vs_llama_server_np4": table["llm_magic --parallel 4"][2]["tokens_per_s"]
@@ -778,6 +872,8 @@ def report(r: dict) -> str:
             lines.append(f"  {name:<32}{c['clients']:>8}{c['errors']:>7}{c['tokens_per_s']:>10.1f}"
                          f"{c['ttft_p50_ms']:>10.0f}{c['ttft_p95_ms']:>8.0f}{c['p50_ms']:>13.0f}{c['p95_ms']:>8.0f}")
     lines += ["", report_speculation(r["speculation"])]
+    if "step_ms" in r:
+        lines += ["", report_step_costs(r["step_ms"])]
     lines += ["", report_neighbours(r["neighbours_ms"])]
     lines += ["", f"llm-magic serve to healthy: {r['startup_s']:.2f} s"]
     return "\n".join(lines)
