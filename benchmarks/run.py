@@ -159,23 +159,31 @@ def v1_completion(session: requests.Session, url: str, max_tokens: int) -> tuple
     return elapsed, r.json()["usage"]["completion_tokens"]
 
 
-def v1_stream(session: requests.Session, url: str, body: dict, path: str = "/v1/completions") -> tuple[float, float, int]:
-    """(time to first token, total time, completion tokens) of one streamed request."""
+def v1_stream(session: requests.Session, url: str, body: dict, path: str = "/v1/completions",
+              whole: bool = False) -> tuple[float, float, int]:
+    """(time to first token, total time, completion tokens) of one streamed request; ``whole``:
+    a stream that carries an error or ends before its finish_reason raises, as a failed request."""
     started = time.perf_counter()
     first = None
     tokens = 0
+    finished = False
     with session.post(url + path, json={**body, "stream": True}, stream=True, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines(chunk_size=None):
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if whole and "error" in chunk:
+                raise requests.RequestException(f"the stream failed: {chunk['error']}")
             choice = (chunk.get("choices") or [{}])[0]
+            finished = finished or bool(choice.get("finish_reason"))
             text = choice.get("text") or (choice.get("delta") or {}).get("content")
             if text:
                 tokens += 1  # one chunk per token from both servers
                 if first is None:
                     first = time.perf_counter() - started
+    if whole and not finished:
+        raise requests.RequestException("the stream ended before its finish_reason")
     return first or 0.0, time.perf_counter() - started, tokens
 
 
@@ -610,8 +618,8 @@ def concurrency(url: str, clients: int, per_client: int = 3, max_tokens: int = 6
         for i in range(per_client):
             body = {"prompt": f"{PROMPT} (story {c}.{i})", "max_tokens": max_tokens, "temperature": 0}
             try:
-                first, total, n = v1_stream(session, url, body)
-            except requests.RequestException:
+                first, total, n = v1_stream(session, url, body, whole=True)
+            except (requests.RequestException, ValueError):  # ValueError: a chunk that is not JSON
                 errors += 1
                 continue
             ttfts.append(first * 1000)
