@@ -321,8 +321,9 @@ def speculation(servers: dict[str, tuple[str, dict]], rounds: int) -> dict:
 def speculation_ceiling(model: Path, answers: dict[str, str], step_ms: dict[int, float]) -> dict[str, float]:
     """The most n-gram speculation could gain on each workload's plain greedy answer with these
     step costs: if every step drafted exactly the tokens about to be taken (llm_magic's n-gram
-    guesses, up to 16), no more, so that no drafted token is wasted. A ceiling no sizing of the
-    drafts can pass."""
+    guesses, up to 16, from the prompt's text without the chat template), no more, so that no
+    drafted token is wasted. A ceiling no sizing of the drafts can pass on that answer; one
+    written with drafts may differ from it where llama.cpp's kernels do (README)."""
     import llama_cpp
 
     from llm_magic.engine.llama_cpp.speculation import NgramDrafter, SpecSettings
@@ -330,19 +331,21 @@ def speculation_ceiling(model: Path, answers: dict[str, str], step_ms: dict[int,
     vocab = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
     prompts = {"code edit": CODE_EDIT, "prose": PROSE_CHAT}
     ceilings = {}
-    for work, answer in answers.items():
-        history = vocab.tokenize(prompts[work]["messages"][0]["content"].encode())
-        tokens, taken, spent = vocab.tokenize(answer.encode(), add_bos=False, special=False), 0, 0.0
-        drafter = NgramDrafter(SpecSettings(draft_max=16, draft_min=1))
-        while taken < len(tokens):
-            guess, run = drafter.draft(history, tokens[taken]), 0
-            while run < len(guess) and taken + 1 + run < len(tokens) and guess[run] == tokens[taken + 1 + run]:
-                run += 1
-            spent += interpolated(step_ms, 1 + run)
-            history += tokens[taken:taken + 1 + run]
-            taken += 1 + run
-        ceilings[work] = len(tokens) * step_ms[1] / spent if spent else 1.0
-    vocab.close()
+    try:
+        for work, answer in answers.items():
+            history = vocab.tokenize(prompts[work]["messages"][0]["content"].encode())
+            tokens, taken, spent = vocab.tokenize(answer.encode(), add_bos=False, special=False), 0, 0.0
+            drafter = NgramDrafter(SpecSettings(draft_max=16, draft_min=1))
+            while taken < len(tokens):
+                guess, run = drafter.draft(history, tokens[taken]), 0
+                while run < len(guess) and taken + 1 + run < len(tokens) and guess[run] == tokens[taken + 1 + run]:
+                    run += 1
+                spent += interpolated(step_ms, 1 + run)
+                history += tokens[taken:taken + 1 + run]
+                taken += 1 + run
+            ceilings[work] = len(tokens) * step_ms[1] / spent if spent else 1.0
+    finally:
+        vocab.close()
     return ceilings
 
 
@@ -418,11 +421,10 @@ def step_costs(model: Path, threads: int, rounds: int) -> dict[int, float]:
         llm.close()
 
 
-def report_step_costs(ms: dict) -> str:
-    one = ms[1] if 1 in ms else ms["1"]
+def report_step_costs(ms: dict[int, float]) -> str:
     lines = [f"{'a decode step of k tokens':<34}{'ms':>10}{'ms a token':>12}{'ceiling':>10}"]
     for k, t in ms.items():
-        lines.append(f"  {'k = ' + str(k):<32}{t:>10.1f}{t / int(k):>12.1f}{int(k) * one / t:>10.2f}")
+        lines.append(f"  {'k = ' + str(k):<32}{t:>10.1f}{t / k:>12.1f}{k * ms[1] / t:>10.2f}")
     return "\n".join(lines)
 
 
