@@ -198,7 +198,7 @@ def rotated(variants: dict, i: int) -> list:
     return items[shift:] + items[:shift]
 
 
-def throughput(llm, ours: str, theirs: str, cpp: str, rounds: int) -> dict:
+def throughput(llm, ours: str, theirs: str, cpp: str, rounds: int) -> tuple[dict, float]:
     s_ours, s_theirs, s_cpp = new_session(), new_session(), new_session()
     variants = {
         "in-process": lambda: inprocess_completion(llm, GEN_TOKENS),
@@ -216,7 +216,15 @@ def throughput(llm, ours: str, theirs: str, cpp: str, rounds: int) -> dict:
             time.sleep(SETTLE_SECONDS)
             elapsed, tokens = run()
             rates[name].append(tokens / elapsed)
-    return {name: statistics.median(values) for name, values in rates.items()}
+    # this VM's speed drifts by more than the gaps measured: the ratio within each round, whose
+    # variants ran seconds apart, and its median, follow the drift less than a ratio of medians
+    return ({name: statistics.median(values) for name, values in rates.items()},
+            paired(rates["/v1 stream"], rates["llama-server stream"]))
+
+
+def paired(ours: list[float], theirs: list[float]) -> float:
+    """The median of the round-by-round ratios of two series measured in the same rounds."""
+    return statistics.median(a / b for a, b in zip(ours, theirs))
 
 
 STORY_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
@@ -604,7 +612,12 @@ def prompt_reading(servers: dict[str, str], rounds: int) -> dict:
             info = new_session().post(next(iter(servers.values())) + "/v1/completions",
                                       json={"prompt": long_prompt(-1), "max_tokens": 1}, timeout=300).json()
             prompt_tokens = info["usage"]["prompt_tokens"]
-    return {"prompt_tokens": prompt_tokens, "ttft_ms": {name: statistics.median(v) for name, v in times.items()}}
+    pairs = {}
+    if {"llm_magic", "llama-server"} <= set(servers):
+        pairs = {beside.strip() or "alone": paired(times[f"llm_magic{beside}"], times[f"llama-server{beside}"])
+                 for beside in ("", " + 3 streams")}
+    return {"prompt_tokens": prompt_tokens, "ttft_ms": {name: statistics.median(v) for name, v in times.items()},
+            "paired_vs_llama_server": pairs}
 
 
 def concurrency(url: str, clients: int, per_client: int = 3, max_tokens: int = 64) -> dict:
@@ -763,11 +776,12 @@ def main() -> int:
             "machine": machine(),
             "model": model.name,
             "threads": threads,
-            "throughput_tokens_per_s": throughput(llm, ours, theirs, cpp, args.rounds),
+            **dict(zip(("throughput_tokens_per_s", "v1_stream_vs_llama_server_stream_paired"),
+                       throughput(llm, ours, theirs, cpp, args.rounds))),
             **overhead(llm, ours, theirs, cpp, n=20 * args.rounds),
             "long_chat": long_chat(ours, max(2, args.rounds // 2)),
             "prompt_reading": prompt_reading({"llm_magic": ours, "llama-server": urls["llama-server -np 4"]},
-                                             max(2, args.rounds // 2)),
+                                             max(3, args.rounds)),
             "features_tokens_per_s": features(ours, max(3, args.rounds // 2)),
             "n_choices": n_choices(ours, max(3, args.rounds // 2)),
             "neighbours_ms": neighbours(ours, max(3, args.rounds // 2)),
@@ -793,6 +807,10 @@ def main() -> int:
         "v1_stream_vs_inprocess": t["/v1 stream"] / t["in-process"],
         "v1_stream_vs_llama_server": t["/v1 stream"] / t["llama-server"],
         "v1_stream_vs_llama_server_stream": t["/v1 stream"] / t["llama-server stream"],
+        "v1_stream_vs_llama_server_stream_paired": results["v1_stream_vs_llama_server_stream_paired"],
+        "prompt_ttft_vs_llama_server_paired": results["prompt_reading"]["paired_vs_llama_server"]["alone"],
+        "prompt_ttft_beside_3_streams_vs_llama_server_paired":
+            results["prompt_reading"]["paired_vs_llama_server"]["+ 3 streams"],
         "llama_cpp_server_vs_inprocess": t["llama_cpp.server"] / t["in-process"],
         "api_overhead_ms": o["/api"] - o["in-process"],
         "v1_overhead_ms": o["/v1"] - o["in-process"],
@@ -849,6 +867,9 @@ def report_prompt_reading(reading: dict) -> str:
     lines = [f"{'a ' + str(reading['prompt_tokens']) + '-token prompt, first token':<34}{'ms':>10}{'vs llama-server':>17}"]
     lines += [f"  {name:<32}{ms:>10.0f}{ms / times[name.replace('llm_magic', 'llama-server')]:>17.3f}"
               for name, ms in times.items()]
+    if reading.get("paired_vs_llama_server"):
+        lines.append("  llm_magic vs llama-server, the median of each round's ratio: " + ", ".join(
+            f"{beside} {ratio:.3f}" for beside, ratio in reading["paired_vs_llama_server"].items()))
     return "\n".join(lines)
 
 
@@ -860,6 +881,8 @@ def report(r: dict) -> str:
              f"{'generation, ' + str(GEN_TOKENS) + ' tokens':<34}{'tokens/s':>10}{'vs in-process':>16}{'vs llama-server':>17}"]
     for name, rate in t.items():
         lines.append(f"  {name:<32}{rate:>10.1f}{rate / t['in-process']:>16.3f}{rate / t['llama-server']:>17.3f}")
+    lines.append(f"  /v1 stream vs llama-server stream, the median of each round's ratio: "
+                 f"{r['v1_stream_vs_llama_server_stream_paired']:.3f}")
     lines += ["", f"{'max_tokens=1 request':<34}{'ms':>10}{'overhead ms':>16}"]
     for name, ms in o.items():
         lines.append(f"  {name:<32}{ms:>10.1f}{ms - o['in-process']:>16.1f}")

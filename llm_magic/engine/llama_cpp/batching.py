@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -105,7 +106,10 @@ class BatchContext:
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         # the batch's arrays, looked up once: each is a ctypes pointer indexed per token
         b = self._batch
-        self._token, self._pos, self._n_seq_id, self._seq_id, self._logits = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
+        self._token, self._pos, self._logits = b.token, b.pos, b.logits
+        self._seq_ids = [b.seq_id[i] for i in range(self.n_batch)]  # each token's one sequence
+        for i in range(self.n_batch):
+            b.n_seq_id[i] = 1
         self.size = 0
 
     def clear(self) -> None:
@@ -114,8 +118,8 @@ class BatchContext:
     def add(self, token: int, pos: int, seq: int, output: bool) -> int:
         """Put one token in the batch; its index there (where its logits will be, if ``output``)."""
         i = self.size
-        self._token[i], self._pos[i], self._n_seq_id[i], self._logits[i] = token, pos, 1, output
-        self._seq_id[i][0] = seq
+        self._token[i], self._pos[i], self._logits[i] = token, pos, output
+        self._seq_ids[i][0] = seq
         self.size = i + 1
         return i
 
@@ -278,11 +282,9 @@ class Scheduler:
     def _serve(self) -> None:
         inbox = self._compute.inbox
         while True:
-            try:
-                item = inbox.get(block=not self.generating)
-            except queue.Empty:
-                item = _NOTHING
-            while item is not _NOTHING:
+            # between steps, what was handed in meanwhile (asked for: no exception per step)
+            while not inbox.empty() or not self.generating:
+                item = inbox.get()
                 if item is None:
                     self.attach(None)
                     return
@@ -293,10 +295,6 @@ class Scheduler:
                         item()
                     except Exception:  # a job reports its own failures; this keeps the thread
                         log.exception("a compute job failed")
-                try:
-                    item = inbox.get_nowait()
-                except queue.Empty:
-                    item = _NOTHING
             if self.generating:
                 try:
                     self._step()
@@ -308,18 +306,20 @@ class Scheduler:
     def _step(self) -> None:
         for task in [t for t in [*self._running, *self._pending] if t.cancel.is_set()]:
             self._drop(task)
-        self._assign()
-        ctx = self.context
-        if ctx is None or not self._running:
+        if self._pending:
+            self._assign()
+        ctx, running = self.context, self._running
+        if ctx is None or not running:
             return
-        for task in [t for t in self._running if t.kept_logits is not None]:
+        for task in [t for t in running if t.kept_logits is not None]:
             logits, task.kept_logits = task.kept_logits, None
-            self._begin(task, lambda slot, logits=logits: self._guarded(
-                slot, lambda: self._advance(slot, logits, slot.choice.sampler.sample_from(logits))))
-        if not self._running:
+            self._begin(task, lambda slot, logits=logits: self._sample(slot, -1, logits))
+        if not running:
             return
         ctx.clear()
-        reading = sorted((t for t in self._running if t.reading), key=lambda t: t.arrived)
+        reading = [t for t in running if t.read < len(t.tokens)]
+        if len(reading) > 1:
+            reading.sort(key=lambda t: t.arrived)
         # drafts leave a prompt being read at least its smallest chunk of the ubatch
         room = ctx.n_ubatch - PROMPT_CHUNK_MIN if reading else ctx.n_batch
         writing = add_answers(ctx, self._slots, None if self._drafts_off else self.spec, room, self.draft_model,
@@ -367,26 +367,30 @@ class Scheduler:
             if slot.task is task:  # the task may have failed at an earlier choice
                 first(slot)
 
-    def _sample(self, slot: Slot, index: int) -> None:
-        """Sample the slot's next token from the batch's ``index``-th logits and write it."""
-        ctx = self.context
+    def _sample(self, slot: Slot, index: int, kept: Any = None) -> None:
+        """Sample the slot's next token from the batch's ``index``-th logits (or logits its cache
+        ``kept``) and write it: per token, right after a decode, so in few calls."""
+        ctx, choice = self.context, slot.choice
         assert ctx is not None
-        if slot.choice is None:  # its task failed earlier in this step
+        if choice is None:  # its task failed earlier in this step
             return
-        self._guarded(slot, lambda: self._advance(slot, lambda: logits_at(ctx.ctx, index, ctx.n_vocab),
-                                                   slot.choice.sampler.sample(ctx.ctx, index)))
-
-    def _guarded(self, slot: Slot, write: Callable[[], None]) -> None:
-        """Run ``write`` for the slot; if its sampling fails (a grammar that allows no token),
-        that task fails alone and every other answer goes on."""
-        task = slot.task
         try:
-            write()
+            if kept is not None:
+                self._advance(slot, kept, choice.sampler.sample_from(kept))
+            else:
+                token = choice.sampler.sample(ctx.ctx, index)
+                self._advance(slot, functools.partial(logits_at, ctx.ctx, index, ctx.n_vocab), token)
         except Exception as exc:
-            if not isinstance(exc, LLMMagicError):
-                log.exception("sampling failed")
-            if task is not None and (task in self._running or any(s.task is task for s in self._slots)):
-                self._fail(task, exc)
+            self._write_failed(slot, exc)
+
+    def _write_failed(self, slot: Slot, exc: Exception) -> None:
+        """Writing the slot's token failed (a grammar that allows no token): that task fails
+        alone and every other answer goes on."""
+        task = slot.task
+        if not isinstance(exc, LLMMagicError):
+            log.exception("sampling failed", exc_info=exc)
+        if task is not None and (task in self._running or any(s.task is task for s in self._slots)):
+            self._fail(task, exc)
 
     def _advance(self, slot: Slot, logits: Any, token: int) -> None:
         """Write ``token``, chosen from ``logits`` (an array, or a function that returns it)."""
@@ -402,7 +406,7 @@ class Scheduler:
 
     def _assign(self) -> None:
         """Give waiting tasks, first come first served, the free slots that suit them best."""
-        if not self._running:
+        if not self._running:  # (with nothing pending it waits: a new task comes through here)
             self._hold_new = False
         while self._pending and not self._hold_new:
             task = self._pending[0]
@@ -471,8 +475,6 @@ class Scheduler:
                         EngineError(f"generation failed ({type(exc).__name__}); see the host's log"))
 
 
-_NOTHING = object()
-
 
 def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None, room: int,
                 draft_model: DraftModel | None = None, costs: StepCosts | None = None) -> list[tuple[Slot, int, list[int]]]:
@@ -503,7 +505,11 @@ def ngram_guesses(ctx: BatchContext, answers: list[Slot], spec: SpecSettings, ro
                   costs: StepCosts) -> dict[int, list[int]]:
     """Each answer's n-gram guess, cut to the length that pays (step_costs.py), within ``room``
     tokens in all: slot number -> tokens; none before a step's cost is known."""
-    if not costs.known or not answers:
+    if not costs.known:
+        return {}
+    # every answer's history is indexed each step; the economics only where there is a guess
+    found = [(slot, guess) for slot in answers if (guess := drafted(slot, spec, min(room, ctx.n_ctx - len(slot.cache) - 2)))]
+    if not found:
         return {}
     per_pass, per_token = costs.figures()
     counts = {slot.seq: 1 for slot in answers}
@@ -514,9 +520,9 @@ def ngram_guesses(ctx: BatchContext, answers: list[Slot], spec: SpecSettings, ro
     plain = shape_passes()
     worth = (per_pass * plain + per_token * len(answers)) / len(answers)  # an answer's share of a plain step
     guesses = {}
-    for slot in answers:
-        guess = drafted(slot, spec, min(room, ctx.n_ctx - len(slot.cache) - 2))
-        if not guess:
+    for slot, guess in found:
+        guess = guess[:room]
+        if len(guess) < spec.draft_min:
             continue
         before = shape_passes()
         counts[slot.seq] += len(guess)

@@ -1,8 +1,7 @@
 """The resident model, and everything about it a request needs.
 
 ``LoadedModel`` holds the weights, the batch context and what is worked out from them once
-(token pieces, the longest piece, control tokens, chat formatters, which exact schema texts
-its vocabulary can write). ``prepare`` turns a request into the scheduler's ``Task``: the
+(its ``Vocabulary``, chat formatters). ``prepare`` turns a request into the scheduler's ``Task``: the
 prompt (chat template, tool format), its constraint and a sampler per choice. It knows nothing
 of the line requests wait in, nor of other models: the backend above decides which model
 serves a request and hands the request down.
@@ -10,10 +9,7 @@ serves a request and hands the request down.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
-import json
 import queue
 import random
 import threading
@@ -26,6 +22,7 @@ from llm_magic.engine.llama_cpp.grammar.constraints import Constraint, grammar_f
 from llm_magic.engine.llama_cpp.loading import HostSettings, ModelKey, llama_cpp_module, make_formatter
 from llm_magic.engine.llama_cpp.sampling import Logprobs, TokenSampler
 from llm_magic.engine.llama_cpp.thinking import ThinkingSampler
+from llm_magic.engine.llama_cpp.vocabulary import Vocabulary
 from llm_magic.errors import ContextLengthExceeded, InvalidRequest
 from llm_magic.wire.reasoning import ReasoningFormat, detect_reasoning
 from llm_magic.wire.tool_calls import FORMATS, ToolFormat, detect_format, generic_messages
@@ -33,7 +30,6 @@ from llm_magic.wire.types import GenerationRequest
 
 EMBEDDING_CTX = 4096  # the longest input an embedding takes (also bounded by --ctx and the model)
 EMBEDDING_TOKENS = 8 * EMBEDDING_CTX  # the most one embedding request computes
-WRITABLE_MEMORY = 4096  # schema texts remembered as writable, per model (then forgotten, all at once)
 
 
 class LoadedModel:
@@ -50,74 +46,14 @@ class LoadedModel:
         self.grammars = grammars  # the host's: grammars are compiled in a child process first
         self.metadata: dict[str, str] = model.metadata()
         self.embedder: Any = None  # an EmbeddingContext on these weights, made at its first use
-        self._pieces: dict[int, bytes] = {}
-        self._special_pieces: dict[int, bytes] = {}  # with control tokens' text (harmony's markers)
-        self._longest_piece: int | None = None
-        self._control_tokens: tuple[int, ...] | None = None
+        self.vocabulary = Vocabulary(model, name)  # its token pieces and what they can write
         self._formatters: dict[str | None, Any] = {}
-        self._writable: set[str] = set()
 
     def close(self) -> None:
         """Free the contexts, then the weights they use."""
         for part in (self.embedder, self.context, self.model):
             if part is not None:
                 part.close()
-
-    # -- the vocabulary ------------------------------------------------------------------
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        """The raw bytes of one token (cached: the vocabulary is fixed); ``special``: a control
-        token's text too, else it has none."""
-        pieces = self._special_pieces if special else self._pieces
-        piece = pieces.get(token)
-        if piece is None:
-            lib = llama_cpp_module()
-            vocab = self.model.vocab
-            buf = ctypes.create_string_buffer(64)
-            n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-            piece = pieces[token] = buf.raw[:n]
-        return piece
-
-    def special_piece(self, token: int) -> bytes:
-        return self.piece(token, True)
-
-    @property
-    def n_vocab(self) -> int:
-        return llama_cpp_module().llama_vocab_n_tokens(self.model.vocab)
-
-    def longest_piece(self) -> int:
-        """The most bytes one token stands for: a text that long times the context cannot fit."""
-        if self._longest_piece is None:
-            self._longest_piece = max(len(self.piece(t)) for t in range(self.n_vocab))
-        return max(1, self._longest_piece)
-
-    def control_tokens(self) -> tuple[int, ...]:
-        """The tokens whose text holds a control character (a raw newline, a tab): JSON grammars
-        never allow one, so a constrained answer bans them up front (looked up once)."""
-        if self._control_tokens is None:
-            self._control_tokens = tuple(t for t in range(self.n_vocab)
-                                         if any(b < 0x20 or b == 0x7F for b in self.piece(t)))
-        return self._control_tokens
-
-    def check_writable(self, texts: frozenset[str]) -> None:
-        """Refuse a constraint whose exact texts (keys, constants) this vocabulary cannot write:
-        the answer would reach them and find no token to go on with. A text found writable is
-        remembered, so that a schema sent with every request is tokenised once."""
-        for text in texts:
-            if text in self._writable:
-                continue
-            data = text.encode("utf-8")
-            tokens = self.model.tokenize(data, add_bos=False, special=False)
-            if b"".join(self.piece(t) for t in tokens) != data:
-                raise InvalidRequest(f"the schema asks for {json.dumps(text, ensure_ascii=False)[:80]}, which "
-                                     f"{self.name}'s vocabulary cannot write (it lacks some of its bytes); "
-                                     "use other characters there")
-            if len(self._writable) >= WRITABLE_MEMORY:
-                self._writable.clear()
-            self._writable.add(text)
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -169,8 +105,8 @@ class LoadedModel:
         data = text.encode("utf-8")
         # Tokenising megabytes takes seconds: refuse at once what cannot fit, by the fewest
         # tokens that many bytes can make.
-        if len(data) > n_ctx and len(data) > n_ctx * self.longest_piece():
-            raise prompt_too_long(f"at least {len(data) // self.longest_piece()}", n_ctx)
+        if len(data) > n_ctx and len(data) > n_ctx * self.vocabulary.longest_piece():
+            raise prompt_too_long(f"at least {len(data) // self.vocabulary.longest_piece()}", n_ctx)
         return self.model.tokenize(data, add_bos=add_bos, special=True), stops, text
 
     # -- requests ------------------------------------------------------------------------
@@ -203,13 +139,13 @@ class LoadedModel:
         constraint = constraint_for(request, tool_format)
         grammar, banned = None, ()
         if constraint is not None:
-            banned = () if constraint.controls else self.control_tokens()
-            self.check_writable(constraint.texts)
+            banned = () if constraint.controls else self.vocabulary.control_tokens()
+            self.vocabulary.check_writable(constraint.texts)
             grammar = constraint.grammar
             if self.grammars is not None:  # compiled in a child first: a bad one cannot take the host down
                 self.grammars.check(grammar)
         vocab, n_vocab = model.vocab, lib.llama_vocab_n_tokens(model.vocab)
-        piece = self.special_piece if reasoning is not None and reasoning.special_tokens else self.piece
+        piece = self.vocabulary.special_piece if reasoning is not None and reasoning.special_tokens else self.vocabulary.piece
         budget = request.reasoning_budget if request.reasoning_budget is not None else self.settings.reasoning_budget
 
         def sampler(seed: int) -> TokenSampler:
@@ -217,7 +153,6 @@ class LoadedModel:
                 return TokenSampler(vocab, s, seed, grammar, banned)
             return ThinkingSampler(vocab, s, seed, grammar, fmt=reasoning, budget=budget, piece=piece,
                                    tokenize=lambda text: model.tokenize(text.encode(), add_bos=False, special=True))
-        is_end = functools.partial(lib.llama_vocab_is_eog, vocab)
         events: queue.SimpleQueue = queue.SimpleQueue()
 
         choices = []
@@ -225,7 +160,7 @@ class LoadedModel:
             for i in range(request.n):  # each answer draws its own samples: seed, seed + 1, ...
                 choices.append(Choice(
                     i, sampler((seed + i) % 2**32), max_tokens=max_tokens,
-                    stops=stops, piece=piece, is_end=is_end, emit=events.put,
+                    stops=stops, piece=piece, is_end=self.vocabulary.is_end, emit=events.put,
                     logprobs=Logprobs(request.logprobs, n_vocab, piece) if request.logprobs is not None else None))
         except BaseException:
             for choice in choices:
@@ -260,11 +195,11 @@ class LoadedModel:
     def embedding_tokens(self, inputs: Sequence[str | Sequence[int]], n_ctx: int) -> list[list[int]]:
         """Every input as tokens, checked whole before any is computed: in the vocabulary, within
         the embedding context, and all of them within ``EMBEDDING_TOKENS``."""
-        n_vocab = self.n_vocab
+        n_vocab = self.vocabulary.n_vocab
         sequences, total = [], 0
         for i, item in enumerate(inputs):
             if isinstance(item, str):
-                if len(item.encode("utf-8")) > n_ctx * self.longest_piece():
+                if len(item.encode("utf-8")) > n_ctx * self.vocabulary.longest_piece():
                     raise ContextLengthExceeded(f"'input[{i}]' is longer than the embedding context ({n_ctx} tokens)")
                 tokens = self.model.tokenize(item.encode("utf-8"), add_bos=True, special=False)
             else:

@@ -26,8 +26,8 @@ SPREAD = 1.5  # the steps must differ this much in tokens per pass before both f
 
 class StepCosts:
     """The seconds a pass and a token cost, fitted by least squares to the recent steps. The
-    fit's sums are kept as steps come and go, so refitting at every step costs the same however
-    long the window (it runs in the step loop)."""
+    fit's sums are kept as steps come and go, so refitting costs the same however long the
+    window (it runs in the step loop)."""
 
     def __init__(self) -> None:
         self._steps: collections.deque[tuple[int, int, float]] = collections.deque()
@@ -35,15 +35,28 @@ class StepCosts:
         self._sums = [0.0] * 8
         self._ratios: collections.Counter[float] = collections.Counter()  # tokens per pass -> steps
         self._fit: tuple[float, float] | None = None
+        # Steps noted but not yet in the sums: noting runs after every decode, when little of
+        # Python is in the CPU's caches, so it only appends; they are added when a fit is wanted.
+        self._new: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=WINDOW)
 
     def note(self, passes: int, tokens: int, seconds: float) -> None:
         """One step's shape and time (a step of answers and their drafts only)."""
         if passes > 0 and seconds > 0:
+            self._new.append((passes, tokens, seconds))
+            self._fit = None
+
+    def _add_new(self) -> None:
+        new = self._new
+        if len(new) == WINDOW:  # the window is made of these alone
+            self._steps.clear()
+            self._sums = [0.0] * 8
+            self._ratios.clear()
+        for step in new:
             if len(self._steps) == WINDOW:
                 self._count(*self._steps.popleft(), sign=-1)
-            self._steps.append((passes, tokens, seconds))
-            self._count(passes, tokens, seconds, sign=1)
-            self._fit = None
+            self._steps.append(step)
+            self._count(*step, sign=1)
+        new.clear()
 
     def _count(self, p: int, t: int, s: float, sign: int) -> None:
         for i, term in enumerate((p, t, s, p * p, p * t, t * t, p * s, t * s)):
@@ -55,10 +68,12 @@ class StepCosts:
 
     @property
     def known(self) -> bool:
-        return bool(self._steps)
+        return bool(self._steps or self._new)
 
     def figures(self) -> tuple[float, float]:
         """(seconds per pass, seconds per token); (0, 0) before any step."""
+        if self._new:
+            self._add_new()
         if self._fit is None:
             self._fit = self._fitted() if self._steps else (0.0, 0.0)
         return self._fit
@@ -82,6 +97,8 @@ def passes(counts: Sequence[tuple[int, int]], n_ubatch: int, unified: bool) -> i
     of consecutive sequences (llama_batch_allocr::split_equal, sequential)."""
     if unified:
         return -(-sum(n for _, n in counts) // n_ubatch)
+    if len(counts) == 1:  # one answer (the step loop's commonest case): its tokens a ubatch at a time
+        return -(-counts[0][1] // n_ubatch) if counts[0][1] > 0 else 0
     left = {seq: n for seq, n in counts if n > 0}
     made = 0
     while left:
