@@ -370,7 +370,7 @@ class Scheduler:
     def _sample(self, slot: Slot, index: int, kept: Any = None) -> None:
         """Sample the slot's next token from the batch's ``index``-th logits (or logits its cache
         ``kept``) and write it: per token, right after a decode, so in few calls."""
-        ctx, choice = self.context, slot.choice
+        ctx, choice, task = self.context, slot.choice, slot.task  # the task as it was before writing
         assert ctx is not None
         if choice is None:  # its task failed earlier in this step
             return
@@ -381,12 +381,11 @@ class Scheduler:
                 token = choice.sampler.sample(ctx.ctx, index)
                 self._advance(slot, functools.partial(logits_at, ctx.ctx, index, ctx.n_vocab), token)
         except Exception as exc:
-            self._write_failed(slot, exc)
+            self._write_failed(task, exc)
 
-    def _write_failed(self, slot: Slot, exc: Exception) -> None:
-        """Writing the slot's token failed (a grammar that allows no token): that task fails
+    def _write_failed(self, task: Task | None, exc: Exception) -> None:
+        """Writing a token of ``task`` failed (a grammar that allows no token): that task fails
         alone and every other answer goes on."""
-        task = slot.task
         if not isinstance(exc, LLMMagicError):
             log.exception("sampling failed", exc_info=exc)
         if task is not None and (task in self._running or any(s.task is task for s in self._slots)):
