@@ -730,7 +730,7 @@ def main() -> int:
                              "llama-server's with its ceiling (speculation), or decode steps in-process (steps)")
     args = parser.parse_args()
     if args.only == "prompt":
-        return only_prompt_reading(max(2, args.rounds // 2))
+        return only_prompt_reading(max(3, args.rounds))
     if args.only == "speculation":
         return only_speculation(max(2, args.rounds // 2))
     if args.only == "steps":
@@ -772,12 +772,13 @@ def main() -> int:
         for warmup in (lambda: inprocess_completion(llm, 8), *[
                 lambda url=url: v1_completion(new_session(), url, 8) for url in urls.values()]):
             warmup()
+        rates, stream_paired = throughput(llm, ours, theirs, cpp, args.rounds)
         results = {
             "machine": machine(),
             "model": model.name,
             "threads": threads,
-            **dict(zip(("throughput_tokens_per_s", "v1_stream_vs_llama_server_stream_paired"),
-                       throughput(llm, ours, theirs, cpp, args.rounds))),
+            "throughput_tokens_per_s": rates,
+            "v1_stream_vs_llama_server_stream_paired": stream_paired,
             **overhead(llm, ours, theirs, cpp, n=20 * args.rounds),
             "long_chat": long_chat(ours, max(2, args.rounds // 2)),
             "prompt_reading": prompt_reading({"llm_magic": ours, "llama-server": urls["llama-server -np 4"]},

@@ -130,13 +130,13 @@ def test_step_costs_added_when_wanted_fit_what_they_would_if_added_at_once() -> 
 
 
 def test_a_greedy_answer_and_a_penalised_one_through_the_engine(model_path: Path) -> None:
-    """Greedy takes the short cut and a repetition penalty the chain; both are what llama.cpp
-    writes (the penalised answer differs, so the penalty was applied)."""
+    """Greedy takes the short cut and a repetition penalty the chain: a greedy answer is the same
+    each time, and the penalised one differs from it, so the penalty is not short-cut away."""
     engine = LlamaCppBackend(model_path, parallel=2)
     try:
         def text(sampling: Sampling) -> str:
-            events = list(engine.generate(GenerationRequest(prompt="List the numbers: one, one, one,", sampling=sampling),
-                                          threading.Event()))
+            request = GenerationRequest(prompt="List the numbers: one, one, one,", sampling=sampling)
+            events = list(engine.generate(request, threading.Event()))
             assert isinstance(events[-1], Completion)
             return events[-1].text
 

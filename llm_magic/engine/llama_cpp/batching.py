@@ -474,7 +474,6 @@ class Scheduler:
                         EngineError(f"generation failed ({type(exc).__name__}); see the host's log"))
 
 
-
 def add_answers(ctx: BatchContext, slots: list[Slot], spec: SpecSettings | None, room: int,
                 draft_model: DraftModel | None = None, costs: StepCosts | None = None) -> list[tuple[Slot, int, list[int]]]:
     """Put every answer's next token into the batch, each followed by its draft if it has one
@@ -507,7 +506,8 @@ def ngram_guesses(ctx: BatchContext, answers: list[Slot], spec: SpecSettings, ro
     if not costs.known:
         return {}
     # every answer's history is indexed each step; the economics only where there is a guess
-    found = [(slot, guess) for slot in answers if (guess := drafted(slot, spec, min(room, ctx.n_ctx - len(slot.cache) - 2)))]
+    found = [(slot, guess) for slot in answers
+             if (guess := drafted(slot, spec, min(room, ctx.n_ctx - len(slot.cache) - 2)))]
     if not found:
         return {}
     per_pass, per_token = costs.figures()

@@ -93,8 +93,8 @@ class Choice:
         return False
 
     def _decode(self, piece: bytes) -> str:
-        # Most pieces are whole UTF-8 on their own: decoded directly, a third of the incremental
-        # decoder's cost, which is only needed (the same text) while a character spans tokens.
+        # Most pieces are whole UTF-8 on their own: decoded directly, without the incremental
+        # decoder's Python layer, needed (for the same text) only while a character spans tokens.
         if not self._split:
             try:
                 return piece.decode()

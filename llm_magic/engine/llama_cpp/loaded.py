@@ -1,10 +1,10 @@
 """The resident model, and everything about it a request needs.
 
 ``LoadedModel`` holds the weights, the batch context and what is worked out from them once
-(its ``Vocabulary``, chat formatters). ``prepare`` turns a request into the scheduler's ``Task``: the
-prompt (chat template, tool format), its constraint and a sampler per choice. It knows nothing
-of the line requests wait in, nor of other models: the backend above decides which model
-serves a request and hands the request down.
+(its ``Vocabulary``, chat formatters). ``prepare`` turns a request into the scheduler's
+``Task``: the prompt (chat template, tool format), its constraint and a sampler per choice. It
+knows nothing of the line requests wait in, nor of other models: the backend above decides which
+model serves a request and hands the request down.
 """
 
 from __future__ import annotations
@@ -145,7 +145,9 @@ class LoadedModel:
             if self.grammars is not None:  # compiled in a child first: a bad one cannot take the host down
                 self.grammars.check(grammar)
         vocab, n_vocab = model.vocab, lib.llama_vocab_n_tokens(model.vocab)
-        piece = self.vocabulary.special_piece if reasoning is not None and reasoning.special_tokens else self.vocabulary.piece
+        vocabulary = self.vocabulary
+        special = reasoning is not None and reasoning.special_tokens
+        piece = vocabulary.special_piece if special else vocabulary.piece
         budget = request.reasoning_budget if request.reasoning_budget is not None else self.settings.reasoning_budget
 
         def sampler(seed: int) -> TokenSampler:

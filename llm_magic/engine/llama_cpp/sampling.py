@@ -195,8 +195,8 @@ def logits_at(ctx: Any, index: int, n_vocab: int) -> Any:
     address = _logits_address()(ctx, index)
     if not address:
         raise EngineError(f"llama.cpp has no logits for output {index} of the batch")
-    # from the address, not np.ctypeslib.as_array: that builds a ctypes type per call, 40 us a
-    # token right after a decode, when little of Python is still in the CPU's caches
+    # from the address, not np.ctypeslib.as_array: its casts and array interface per call took
+    # 40 us a token right after a decode, when little of Python is still in the CPU's caches
     return np.frombuffer((ctypes.c_float * n_vocab).from_address(address), dtype=np.float32)
 
 
