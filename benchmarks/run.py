@@ -15,7 +15,8 @@ round by round so that machine drift hits each alike:
   llama-server (4 slots each), alone and with three streams being written beside it;
 - 1, 4 and 16 concurrent streaming clients against llm_magic ``--parallel 1`` and ``4``,
   llama-server ``-np 1`` and ``-np 4``, and ``llama_cpp.server``: aggregate tokens/s, p50/p95
-  time to first token and latency, errors;
+  time to first token and latency, errors; then 4 and 16 clients again, llm_magic ``--parallel 4``
+  and llama-server ``-np 4`` taking turns for several rounds, and the median of their ratios;
 - speculation: decode tokens/s of a code edit (a 40-line cell written again with one name
   changed) and of prose, llm_magic with ``--spec ngram`` and with ``speculative: false``, and
   llama-server with no speculation, ``--spec-type ngram-simple`` and ``ngram-mod``;
@@ -724,13 +725,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--only", choices=["neighbours", "features", "prompt", "speculation", "steps"],
+    parser.add_argument("--only", choices=["neighbours", "features", "prompt", "clients", "speculation", "steps"],
                         help="one measurement, printed, nothing saved: of llm_magic alone (neighbours, "
-                             "features), prompt reading beside llama-server -np 4 (prompt), speculation beside "
+                             "features), prompt reading beside llama-server -np 4 (prompt), 4 and 16 clients "
+                             "beside llama-server -np 4, round by round (clients), speculation beside "
                              "llama-server's with its ceiling (speculation), or decode steps in-process (steps)")
     args = parser.parse_args()
     if args.only == "prompt":
         return only_prompt_reading(max(3, args.rounds))
+    if args.only == "clients":
+        return only_clients(max(3, args.rounds))
     if args.only == "speculation":
         return only_speculation(max(2, args.rounds // 2))
     if args.only == "steps":
@@ -787,6 +791,8 @@ def main() -> int:
             "n_choices": n_choices(ours, max(3, args.rounds // 2)),
             "neighbours_ms": neighbours(ours, max(3, args.rounds // 2)),
             "concurrency": {name: [concurrency(url, n) for n in CLIENTS] for name, url in urls.items()},
+            "clients_paired": clients_paired({"llm_magic": ours, "llama-server": urls["llama-server -np 4"]},
+                                             max(3, args.rounds)),
             "speculation": speculation(speculation_servers(ours, {"llama-server": peers["llama-server -np 1"],
                                                                   **speculating}), max(2, args.rounds // 2)),
         }
@@ -863,6 +869,47 @@ def only_prompt_reading(rounds: int) -> int:
     return 0
 
 
+def clients_paired(servers: dict[str, str], rounds: int) -> dict[int, dict]:
+    """4 and 16 streaming clients on llm_magic --parallel 4 and llama-server -np 4, the two
+    taking turns round by round (one run of each varies by more than the gap): per client
+    count, each server's tokens/s per round and the median of the rounds' ratios."""
+    table = {}
+    for clients in CLIENTS[1:]:
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        for i in range(rounds):
+            for name, url in rotated(servers, i):
+                time.sleep(SETTLE_SECONDS)
+                rates[name].append(concurrency(url, clients)["tokens_per_s"])
+        table[clients] = {**rates, "paired": paired(rates["llm_magic"], rates["llama-server"])}
+    return table
+
+
+def report_clients_paired(table: dict) -> str:
+    lines = []
+    for clients, row in table.items():
+        ratios = " ".join(f"{a / b:.3f}" for a, b in zip(row["llm_magic"], row["llama-server"]))
+        lines.append(f"{clients} clients, llm_magic --parallel 4 vs llama-server -np 4, round by round: {ratios}; "
+                     f"median {row['paired']:.3f}")
+    return "\n".join(lines)
+
+
+def only_clients(rounds: int) -> int:
+    from llama_server import build
+
+    binary = build()
+    peer = LlamaServer(binary, embedded_model_path(), best_thread_count(), 4)
+    host = ApiHost(use_token=False, port=0, tunnel="none").start()
+    try:
+        servers = {"llm_magic": host.url or "", "llama-server": peer.url}
+        for url in servers.values():
+            v1_completion(new_session(), url, 8)
+        print(report_clients_paired(clients_paired(servers, rounds)))
+    finally:
+        host.stop()
+        peer.stop()
+    return 0
+
+
 def report_prompt_reading(reading: dict) -> str:
     times = reading["ttft_ms"]
     lines = [f"{'a ' + str(reading['prompt_tokens']) + '-token prompt, first token':<34}{'ms':>10}{'vs llama-server':>17}"]
@@ -905,6 +952,8 @@ def report(r: dict) -> str:
         for c in rows:
             lines.append(f"  {name:<32}{c['clients']:>8}{c['errors']:>7}{c['tokens_per_s']:>10.1f}"
                          f"{c['ttft_p50_ms']:>10.0f}{c['ttft_p95_ms']:>8.0f}{c['p50_ms']:>13.0f}{c['p95_ms']:>8.0f}")
+    if "clients_paired" in r:
+        lines.append(report_clients_paired(r["clients_paired"]))
     lines += ["", report_speculation(r["speculation"])]
     if "step_ms" in r:
         lines += ["", report_step_costs(r["step_ms"])]
