@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
 
 from llm_magic.engine.llama_cpp.backend import LlamaCppBackend
 from llm_magic.engine.llama_cpp import batching, step_costs
+from llm_magic.engine.llama_cpp.slots import Slot
 from llm_magic.engine.llama_cpp.speculation import NgramDrafter, SpecSettings
 from llm_magic.engine.llama_cpp.step_costs import StepCosts, draft_length, passes
 from llm_magic.errors import InvalidRequest
@@ -91,6 +93,28 @@ def test_a_step_is_fitted_as_passes_and_tokens_and_a_draft_is_cut_where_it_stops
     assert draft_length(16, 0.9, 0.0125, 0.0083, 0.0138) == 0
     # on a GPU a drafted token costs a few percent of a step: long drafts pay even at 70 %
     assert draft_length(16, 0.7, 0.013, 0.0004, 0.0) >= 8
+
+
+def test_a_lone_answer_weighs_its_draft_against_its_cheaper_one_token_step() -> None:
+    """On this CPU a step of one token costs less than the line through steps of several says
+    (the step table in the README): a short guess (taken 3 times in 5) that the line alone
+    would draft loses there and is not verified; a copy in progress still is."""
+    ctx = SimpleNamespace(n_ctx=4096, n_ubatch=512, unified=False)
+    spec = SpecSettings("ngram", 16, 2)
+    costs = StepCosts()
+    for k, ms in ((2, 18.9), (4, 29.7), (8, 48.9), (16, 88.7), (3, 24.0), (12, 68.0)):  # measured; 3 and 12 between
+        costs.note(1, k, ms / 1000)
+
+    def slot_with(history: list[int], next_token: int) -> Slot:
+        choice = SimpleNamespace(max_tokens=400, generated=10)
+        return Slot(0, cache=history, task=SimpleNamespace(speculative=True), choice=choice, next_token=next_token)  # type: ignore[arg-type]
+
+    short = [7, 1, 2, 3, 4, 5, 9, 9, 8, 6, 9, 9, 1, 2]  # 1 2 3 came before, once: a short match
+    assert batching.ngram_guesses(ctx, [slot_with(short, 3)], spec, 448, costs)  # the line alone: 3 tokens pay
+    costs.note(1, 1, 0.0101)
+    assert batching.ngram_guesses(ctx, [slot_with(short, 3)], spec, 448, costs) == {}  # against 10.1 ms steps: they do not
+    copying = list(range(20, 60)) + list(range(20, 40))  # a line being copied
+    assert len(batching.ngram_guesses(ctx, [slot_with(copying, 40)], spec, 448, costs)[0]) >= 4  # as far as 9 in 10 pay
 
 
 def test_passes_follow_llama_cpps_split_of_a_batch_by_sequence() -> None:
@@ -241,8 +265,12 @@ def test_on_this_cpu_an_answer_alone_drafts_and_four_at_once_do_not(model_path: 
     e = LlamaCppBackend(model_path, speculation=SpecSettings("ngram", 16, 2))
     e.load_default()
     try:
-        warm(e, messages=EDIT)
-        alone = answer(e, messages=EDIT, sampling=greedy(90))
+        # a cell of several functions: alone, a draft pays only where a copy is taken nearly whole
+        # (a one-token step costs less than the line through drafted steps says), and in a short
+        # edit the first draft, where the renamed function starts, fails
+        long_edit = ({"role": "user", "content": EDIT[0]["content"].replace(CELL, LONG_CELL)},)
+        warm(e, messages=long_edit)
+        alone = answer(e, messages=long_edit, sampling=greedy(200))
         assert alone.timings.get("draft_n_accepted", 0) > 0
         edits = [({"role": "user", "content": EDIT[0]["content"].replace("average", name)},)
                  for name in ("avg", "middle", "typical", "central")]

@@ -114,16 +114,19 @@ def test_a_stop_sequence_still_cuts_the_text_and_an_end_token_ends_it() -> None:
 def test_step_costs_added_when_wanted_fit_what_they_would_if_added_at_once() -> None:
     rng = np.random.default_rng(3)
     steps = [(int(p), int(t), 0.0138 * p + 0.0083 * t + float(rng.normal(0, 0.0005)))
-             for p, t in zip(rng.integers(1, 4, 300), rng.integers(1, 40, 300))]
+             for p, t in zip(rng.integers(1, 4, 300), rng.integers(1, 8, 300))]
     for seen in (5, WINDOW, WINDOW + 1, 300):
         costs = StepCosts()
         for i, step in enumerate(steps[:seen]):
             costs.note(*step)
             if i % 37 == 0:  # figures asked for now and then, as drafting does
                 costs.figures()
-        window = np.array(steps[max(0, seen - WINDOW):seen], dtype=float)
+        several = [step for step in steps[:seen] if step[:2] != (1, 1)]  # one-token steps are kept apart
+        window = np.array(several[-WINDOW:], dtype=float)
         (per_pass, per_token), *_ = np.linalg.lstsq(window[:, :2], window[:, 2], rcond=None)
         assert costs.figures() == pytest.approx((per_pass, per_token), rel=1e-6)
+        singles = [s for p, t, s in steps[:seen] if (p, t) == (1, 1)][-WINDOW:]
+        assert costs.single() == (pytest.approx(sum(singles) / len(singles)) if singles else None)
 
 
 # -- through the real engine ----------------------------------------------------------------
@@ -145,3 +148,4 @@ def test_a_greedy_answer_and_a_penalised_one_through_the_engine(model_path: Path
         assert text(Sampling(max_tokens=24, temperature=0, repeat_penalty=1.5)) != plain
     finally:
         engine.close()
+

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -399,16 +400,25 @@ class ApiHost:
     def run(self) -> None:
         """Start, print the connection details, and block until Ctrl-C (the seed's call)."""
         self.start()
-        print(self.connection_text(), flush=True)
+        interrupted = threading.Event()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C sets a flag instead of raising wherever the loop is: a KeyboardInterrupt
+            # inside a subprocess poll can leave its lock held, and the stop below then hangs
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
         try:
-            while self.running:
-                time.sleep(0.5)
-            why = f": {self.death}" if self.state == HostState.FAILED and self.death else ""
-            print(f"the server stopped{why}; its last log line: {last_error(self.logs(200))}", file=sys.stderr)
-        except KeyboardInterrupt:
+            print(self.connection_text(), flush=True)
+            while self.running and not interrupted.wait(0.5):
+                pass
+            if not interrupted.is_set():
+                why = f": {self.death}" if self.state == HostState.FAILED and self.death else ""
+                print(f"the server stopped{why}; its last log line: {last_error(self.logs(200))}", file=sys.stderr)
+        except KeyboardInterrupt:  # outside the main thread no handler could be set
             pass
         finally:
             self.stop()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     # -- inspection --------------------------------------------------------------------------
 

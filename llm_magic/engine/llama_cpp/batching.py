@@ -518,6 +518,10 @@ def ngram_guesses(ctx: BatchContext, answers: list[Slot], spec: SpecSettings, ro
 
     plain = shape_passes()
     worth = (per_pass * plain + per_token * len(answers)) / len(answers)  # an answer's share of a plain step
+    jump = 0.0  # what drafting at all adds to the step besides the drafted tokens and any pass
+    alone = costs.single() if len(answers) == 1 else None
+    if alone is not None:  # a plain step of one token costs less than the line through longer ones
+        worth, jump = alone, max(0.0, per_pass + per_token - alone)
     guesses = {}
     for slot, guess in found:
         guess = guess[:room]
@@ -527,7 +531,7 @@ def ngram_guesses(ctx: BatchContext, answers: list[Slot], spec: SpecSettings, ro
         counts[slot.seq] += len(guess)
         extra = shape_passes() - before
         counts[slot.seq] -= len(guess)
-        length = draft_length(len(guess), slot.drafter.accept, worth, per_token, extra * per_pass)
+        length = draft_length(len(guess), slot.drafter.accept, worth, per_token, extra * per_pass + jump)
         if length < spec.draft_min:
             slot.drafter.passed()
             continue
