@@ -42,6 +42,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -852,7 +853,9 @@ def main() -> int:
     return 0
 
 
-def only_prompt_reading(rounds: int) -> int:
+def beside_llama_server(measure: Callable[[dict[str, str]], str]) -> int:
+    """Print what ``measure`` reports of llm_magic (4 slots) and llama-server -np 4, both
+    started and warmed up for it, and stopped after."""
     from llama_server import build
 
     binary = build()
@@ -862,11 +865,15 @@ def only_prompt_reading(rounds: int) -> int:
         servers = {"llm_magic": host.url or "", "llama-server": peer.url}
         for url in servers.values():
             v1_completion(new_session(), url, 8)
-        print(report_prompt_reading(prompt_reading(servers, rounds)))
+        print(measure(servers))
     finally:
         host.stop()
         peer.stop()
     return 0
+
+
+def only_prompt_reading(rounds: int) -> int:
+    return beside_llama_server(lambda servers: report_prompt_reading(prompt_reading(servers, rounds)))
 
 
 def clients_paired(servers: dict[str, str], rounds: int) -> dict[int, dict]:
@@ -894,20 +901,7 @@ def report_clients_paired(table: dict) -> str:
 
 
 def only_clients(rounds: int) -> int:
-    from llama_server import build
-
-    binary = build()
-    peer = LlamaServer(binary, embedded_model_path(), best_thread_count(), 4)
-    host = ApiHost(use_token=False, port=0, tunnel="none").start()
-    try:
-        servers = {"llm_magic": host.url or "", "llama-server": peer.url}
-        for url in servers.values():
-            v1_completion(new_session(), url, 8)
-        print(report_clients_paired(clients_paired(servers, rounds)))
-    finally:
-        host.stop()
-        peer.stop()
-    return 0
+    return beside_llama_server(lambda servers: report_clients_paired(clients_paired(servers, rounds)))
 
 
 def report_prompt_reading(reading: dict) -> str:

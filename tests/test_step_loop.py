@@ -148,4 +148,3 @@ def test_a_greedy_answer_and_a_penalised_one_through_the_engine(model_path: Path
         assert text(Sampling(max_tokens=24, temperature=0, repeat_penalty=1.5)) != plain
     finally:
         engine.close()
-

@@ -401,8 +401,8 @@ class ApiHost:
         """Start, print the connection details, and block until Ctrl-C (the seed's call)."""
         self.start()
         interrupted = threading.Event()
-        previous = None
-        if threading.current_thread() is threading.main_thread():
+        catching = threading.current_thread() is threading.main_thread()  # where a handler can be set
+        if catching:
             # Ctrl-C sets a flag instead of raising wherever the loop is: a KeyboardInterrupt
             # inside a subprocess poll can leave its lock held, and the stop below then hangs
             previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
@@ -417,8 +417,8 @@ class ApiHost:
             pass
         finally:
             self.stop()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            if catching:  # (None: a handler set outside Python, which the default stands for)
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
     # -- inspection --------------------------------------------------------------------------
 
